@@ -1,0 +1,39 @@
+"""Named registries: one per kind of piece, one call signature per registry.
+
+    CREDIT = Registry("credit estimator")
+    @CREDIT.register("grpo")
+    def group_baseline(inputs, *, normalize_std=True): ...
+    CREDIT.get("grpo")  # -> the function; a bad name lists the valid ones
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Generic, TypeVar
+
+F = TypeVar("F", bound=Callable)
+
+
+class Registry(Generic[F]):
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._items: dict[str, F] = {}
+
+    def register(self, name: str) -> Callable[[F], F]:
+        def add(fn: F) -> F:
+            if name in self._items:
+                raise KeyError(f"{self.kind} {name!r} is already registered (by {self._items[name].__module__})")
+            self._items[name] = fn
+            return fn
+        return add
+
+    def get(self, name: str) -> F:
+        try:
+            return self._items[name]
+        except KeyError:
+            raise KeyError(f"unknown {self.kind} {name!r}; valid: {', '.join(sorted(self._items))}") from None
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._items

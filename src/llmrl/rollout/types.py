@@ -1,0 +1,71 @@
+"""The `Rollout`: one batch of sampled episodes, as tensors every later stage reads.
+
+Notation (used in every shape comment of the package):
+    B  prompts in the batch
+    G  samples per prompt (the group)
+    N  = B * G sequences
+    P  prompt tokens (left-padded to the longest prompt)
+    T  response tokens (right-padded to the longest response)
+
+Token layout of one row of `input_ids` ([N, P + T]):
+
+    [pad pad p0 p1 p2 | r0 r1 r2 r3 pad pad]
+     <--- prompt P ---> <---- response T ---->
+
+`attention_mask` marks tokens that exist (prompt, sampled tokens, tool outputs); `response_mask` marks
+the response tokens the *policy chose* — 0 for padding and for tool observations — and is the mask
+every loss and advantage uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Rollout:
+    input_ids: torch.Tensor          # [N, P+T] long
+    attention_mask: torch.Tensor     # [N, P+T] long, 1 = a real token (prompt, response or tool output)
+    response_mask: torch.Tensor      # [N, T] float, 1 = a token the policy chose
+    logp_old: torch.Tensor           # [N, T] float, log-prob under the sampling policy (0 where masked)
+    group_ids: torch.Tensor          # [N] long, which prompt each sequence answers
+    completions: list[str]           # N decoded responses
+    examples: list[Any]              # N task examples (the prompt's example, repeated G times)
+    logp_ref: torch.Tensor | None = None   # [N, T] float, log-prob under the frozen reference
+    values: torch.Tensor | None = None     # [N, T] float, critic values
+    step_ids: torch.Tensor | None = None   # [N, T] long, which reasoning step each token is in (-1: none)
+    extras: dict = field(default_factory=dict)  # anything else a stage wants to carry (not tensors the math reads)
+
+    @property
+    def prompt_len(self) -> int:
+        return self.input_ids.shape[1] - self.response_mask.shape[1]
+
+    @property
+    def response_ids(self) -> torch.Tensor:  # [N, T]
+        return self.input_ids[:, self.prompt_len:]
+
+    @property
+    def response_lengths(self) -> torch.Tensor:  # [N]
+        return self.response_mask.sum(-1)
+
+    def with_(self, **changes) -> "Rollout":
+        """A copy with some fields replaced; stages never mutate a Rollout in place."""
+        return replace(self, **changes)
+
+    def select(self, idx: torch.Tensor) -> "Rollout":
+        """Rows `idx` (a micro-batch), with every per-sequence field sliced alike."""
+        rows = idx.tolist()
+
+        def pick(x):
+            return None if x is None else x[idx]
+
+        return replace(
+            self,
+            input_ids=self.input_ids[idx], attention_mask=self.attention_mask[idx],
+            response_mask=self.response_mask[idx], logp_old=self.logp_old[idx], group_ids=self.group_ids[idx],
+            completions=[self.completions[i] for i in rows], examples=[self.examples[i] for i in rows],
+            logp_ref=pick(self.logp_ref), values=pick(self.values), step_ids=pick(self.step_ids),
+        )
