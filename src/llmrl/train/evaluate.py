@@ -1,0 +1,53 @@
+"""Held-out evaluation: greedy responses to held-out prompts, scored by the task's own checker."""
+
+from __future__ import annotations
+
+import torch
+
+from llmrl.rewards import score
+from llmrl.rollout.collect import collect_rollout
+
+
+@torch.no_grad()
+def evaluate(
+    model,
+    tokenizer,
+    examples: list,
+    *,
+    max_new_tokens: int,
+    batch_size: int = 64,
+    chat_template: bool = True,
+    system_prompt: str | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    reference=None,
+) -> dict:
+    """Greedy decode each held-out example once. Returns accuracy (mean `correct` reward), mean response length,
+    the exact KL(policy || reference) summed over the greedy responses' tokens when a reference is given, and the first few samples."""
+    from llmrl.objectives.logprobs import response_kl
+    from llmrl.train.update import trim
+
+    correct, lengths, kls, samples = [], [], [], []
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start:start + batch_size]
+        r = collect_rollout(model, tokenizer, batch, group_size=1, max_new_tokens=max_new_tokens, temperature=0.0,
+                            chat_template=chat_template, system_prompt=system_prompt, autocast_dtype=autocast_dtype)
+        result = score(r.completions, r.examples, [("correct", 1.0, {})])
+        correct.append(result.total)
+        lengths.append(r.response_lengths)
+        if reference is not None:
+            t = trim(r)
+            with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+                kl = response_kl(model, reference, t.input_ids, t.attention_mask, t.response_mask.shape[1])
+            kls.append((kl * t.response_mask).sum(-1))                      # [n] exact KL summed over the response
+        for c, ex, ok in zip(r.completions, r.examples, result.total.tolist()):
+            if len(samples) < 8:
+                samples.append({"prompt": ex.prompt, "answer": ex.answer, "completion": c, "correct": ok})
+    out = {
+        "accuracy": float(torch.cat(correct).mean()),
+        "response_length": float(torch.cat(lengths).float().mean()),
+        "n": len(examples),
+        "samples": samples,
+    }
+    if kls:
+        out["kl_to_ref"] = float(torch.cat(kls).mean())
+    return out

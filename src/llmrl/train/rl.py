@@ -1,0 +1,209 @@
+"""The RL recipe, top to bottom: sample prompts -> generate -> score -> assign credit -> update -> log.
+
+It calls the math in `credit/` and `objectives/`; it never re-implements it. Every piece is chosen by
+name from the config (see `llmrl presets` for the named compositions).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import random
+import signal
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import yaml
+
+from llmrl.config import TrainConfig, config_to_dict
+from llmrl.credit import CREDIT, CreditInputs
+from llmrl.data import make_task
+from llmrl.models import load_model, load_reference, save_pretrained_model
+from llmrl.objectives.policy import OBJECTIVES
+from llmrl.rewards import score
+from llmrl.rollout.collect import collect_rollout, encode_prompt
+from llmrl.train.evaluate import evaluate
+from llmrl.train.metrics import MetricsLog
+from llmrl.train.update import batched_logprobs, policy_update
+
+log = logging.getLogger("llmrl.train")
+
+
+def lr_lambda(step: int, *, schedule: str, warmup: int, total: int) -> float:
+    """Multiplier of the base learning rate at RL step `step`: linear warm-up, then constant / linear / cosine decay."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return 1.0
+
+
+def check_prompts_fit(tokenizer, model, examples, *, max_new_tokens: int, chat_template: bool, system_prompt) -> None:
+    """Fail before training if a prompt plus the response budget exceeds the model's context."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if not limit:
+        return
+    for ex in examples:
+        n = len(encode_prompt(tokenizer, ex.prompt, chat_template=chat_template, system_prompt=system_prompt))
+        if n + max_new_tokens > limit:
+            raise ValueError(f"prompt of {n} tokens + max_new_tokens {max_new_tokens} exceeds the model's context "
+                             f"of {limit} tokens: {ex.prompt[:80]!r}...")
+
+
+def save_checkpoint(model, tokenizer, path: Path, config_yaml: str) -> Path:
+    """save_pretrained (written atomically: a temporary folder, then renamed) plus the resolved config beside it."""
+    save_pretrained_model(model, tokenizer, path)
+    (path / "llmrl_config.yaml").write_text(config_yaml)
+    return path
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
+    """Run one RL training job described by `cfg`. Returns a summary with held-out accuracy before and after."""
+    # ------------------------------------------------------------------ setup
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    gen = seed_everything(cfg.run.seed)
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    (run_dir / "config.yaml").write_text(config_yaml)
+    amp = torch.bfloat16 if cfg.model.autocast == "bfloat16" else None
+    prompt_kw = dict(chat_template=cfg.model.chat_template, system_prompt=cfg.model.system_prompt)
+    eval_tokens = cfg.run.eval_max_new_tokens or cfg.rollout.max_new_tokens
+
+    task = make_task(cfg.task.name, seed=cfg.task.seed, options=cfg.task.options,
+                     train_path=cfg.task.train_path, heldout_path=cfg.task.heldout_path)
+    heldout = task.heldout(cfg.task.heldout_size)
+    stream = task.train_stream(cfg.run.seed)
+    first = list(itertools.islice(stream, cfg.rollout.prompts_per_step))
+    if not heldout or not first:
+        raise ValueError(f"task {cfg.task.name!r} produced no examples")
+
+    model, tokenizer = load_model(cfg.model.name, dtype=getattr(torch, cfg.model.dtype))
+    check_prompts_fit(tokenizer, model, heldout + first, max_new_tokens=max(cfg.rollout.max_new_tokens, eval_tokens),
+                      **prompt_kw)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.config.use_cache = False
+    reference = load_reference(cfg.model.name, dtype=torch.bfloat16 if amp else getattr(torch, cfg.model.dtype))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
+        lr_lambda, schedule=cfg.optim.schedule, warmup=cfg.optim.warmup_steps, total=cfg.run.steps))
+    estimator = partial(CREDIT.get(cfg.credit.estimator), **cfg.credit.options)
+    o = cfg.objective
+    objective = partial(OBJECTIVES.get(o.name), clip_low=o.clip_low, clip_high=o.clip_high, kl_coef=o.kl_coef,
+                        kl_estimator=o.kl_estimator, entropy_coef=o.entropy_coef, aggregation=o.aggregation)
+    terms = [(t.name, t.weight, t.options) for t in cfg.reward.terms]
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl")
+
+    def run_eval(step: int) -> dict:
+        t = time.perf_counter()
+        ev = evaluate(model, tokenizer, heldout, max_new_tokens=eval_tokens, autocast_dtype=amp,
+                      reference=reference, **prompt_kw)
+        rec = {"step": step, "heldout_accuracy": ev["accuracy"], "heldout_response_length": ev["response_length"],
+               "heldout_kl_to_ref": ev.get("kl_to_ref"), "time_eval": time.perf_counter() - t}
+        metrics_log.write({"kind": "eval", **rec})
+        log.info("step %d: held-out accuracy %.3f (n=%d)", step, ev["accuracy"], ev["n"])
+        return {**rec, "samples": ev["samples"]}
+
+    # ------------------------------------------------------------------ loop
+    before = run_eval(0)
+    evals = [before]
+    show = cfg.run.progress if progress is None else progress
+    bar = _progress(cfg.run.steps, show)
+    stream = itertools.chain([first], _batches(stream, cfg.rollout.prompts_per_step))
+    step, interrupted = 0, False
+    previous_sigint = signal.getsignal(signal.SIGINT)
+    try:
+        for step in range(1, cfg.run.steps + 1):
+            t0 = time.perf_counter()
+            # 1. generate
+            rollout = collect_rollout(model, tokenizer, next(stream), group_size=cfg.rollout.group_size,
+                                      max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                                      top_p=cfg.rollout.top_p, autocast_dtype=amp, generator=gen, **prompt_kw)
+            t1 = time.perf_counter()
+            # 2. score
+            rewards = score(rollout.completions, rollout.examples, terms)
+            t2 = time.perf_counter()
+            # 3. reference log-probs, when the objective uses them
+            if o.kl_coef > 0:
+                rollout = rollout.with_(logp_ref=batched_logprobs(
+                    reference, rollout, micro_batch_size=cfg.optim.micro_batch_size,
+                    temperature=cfg.rollout.temperature or 1.0, autocast_dtype=amp))
+            t3 = time.perf_counter()
+            # 4. credit
+            credit = estimator(CreditInputs(scores=rewards.total, response_mask=rollout.response_mask,
+                                            group_ids=rollout.group_ids, values=rollout.values,
+                                            step_ids=rollout.step_ids))
+            # 5. update
+            upd = policy_update(model, optimizer, rollout, credit.advantages, objective,
+                                epochs=o.epochs, minibatches=o.minibatches, micro_batch_size=cfg.optim.micro_batch_size,
+                                max_grad_norm=cfg.optim.max_grad_norm, temperature=cfg.rollout.temperature or 1.0,
+                                autocast_dtype=amp, max_len=cfg.rollout.max_new_tokens, generator=gen,
+                                zero_advantage_is_zero_loss=o.kl_coef == 0 and o.entropy_coef == 0)
+            scheduler.step()
+            t4 = time.perf_counter()
+            # 6. log
+            n_tokens = float(rollout.response_mask.sum())
+            rec = {"kind": "train", "step": step, "reward": float(rewards.total.mean()),
+                   **{f"reward/{k}": float(v.mean()) for k, v in rewards.components.items()},
+                   "reward_failures": sum(rewards.failures.values()),
+                   "response_length": n_tokens / len(rollout.completions),
+                   "truncated_fraction": float(rollout.extras["truncated"].float().mean()),
+                   "lr": scheduler.get_last_lr()[0], **upd,
+                   "tokens_per_s": n_tokens / (t1 - t0), "time_rollout": t1 - t0, "time_reward": t2 - t1,
+                   "time_reference": t3 - t2, "time_update": t4 - t3, "time_step": t4 - t0}
+            metrics_log.write(rec)
+            bar.set_postfix(reward=f"{rec['reward']:.3f}", acc=f"{evals[-1]['heldout_accuracy']:.2f}")
+            bar.update(1)
+            if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < cfg.run.steps:
+                evals.append(run_eval(step))
+            if cfg.run.save_every and step % cfg.run.save_every == 0:
+                save_checkpoint(model, tokenizer, run_dir / "checkpoint-last", config_yaml)
+    except KeyboardInterrupt:
+        interrupted = True
+        log.warning("interrupted at step %d; checkpoints already written are intact", step)
+    finally:
+        bar.close()
+        signal.signal(signal.SIGINT, previous_sigint)
+    if interrupted:
+        metrics_log.close()
+        return {"run_dir": str(run_dir), "interrupted": True, "step": step, "before": before, "evals": evals}
+
+    # ------------------------------------------------------------------ finish
+    after = run_eval(cfg.run.steps)
+    evals.append(after)
+    final = save_checkpoint(model, tokenizer, run_dir / "final", config_yaml)
+    metrics_log.close()
+    summary = {"run_dir": str(run_dir), "checkpoint": str(final), "steps": cfg.run.steps,
+               "before": {k: v for k, v in before.items() if k != "samples"},
+               "after": {k: v for k, v in after.items() if k != "samples"},
+               "samples_after": after["samples"]}
+    (run_dir / "summary.yaml").write_text(yaml.safe_dump(summary, sort_keys=False))
+    return summary
+
+
+def _batches(stream, size: int):
+    while True:
+        batch = list(itertools.islice(stream, size))
+        if not batch:
+            return
+        yield batch
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="rl steps", disable=not enabled, dynamic_ncols=True)
