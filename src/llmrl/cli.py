@@ -116,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_presets)
 
     args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()       # our own bar is the one to watch
+    hf_logging.set_verbosity_error()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     return args.fn(args)
