@@ -36,6 +36,8 @@ def cmd_train(args) -> int:
     from llmrl.presets import PRESETS
     from llmrl.rewards import REWARDS
 
+    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        args.overrides, args.config = [args.config, *args.overrides], None   # no file: only overrides
     try:
         cfg = load_config(args.config, args.overrides, presets=PRESETS)
         validate_names(cfg, rewards=REWARDS.names(), credit=CREDIT.names(), objectives=OBJECTIVES.names())

@@ -97,7 +97,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False
-    reference = load_reference(cfg.model.name, dtype=torch.bfloat16 if amp else getattr(torch, cfg.model.dtype))
+    reference = load_reference(cfg.model.name, dtype=getattr(torch, cfg.model.dtype))   # same numerics as the policy
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(

@@ -86,7 +86,7 @@ def policy_update(
                 mb = mb[(advantages[mb] != 0).any(-1)]
             optimizer.zero_grad(set_to_none=True)
             mb_sums: dict[str, float] = defaultdict(float)
-            for idx in mb.split(micro_batch_size):
+            for idx in mb.split(micro_batch_size) if len(mb) else ():
                 part = rollout.select(idx)
                 logp, entropy = policy_logprobs(model, part, temperature=temperature, autocast_dtype=autocast_dtype)
                 out = objective(

@@ -1,0 +1,121 @@
+"""End-to-end: the real CLI on the tiny model — a run's files, bad input, failing rewards, Ctrl-C."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from llmrl.cli import main
+from llmrl.rewards import REWARDS
+from llmrl.train.metrics import read_metrics
+
+
+@REWARDS.register("test_explodes_on_odd_rows")
+def _explodes(completions, examples):
+    if len(completions) > 1:
+        raise RuntimeError("batch mode broken")
+    return [float("nan")] if hash(completions[0]) % 2 else [1.0]
+
+
+TINY = ["preset=grpo", "model.name=tiny", "model.autocast=none", "task.heldout_size=6", "rollout.prompts_per_step=2",
+        "rollout.group_size=3", "rollout.max_new_tokens=6", "run.progress=false", "run.eval_every=1"]
+
+
+def run(tmp_path, *overrides, steps=2):
+    return main(["train", *TINY, f"run.output_dir={tmp_path}", "run.name=r", f"run.steps={steps}", *overrides])
+
+
+def test_train_writes_metrics_checkpoint_and_config(tmp_path, capsys):
+    assert run(tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "held-out accuracy" in out and "before" in out and "after" in out
+    rows = read_metrics(tmp_path / "r" / "metrics.jsonl")
+    train = [r for r in rows if r["kind"] == "train"]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [r["step"] for r in train] == [1, 2] and [r["step"] for r in evals] == [0, 1, 2]
+    for key in ("reward", "reward/correct", "reward_failures", "entropy", "clip_fraction", "response_length",
+                "tokens_per_s", "time_rollout", "time_update", "grad_norm", "lr"):
+        assert key in train[0], key
+    assert "kl_to_ref" in train[0]                      # the grpo preset puts a k3 KL term in the loss
+    assert {"heldout_accuracy", "heldout_kl_to_ref"} <= evals[0].keys()
+    assert evals[0]["heldout_kl_to_ref"] == pytest.approx(0.0, abs=1e-6)   # the policy starts as the reference
+    final = tmp_path / "r" / "final"
+    model = AutoModelForCausalLM.from_pretrained(final)
+    assert model(torch.tensor([[1, 5, 6]])).logits.shape[-1] == model.config.vocab_size
+    assert (final / "llmrl_config.yaml").exists() and (tmp_path / "r" / "config.yaml").exists()
+
+
+def test_failing_reward_is_counted_and_the_run_goes_on(tmp_path):
+    terms = "reward.terms=[{name: correct}, {name: test_explodes_on_odd_rows, weight: 0.5}]"
+    assert run(tmp_path, terms, steps=1) == 0
+    train = [r for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if r["kind"] == "train"]
+    assert "reward/test_explodes_on_odd_rows" in train[0]
+    assert train[0]["reward_failures"] > 0
+
+
+def test_config_typo_names_the_key_and_the_valid_ones(tmp_path, capsys):
+    assert run(tmp_path, "rollout.group_sise=4") == 2
+    err = capsys.readouterr().err
+    assert "rollout.group_sise" in err and "group_size" in err and "max_new_tokens" in err
+    assert not (tmp_path / "r").exists()                # nothing started
+
+
+def test_unknown_estimator_is_a_config_error(tmp_path, capsys):
+    assert run(tmp_path, "credit.estimator=gpro") == 2
+    assert "grpo" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"),
+    ("", "no examples"),
+    ('{"prompt": "hi"}\n', "answer"),
+    ("not json\n", ":1"),
+])
+def test_bad_data_file_fails_before_training(tmp_path, capsys, content, message):
+    path = tmp_path / "data.jsonl"
+    if content is not None:
+        path.write_text(content)
+    assert run(tmp_path, "task.name=jsonl", f"task.train_path={path}") == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_prompt_longer_than_the_context_fails_before_training(tmp_path, capsys):
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps({"prompt": "x" * 600 + str(i), "answer": "1"}) + "\n" for i in range(20)))
+    assert run(tmp_path, "task.name=jsonl", f"task.train_path={path}") == 2
+    assert "exceeds the model's context" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_ctrl_c_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import llmrl.train.rl as rl
+
+    real, calls = rl.policy_update, {"n": 0}
+
+    def interrupt_on_second(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(rl, "policy_update", interrupt_on_second)
+    assert run(tmp_path, "run.save_every=1", steps=3) == 130
+    ckpt = tmp_path / "r" / "checkpoint-last"
+    assert AutoModelForCausalLM.from_pretrained(ckpt) is not None
+    assert not (tmp_path / "r" / "final").exists()
+
+
+def test_eval_command(capsys):
+    assert main(["eval", "--model", "tiny", "--task", "arithmetic", "--n", "4", "--max-new-tokens", "4",
+                 "--autocast", "none"]) == 0
+    assert "accuracy" in capsys.readouterr().out
+
+
+def test_presets_through_the_installed_entry_point():
+    out = subprocess.run([sys.executable, "-m", "llmrl", "presets"], capture_output=True, text=True, check=True).stdout
+    assert "grpo" in out and "PPO clip" in out and "reinforce" in out

@@ -1,0 +1,49 @@
+"""The update phase: micro-batching and skipping zero-advantage rows must not change the step."""
+
+import copy
+
+import pytest
+import torch
+
+from functools import partial
+
+from llmrl.data import Example
+from llmrl.objectives.policy import ppo_clip_objective
+from llmrl.rollout.collect import collect_rollout
+from llmrl.train.update import policy_update
+
+
+@pytest.fixture(scope="module")
+def rollout(tiny):
+    model, tok = tiny
+    exs = [Example("What is 1 + 2?", "3"), Example("Say hi", "hi"), Example("abc", "d")]
+    return collect_rollout(model, tok, exs, group_size=2, max_new_tokens=6, temperature=1.0,
+                           generator=torch.Generator().manual_seed(0))
+
+
+def step(model, rollout, adv, *, micro, skip, aggregation="token-mean"):
+    m = copy.deepcopy(model).train()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    objective = partial(ppo_clip_objective, aggregation=aggregation)
+    policy_update(m, opt, rollout, adv, objective, epochs=1, minibatches=1, micro_batch_size=micro,
+                  max_grad_norm=1e9, temperature=1.0, autocast_dtype=None, max_len=6,
+                  zero_advantage_is_zero_loss=skip)
+    return torch.cat([p.detach().flatten() for p in m.parameters()])
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_micro_batch_size_does_not_change_the_update(tiny, rollout, aggregation):
+    model, _ = tiny
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, 0.0])[:, None] * rollout.response_mask
+    before = torch.cat([p.detach().flatten() for p in model.parameters()])
+    whole = step(model, rollout, adv, micro=6, skip=False, aggregation=aggregation)
+    pieces = step(model, rollout, adv, micro=1, skip=False, aggregation=aggregation)
+    assert not torch.allclose(whole, before)
+    assert torch.allclose(whole, pieces, atol=1e-6)
+
+
+def test_skipping_zero_advantage_rows_is_exact(tiny, rollout):
+    model, _ = tiny
+    adv = torch.tensor([1.0, -1.0, 0.0, 0.0, 0.0, 0.0])[:, None] * rollout.response_mask
+    assert torch.allclose(step(model, rollout, adv, micro=2, skip=True), step(model, rollout, adv, micro=2, skip=False),
+                          atol=1e-6)
