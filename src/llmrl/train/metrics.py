@@ -14,10 +14,10 @@ def _clean(v):
 
 
 class MetricsLog:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, mode: str = "w"):   # "a" to continue a resumed run
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "a", buffering=1)
+        self._f = open(self.path, mode, buffering=1)
 
     def write(self, record: dict) -> None:
         self._f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
