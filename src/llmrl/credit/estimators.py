@@ -5,7 +5,13 @@
 Every estimator reads the same `CreditInputs` and returns the same `Credit`, so the recipe calls
 `assign_credit(name, inputs, **kw)` and never special-cases one. Notation: N sequences, T response
 tokens; `response_mask` [N, T] is 1 on tokens the policy chose and 0 on padding and tool outputs, and
-no estimator lets a masked position change any result.
+no estimator lets a masked position change any result. Masked positions in the middle of a row (tool
+outputs in a multi-turn episode) are skipped as if they were not there: every per-token recursion runs
+over the chosen tokens only.
+
+    outcome baselines   broadcast, batch_mean, grpo, dr_grpo, rloo, reinforce_pp
+    critic values       value_baseline, gae
+    step-level credit   process (process rewards), vineppo (Monte-Carlo values of step prefixes)
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ class CreditInputs:
     token_rewards: torch.Tensor | None = None  # [N, T] extra per-token rewards (e.g. -beta * KL, process rewards)
     values: torch.Tensor | None = None        # [N, T] critic values V(s_t)
     step_ids: torch.Tensor | None = None      # [N, T] reasoning-step index of each token (-1 = none)
+    step_scores: torch.Tensor | None = None   # [N, S] score of each reasoning step (NaN = no such step)
 
     def __post_init__(self):
         N, T = self.response_mask.shape
@@ -35,6 +42,8 @@ class CreditInputs:
             x = getattr(self, name)
             if x is not None and x.shape != (N, T):
                 raise ValueError(f"{name} is {tuple(x.shape)}, expected [N, T]={N, T}")
+        if self.step_scores is not None and (self.step_scores.dim() != 2 or self.step_scores.shape[0] != N):
+            raise ValueError(f"step_scores is {tuple(self.step_scores.shape)}, expected [N, S] with N={N}")
 
 
 @dataclass(frozen=True)

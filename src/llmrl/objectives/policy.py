@@ -7,7 +7,12 @@ Every function returns tensors and named outputs; the trainer sums the `loss_*` 
     gradient:     E[ grad log pi(a|s) * A ]                       (REINFORCE, Williams 1992)
     clipped:      min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)   (PPO, Schulman et al. 2017, eq. 7;
                                                                     asymmetric bounds as in DAPO, Yu et al. 2025)
+    dual clip:    max(min(r A, clip(r) A), c A) where A < 0         (Ye et al. 2020, eq. 5)
     KL in loss:   beta * KL_est(pi || pi_ref) per token            (k1/k2/k3, Schulman 2020 "Approximating KL")
+    KL in reward: -beta * log(pi_old / pi_ref) per token            (Ziegler et al. 2019; `kl.kl_in_reward`)
+
+Which KL estimator gives the right gradient in which placement is worked out in `llmrl.objectives.kl`;
+`kl_estimate` and `KL_ESTIMATORS` live there and are re-exported here.
 """
 
 from __future__ import annotations
@@ -16,10 +21,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llmrl.objectives.kl import KL_ESTIMATORS, kl_estimate, kl_in_reward  # noqa: F401  (re-exported)
 from llmrl.registry import Registry
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,18 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, counts: Ba
     seq-mean-token-mean:     mean_i (sum_t x / len_i)           GRPO paper; biased toward short wrong answers (Dr. GRPO)
     seq-mean-token-sum:      mean_i sum_t x                     unbiased REINFORCE; scale grows with length
     seq-mean-token-sum-norm: sum_it x / (#seqs * max_len)       Dr. GRPO: a constant divisor, no length bias
+
+    The bias each one puts into the policy gradient (x = -r A per token; "weight" = d loss / d x of one token):
+    - token-mean: weight 1 / #tokens, the same for every token, so a sequence counts in proportion to its length:
+      longer sequences get more weight, and the batch's mix of lengths changes the scale of every step.
+    - seq-mean-token-mean: weight 1 / (#seqs * len_i). Every sequence counts the same, so each token of a short
+      answer is pushed 1/len_i harder: short wrong answers are penalised more strongly per token and long wrong
+      answers less, which rewards rambling when wrong (the length bias Liu et al. 2025, Dr. GRPO, point out); for
+      right answers it favours short ones.
+    - seq-mean-token-sum: weight 1 / #seqs. The unbiased Monte-Carlo policy gradient of the per-sequence return
+      (Williams 1992); its variance grows with the response length.
+    - seq-mean-token-sum-norm: weight 1 / (#seqs * max_len), a constant: the unbiased gradient up to a constant
+      factor (Dr. GRPO), with a scale that no longer depends on the lengths the batch happens to hold.
     """
     x = torch.where(mask.bool(), per_token, torch.zeros_like(per_token))   # not `* mask`: inf * 0 is nan
     if mode == "token-mean":
@@ -53,23 +70,6 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, counts: Ba
     if mode == "seq-mean-token-sum-norm":
         return x.sum() / (counts.num_seqs * counts.max_len)
     raise ValueError(f"unknown loss aggregation {mode!r}; valid: {', '.join(AGGREGATIONS)}")
-
-
-def kl_estimate(logp: torch.Tensor, logp_ref: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-token estimate of KL(pi || pi_ref) from samples of pi. [N, T] -> [N, T].
-
-    k1 = log r            unbiased value, high variance, can be negative     (r = pi / pi_ref)
-    k2 = (log r)^2 / 2    biased, low variance; its gradient is the KL gradient in expectation
-    k3 = (1/r) - 1 + log r  unbiased value, always >= 0 (GRPO's choice)
-    """
-    log_ratio = logp - logp_ref
-    if kind == "k1":
-        return log_ratio
-    if kind == "k2":
-        return 0.5 * log_ratio ** 2
-    if kind == "k3":
-        return torch.expm1(-log_ratio) + log_ratio
-    raise ValueError(f"unknown KL estimator {kind!r}; valid: {', '.join(KL_ESTIMATORS)}")
 
 
 def clipped_surrogate(
@@ -86,6 +86,25 @@ def clipped_surrogate(
     clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * advantages
     loss = -torch.minimum(unclipped, clipped)
     return loss, clipped < unclipped
+
+
+def dual_clipped(
+    loss: torch.Tensor,         # [N, T] per-token PPO loss -min(r A, clip(r) A) from `clipped_surrogate`
+    advantages: torch.Tensor,   # [N, T]
+    *,
+    dual_clip: float,           # c > 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dual-clip PPO (Ye et al. 2020, "Mastering complex control in MOBA games", eq. 5) -> (loss, where capped) [N, T].
+
+    For A < 0 the objective is max(min(r A, clip(r) A), c A). With our loss = -objective that is
+    min(loss, -c A) = min(loss, c |A|): a huge ratio on a bad token can no longer make the loss grow without bound,
+    and where the cap is active the token's gradient is 0. Tokens with A >= 0 are unchanged.
+    """
+    if not dual_clip > 1.0:
+        raise ValueError(f"dual_clip must be > 1 (Ye et al. 2020); got {dual_clip}")
+    cap = -dual_clip * advantages
+    capped = (advantages < 0) & (loss > cap)
+    return torch.where(capped, cap, loss), capped
 
 
 @dataclass
@@ -113,6 +132,7 @@ def ppo_clip_objective(
     entropy: torch.Tensor | None = None,    # [N, T]
     clip_low: float = 0.2,
     clip_high: float = 0.2,
+    dual_clip: float | None = None,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
     entropy_coef: float = 0.0,
@@ -121,12 +141,18 @@ def ppo_clip_objective(
     """Clipped policy gradient + optional KL-to-reference loss + optional entropy bonus.
 
     With a large clip range this is plain REINFORCE with importance ratios against the sampling policy.
+    `dual_clip` = c > 1 caps the loss of negative-advantage tokens at c |A| (`dual_clipped`).
+    Metrics: `clip_fraction`, `dual_clip_fraction` (with dual_clip), `approx_kl_old` = k3 estimate of
+    KL(pi_old || pi) from the sampled tokens (r - 1 - log r with r = pi / pi_old: unbiased and >= 0, unlike
+    the (log r)^2 / 2 it replaces; Schulman 2020), `kl_to_ref` = k3 estimate of KL(pi || pi_ref), `entropy`.
     """
     pg, clipped = clipped_surrogate(logp, logp_old, advantages, clip_low=clip_low, clip_high=clip_high)
-    losses = {"loss_policy": aggregate(pg, mask, aggregation, counts)}
     metrics = {"clip_fraction": aggregate(clipped.float(), mask, "token-mean", counts).detach()}
-    log_ratio = (logp - logp_old).detach()
-    metrics["approx_kl_old"] = aggregate(0.5 * log_ratio ** 2, mask, "token-mean", counts)
+    if dual_clip is not None:
+        pg, capped = dual_clipped(pg, advantages, dual_clip=dual_clip)
+        metrics["dual_clip_fraction"] = aggregate(capped.float(), mask, "token-mean", counts).detach()
+    losses = {"loss_policy": aggregate(pg, mask, aggregation, counts)}
+    metrics["approx_kl_old"] = aggregate(kl_estimate(logp_old, logp.detach(), "k3"), mask, "token-mean", counts)
     if logp_ref is not None:
         per_token_kl = kl_estimate(logp, logp_ref, kl_estimator)
         kl = aggregate(per_token_kl, mask, aggregation, counts)
