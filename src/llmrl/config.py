@@ -83,6 +83,15 @@ class RewardConfig:
 class CreditConfig:
     estimator: str = f("grpo", "credit (advantage) estimator name, from the credit registry")
     options: dict = f({}, "the estimator's keyword hyper-parameters, e.g. {normalize_std: false}")
+    values: str = f("none", "where V(s_t) comes from for estimators that use it: none | critic", choices=("none", "critic"))
+
+
+@dataclass
+class CriticConfig:
+    shared_trunk: bool = f(False, "value head on the policy's own trunk (true) or on its own copy of the model (false)")
+    lr: float = f(1e-5, "critic learning rate (the head's, and its trunk's when not shared)", gt=0)
+    value_clip: float | None = f(0.2, "clip V - V_old to this in the value loss (null = no clip)", gt=0)
+    coef: float = f(0.5, "weight of the value loss", ge=0)
 
 
 @dataclass
@@ -92,6 +101,8 @@ class ObjectiveConfig:
     clip_high: float = f(0.2, "PPO ratio clip above: 1 + clip_high", ge=0)
     kl_coef: float = f(0.0, "weight of the KL-to-reference penalty (0 = no reference model)", ge=0)
     kl_estimator: str = f("k3", "KL estimator: k1 | k2 | k3", choices=("k1", "k2", "k3"))
+    kl_placement: str = f("loss", "where the KL penalty goes: loss (a loss term) | reward (-kl_coef * k1 per token, in the reward)",
+                          choices=("loss", "reward"))
     entropy_coef: float = f(0.0, "weight of the entropy bonus")
     aggregation: str = f("token-mean", "loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm",
                          choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"))
@@ -132,6 +143,7 @@ class TrainConfig:
     rollout: RolloutConfig = f(RolloutConfig(), "sampling")
     reward: RewardConfig = f(RewardConfig(), "reward terms")
     credit: CreditConfig = f(CreditConfig(), "credit assignment (advantages)")
+    critic: CriticConfig = f(CriticConfig(), "value model, when credit.values is critic")
     objective: ObjectiveConfig = f(ObjectiveConfig(), "policy loss")
     optim: OptimConfig = f(OptimConfig(), "optimizer")
     run: RunConfig = f(RunConfig(), "run bookkeeping")

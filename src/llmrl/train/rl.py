@@ -22,12 +22,14 @@ from llmrl.config import TrainConfig, config_to_dict
 from llmrl.credit import CREDIT, CreditInputs
 from llmrl.data import make_task
 from llmrl.models import load_model, load_reference, save_pretrained_model
+from llmrl.models.value import Critic
+from llmrl.objectives.value import clipped_value_loss, explained_variance
 from llmrl.objectives.policy import OBJECTIVES
 from llmrl.rewards import score
 from llmrl.rollout.collect import collect_rollout, encode_prompt
 from llmrl.train.evaluate import evaluate
 from llmrl.train.metrics import MetricsLog
-from llmrl.train.update import batched_logprobs, policy_update
+from llmrl.train.update import batched_logprobs, batched_values, policy_update
 
 log = logging.getLogger("llmrl.train")
 
@@ -103,6 +105,13 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
         lr_lambda, schedule=cfg.optim.schedule, warmup=cfg.optim.warmup_steps, total=cfg.run.steps))
     estimator = partial(CREDIT.get(cfg.credit.estimator), **cfg.credit.options)
+    critic = critic_optimizer = value_objective = None
+    if cfg.credit.values == "critic":
+        critic = Critic.from_policy(model, shared=cfg.critic.shared_trunk)
+        critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=cfg.critic.lr, betas=tuple(cfg.optim.betas),
+                                             eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+        value_objective = partial(clipped_value_loss, clip=cfg.critic.value_clip, coef=cfg.critic.coef,
+                                  aggregation=cfg.objective.aggregation)
     o = cfg.objective
     objective = partial(OBJECTIVES.get(o.name), clip_low=o.clip_low, clip_high=o.clip_high, kl_coef=o.kl_coef,
                         kl_estimator=o.kl_estimator, entropy_coef=o.entropy_coef, aggregation=o.aggregation)
@@ -143,20 +152,29 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
                 rollout = rollout.with_(logp_ref=batched_logprobs(
                     reference, rollout, micro_batch_size=cfg.optim.micro_batch_size,
                     temperature=cfg.rollout.temperature or 1.0, autocast_dtype=amp))
+            # 4. values V(s_t), when credit uses them
+            if critic is not None:
+                rollout = rollout.with_(values=batched_values(critic, rollout, micro_batch_size=cfg.optim.micro_batch_size,
+                                                              autocast_dtype=amp))
             t3 = time.perf_counter()
-            # 4. credit
+            # 5. credit
             credit = estimator(CreditInputs(scores=rewards.total, response_mask=rollout.response_mask,
                                             group_ids=rollout.group_ids, values=rollout.values,
                                             step_ids=rollout.step_ids))
-            # 5. update
+            # 6. update
             upd = policy_update(model, optimizer, rollout, credit.advantages, objective,
                                 epochs=o.epochs, minibatches=o.minibatches, micro_batch_size=cfg.optim.micro_batch_size,
                                 max_grad_norm=cfg.optim.max_grad_norm, temperature=cfg.rollout.temperature or 1.0,
                                 autocast_dtype=amp, max_len=cfg.rollout.max_new_tokens, generator=gen,
-                                zero_advantage_is_zero_loss=o.kl_coef == 0 and o.entropy_coef == 0)
+                                zero_advantage_is_zero_loss=o.kl_coef == 0 and o.entropy_coef == 0,
+                                critic=critic, critic_optimizer=critic_optimizer, returns=credit.returns,
+                                value_objective=value_objective)
+            if critic is not None:
+                upd["value_explained_variance"] = float(explained_variance(rollout.values, credit.returns,
+                                                                           rollout.response_mask))
             scheduler.step()
             t4 = time.perf_counter()
-            # 6. log
+            # 7. log
             n_tokens = float(rollout.response_mask.sum())
             rec = {"kind": "train", "step": step, "reward": float(rewards.total.mean()),
                    **{f"reward/{k}": float(v.mean()) for k, v in rewards.components.items()},
@@ -165,7 +183,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
                    "truncated_fraction": float(rollout.extras["truncated"].float().mean()),
                    "lr": scheduler.get_last_lr()[0], **upd,
                    "tokens_per_s": n_tokens / (t1 - t0), "time_rollout": t1 - t0, "time_reward": t2 - t1,
-                   "time_reference": t3 - t2, "time_update": t4 - t3, "time_step": t4 - t0}
+                   "time_ref_values": t3 - t2, "time_update": t4 - t3, "time_step": t4 - t0}
             metrics_log.write(rec)
             bar.set_postfix(reward=f"{rec['reward']:.3f}", acc=f"{evals[-1]['heldout_accuracy']:.2f}")
             bar.update(1)

@@ -1,5 +1,6 @@
 """The optimisation phase of one RL step: epochs over shuffled minibatches of the rollout, each minibatch
-split into micro-batches whose gradients accumulate, then one clipped optimizer step.
+split into micro-batches whose gradients accumulate, then one clipped optimizer step (policy, and the
+critic when there is one).
 
 Micro-batching never changes the loss: every aggregation divides by counts of the whole minibatch
 (`BatchCounts`), so the sum of micro-batch losses equals the minibatch loss.
@@ -7,7 +8,6 @@ Micro-batching never changes the loss: every aggregation divides by counts of th
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from typing import Callable
 
@@ -31,27 +31,34 @@ def trim(rollout: Rollout) -> Rollout:
     )
 
 
-def policy_logprobs(model, rollout: Rollout, *, temperature: float, autocast_dtype, with_entropy=True, chunk=64):
-    """(logp [n, T], entropy [n, T]) of the rollout's responses under `model` (with gradient if enabled)."""
-    r = trim(rollout)
-    T_used = r.response_mask.shape[1]
-    with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-        logp, ent = response_logprobs(model, r.input_ids, r.attention_mask, T_used, temperature=temperature,
-                                      chunk=chunk, with_entropy=with_entropy)
-    pad = rollout.response_mask.shape[1] - T_used
-    logp = torch.nn.functional.pad(logp.float(), (0, pad))
-    ent = None if ent is None else torch.nn.functional.pad(ent.float(), (0, pad))
-    return logp, ent
+def _amp(dtype):
+    return torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 @torch.no_grad()
 def batched_logprobs(model, rollout: Rollout, *, micro_batch_size: int, temperature: float, autocast_dtype) -> torch.Tensor:
     """logp [N, T] of every response under `model`, without gradient, micro-batch by micro-batch."""
+    T = rollout.response_mask.shape[1]
     out = []
     for idx in torch.arange(len(rollout.completions)).split(micro_batch_size):
-        lp, _ = policy_logprobs(model, rollout.select(idx), temperature=temperature, autocast_dtype=autocast_dtype,
-                                with_entropy=False)
-        out.append(lp)
+        r = trim(rollout.select(idx))
+        with _amp(autocast_dtype):
+            lp, _ = response_logprobs(model, r.input_ids, r.attention_mask, r.response_mask.shape[1],
+                                      temperature=temperature, with_entropy=False)
+        out.append(torch.nn.functional.pad(lp.float(), (0, T - lp.shape[1])))
+    return torch.cat(out) * rollout.response_mask
+
+
+@torch.no_grad()
+def batched_values(critic, rollout: Rollout, *, micro_batch_size: int, autocast_dtype) -> torch.Tensor:
+    """V(s_t) [N, T] of every response position under `critic`, without gradient."""
+    T = rollout.response_mask.shape[1]
+    out = []
+    for idx in torch.arange(len(rollout.completions)).split(micro_batch_size):
+        r = trim(rollout.select(idx))
+        with _amp(autocast_dtype):
+            v = critic(r.input_ids, r.attention_mask, r.response_mask.shape[1])
+        out.append(torch.nn.functional.pad(v.float(), (0, T - v.shape[1])))
     return torch.cat(out) * rollout.response_mask
 
 
@@ -71,29 +78,46 @@ def policy_update(
     max_len: int,
     zero_advantage_is_zero_loss: bool,
     generator: torch.Generator | None = None,
+    critic=None,                          # a Critic trained alongside, on `returns`, with `value_objective`
+    critic_optimizer: torch.optim.Optimizer | None = None,
+    returns: torch.Tensor | None = None,  # [N, T]
+    value_objective: Callable[..., ObjectiveOutput] | None = None,
 ) -> dict[str, float]:
-    """Run the update; returns metrics averaged over micro-batches (and the last grad norm)."""
+    """Run the update; returns metrics averaged over the optimizer steps."""
     N = advantages.shape[0]
     sums: dict[str, float] = defaultdict(float)
     reuse_detached = epochs == 1 and minibatches == 1    # on-policy, one pass: old policy == current policy
     logp_old = None if reuse_detached else batched_logprobs(
         model, rollout, micro_batch_size=micro_batch_size, temperature=temperature, autocast_dtype=autocast_dtype)
+    skip_zero = zero_advantage_is_zero_loss and critic is None
     for _ in range(epochs):
         order = torch.randperm(N, generator=generator) if minibatches > 1 else torch.arange(N)
         for mb in order.chunk(minibatches):
             counts = BatchCounts.of(rollout.response_mask[mb], max_len)
-            if zero_advantage_is_zero_loss:   # rows with A = 0 everywhere add exactly zero gradient: skip their compute
+            if skip_zero:   # rows with A = 0 everywhere add exactly zero gradient: skip their compute
                 mb = mb[(advantages[mb] != 0).any(-1)]
             optimizer.zero_grad(set_to_none=True)
+            if critic_optimizer is not None:
+                critic_optimizer.zero_grad(set_to_none=True)
             mb_sums: dict[str, float] = defaultdict(float)
             for idx in mb.split(micro_batch_size) if len(mb) else ():
-                part = rollout.select(idx)
-                logp, entropy = policy_logprobs(model, part, temperature=temperature, autocast_dtype=autocast_dtype)
-                out = objective(
-                    logp, logp.detach() if logp_old is None else logp_old[idx], advantages[idx], part.response_mask,
-                    counts, logp_ref=part.logp_ref, entropy=entropy)
-                out.total.backward()
-                for k, v in {**out.losses, **out.metrics}.items():   # each is a share of the minibatch value
+                part = trim(rollout.select(idx))
+                T = part.response_mask.shape[1]
+                with _amp(autocast_dtype):
+                    logp, entropy = response_logprobs(model, part.input_ids, part.attention_mask, T,
+                                                      temperature=temperature)
+                logp, entropy = logp.float(), entropy.float()
+                out = objective(logp, logp.detach() if logp_old is None else logp_old[idx, :T],
+                                advantages[idx, :T], part.response_mask, counts, logp_ref=part.logp_ref,
+                                entropy=entropy)
+                loss, named = out.total, {**out.losses, **out.metrics}
+                if critic is not None:
+                    with _amp(autocast_dtype):
+                        values = critic(part.input_ids, part.attention_mask, T)
+                    vout = value_objective(values, part.values, returns[idx, :T], part.response_mask, counts)
+                    loss, named = loss + vout.total, {**named, **vout.losses, **vout.metrics}
+                loss.backward()
+                for k, v in named.items():   # each is this micro-batch's share of the minibatch value
                     mb_sums[k] += float(v.detach())
             # token-mean metrics were divided by all the minibatch's tokens; rescale to the rows actually computed
             active = float(rollout.response_mask[mb].sum()) if len(mb) else 0.0
@@ -102,6 +126,9 @@ def policy_update(
             if len(mb):
                 sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
                 optimizer.step()
+                if critic_optimizer is not None:
+                    torch.nn.utils.clip_grad_norm_(critic.parameters(), max_grad_norm)
+                    critic_optimizer.step()
             sums["update_rows"] += len(mb)
     passes = epochs * minibatches
     return {k: v / passes for k, v in sums.items()}
