@@ -111,7 +111,7 @@ def test_full_gradient_of_unbiased_estimators_is_reverse_kl(seed):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_kl_in_reward_through_reinforce_descends_reverse_kl(seed):
-    """-beta * k1 from `kl_in_reward` as a per-token reward, through the REINFORCE loss -E[R log pi], gives beta g_rev."""
+    """-beta * k1 from `kl_in_reward` as a per-token reward, through the REINFORCE loss -E[R log pi]: beta g_rev."""
     theta, logq = setup(seed)
     g_rev, _ = truths(theta, logq)
     beta = 0.3

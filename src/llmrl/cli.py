@@ -86,7 +86,7 @@ def cmd_presets(args) -> int:
     from llmrl.presets import PRESETS, describe_preset
 
     for name in sorted(PRESETS):
-        print(f"{name:10s} {describe_preset(name)}")
+        print(f"{name:13s} {describe_preset(name)}")
     return 0
 
 

@@ -83,7 +83,12 @@ class RewardConfig:
 class CreditConfig:
     estimator: str = f("grpo", "credit (advantage) estimator name, from the credit registry")
     options: dict = f({}, "the estimator's keyword hyper-parameters, e.g. {normalize_std: false}")
-    values: str = f("none", "where V(s_t) comes from for estimators that use it: none | critic", choices=("none", "critic"))
+    values: str = f("none", "where V(s_t) comes from for estimators that use it: none | critic | monte_carlo (VinePPO)",
+                    choices=("none", "critic", "monte_carlo"))
+    steps: str = f("none", "reasoning-step segmenter for step-level credit: none | blank_line | numbered | regex",
+                   choices=("none", "blank_line", "numbered", "regex"))
+    step_pattern: str | None = f(None, "regex that starts a new step, with steps: regex")
+    mc_samples: int = f(4, "monte_carlo values: continuations sampled from each step boundary", ge=1)
 
 
 @dataclass
@@ -101,11 +106,20 @@ class ObjectiveConfig:
     clip_high: float = f(0.2, "PPO ratio clip above: 1 + clip_high", ge=0)
     kl_coef: float = f(0.0, "weight of the KL-to-reference penalty (0 = no reference model)", ge=0)
     kl_estimator: str = f("k3", "KL estimator: k1 | k2 | k3", choices=("k1", "k2", "k3"))
+    kl_target: float | None = f(None, "adaptive beta: steer the sampled KL per sequence (nats) toward this; null = fixed beta = kl_coef", gt=0)
+    kl_horizon: float = f(10.0, "adaptive beta: RL steps over which a KL error is corrected", gt=0)
     kl_placement: str = f("loss", "where the KL penalty goes: loss (a loss term) | reward (-kl_coef * k1 per token, in the reward)",
                           choices=("loss", "reward"))
     entropy_coef: float = f(0.0, "weight of the entropy bonus")
     aggregation: str = f("token-mean", "loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm",
                          choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"))
+    dual_clip: float | None = f(None, "dual-clip constant c > 1 bounding the loss of negative-advantage tokens (null = off)", gt=1)
+    update: str = f("gradient", "how the policy moves: gradient (the optimizer on the loss) | trpo (natural gradient under max_kl)",
+                    choices=("gradient", "trpo"))
+    max_kl: float = f(0.01, "trpo: bound on the mean per-token KL(old || new) of one step", gt=0)
+    cg_iters: int = f(10, "trpo: conjugate-gradient iterations (Fisher-vector products)", ge=1)
+    cg_damping: float = f(0.1, "trpo: damping added to the Fisher matrix", ge=0)
+    trpo_rows: int | None = f(None, "trpo: sequences of the rollout used for the Fisher-vector products (null = all)", ge=1)
     epochs: int = f(1, "optimisation passes over each rollout", ge=1)
     minibatches: int = f(1, "optimizer steps per epoch", ge=1)
 
@@ -118,7 +132,8 @@ class OptimConfig:
     eps: float = f(1e-8, "AdamW epsilon", gt=0)
     max_grad_norm: float = f(1.0, "clip the global gradient norm to this", gt=0)
     micro_batch_size: int = f(32, "sequences per forward/backward; gradients accumulate", ge=1)
-    schedule: str = f("constant", "learning-rate schedule: constant | linear | cosine", choices=("constant", "linear", "cosine"))
+    schedule: str = f("constant", "learning-rate schedule: constant | linear | cosine | count (1/(k+1), a running mean)",
+                      choices=("constant", "linear", "cosine", "count"))
     warmup_steps: int = f(0, "linear warm-up steps", ge=0)
 
 
@@ -131,6 +146,7 @@ class RunConfig:
     eval_every: int = f(10, "evaluate every N steps (0 = only before and after)", ge=0)
     eval_max_new_tokens: int | None = f(None, "max new tokens at evaluation (null = rollout.max_new_tokens)", ge=1)
     save_every: int = f(0, "checkpoint every N steps (0 = only the final checkpoint)", ge=0)
+    samples_every: int = f(5, "write 2 groups of sampled completions with per-token advantages to samples.jsonl every N steps (0 = never)", ge=0)
     threads: int | None = f(None, "torch threads (null = leave as is)", ge=1)
     progress: bool = f(True, "show a progress bar")
 

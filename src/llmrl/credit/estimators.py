@@ -5,9 +5,8 @@
 Every estimator reads the same `CreditInputs` and returns the same `Credit`, so the recipe calls
 `assign_credit(name, inputs, **kw)` and never special-cases one. Notation: N sequences, T response
 tokens; `response_mask` [N, T] is 1 on tokens the policy chose and 0 on padding and tool outputs, and
-no estimator lets a masked position change any result. Masked positions in the middle of a row (tool
-outputs in a multi-turn episode) are skipped as if they were not there: every per-token recursion runs
-over the chosen tokens only.
+no estimator lets a masked position change any result. Holes in the middle of a row (tool outputs in a
+multi-turn episode) are skipped as if absent: every per-token recursion runs over the chosen tokens only.
 
     outcome baselines   broadcast, batch_mean, grpo, dr_grpo, rloo, reinforce_pp
     critic values       value_baseline, gae
@@ -65,9 +64,9 @@ def assign_credit(name: str, inputs: CreditInputs, **hyper) -> Credit:
 def group_stats(x: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [N], group_ids [N] -> (mean [N], unbiased std [N], group size [N]) of each element's group."""
     _, idx, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
-    sums = torch.zeros(len(counts), dtype=x.dtype).index_add_(0, idx, x)
+    sums = torch.zeros(len(counts), dtype=x.dtype, device=x.device).index_add_(0, idx, x)
     mean = sums / counts
-    sq = torch.zeros(len(counts), dtype=x.dtype).index_add_(0, idx, (x - mean[idx]) ** 2)
+    sq = torch.zeros(len(counts), dtype=x.dtype, device=x.device).index_add_(0, idx, (x - mean[idx]) ** 2)
     std = (sq / (counts - 1).clamp(min=1)).sqrt()
     return mean[idx], std[idx], counts[idx].to(x.dtype)
 
@@ -90,18 +89,14 @@ def sequence_returns(inputs: CreditInputs) -> torch.Tensor:
 def per_token_rewards(inputs: CreditInputs, scores: torch.Tensor | None = None) -> torch.Tensor:
     """r_t [N, T]: token rewards on chosen tokens, plus the outcome score (or `scores` [N]) on the last chosen one."""
     chosen = inputs.response_mask > 0                                             # [N, T]
-    pos = torch.arange(chosen.shape[1], device=chosen.device)                     # [T]
-    last = torch.where(chosen, pos, -1).amax(-1, keepdim=True)                    # [N, 1] -1 if none chosen
+    last = chosen & (chosen.cumsum(-1) == chosen.sum(-1, keepdim=True))           # [N, T] the last chosen token
     score = inputs.scores if scores is None else scores                           # [N]
-    return masked(inputs.token_rewards, chosen) + (pos == last) * score[:, None]
+    return masked(inputs.token_rewards, chosen) + last * score[:, None]
 
 
 def reverse_discounted_sum(x: torch.Tensor, chosen: torch.Tensor, discount: float) -> torch.Tensor:
-    """out_t = x_t + discount * out_(next chosen token), over chosen tokens only -> [N, T], 0 where not chosen.
-
-    Masked positions are jumped over as if absent: the running sum carries through them unchanged.
-    """
-    out, carry = torch.zeros_like(x), torch.zeros_like(x[:, 0])                   # [N, T], [N]
+    """out_t = x_t + discount * out_(next chosen token) -> [N, T]; masked positions are jumped over, and get 0."""
+    out, carry = torch.zeros_like(x), x.new_zeros(x.shape[0])                     # [N, T], [N]
     for t in reversed(range(x.shape[1])):
         carry = torch.where(chosen[:, t], x[:, t] + discount * carry, carry)
         out[:, t] = torch.where(chosen[:, t], carry, 0.0)
@@ -110,17 +105,11 @@ def reverse_discounted_sum(x: torch.Tensor, chosen: torch.Tensor, discount: floa
 
 def next_chosen(x: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
     """x at the next chosen token after t (0 after the last one) -> [N, T]."""
-    out, carry = torch.zeros_like(x), torch.zeros_like(x[:, 0])                   # [N, T], [N]
+    out, carry = torch.zeros_like(x), x.new_zeros(x.shape[0])                     # [N, T], [N]
     for t in reversed(range(x.shape[1])):
         out[:, t] = carry
         carry = torch.where(chosen[:, t], x[:, t], carry)
     return out
-
-
-def group_sum(x: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
-    """x [N] -> [N]: the sum of x over each element's group."""
-    uniq, idx = torch.unique(group_ids, return_inverse=True)
-    return torch.zeros(len(uniq), dtype=x.dtype, device=x.device).index_add_(0, idx, x)[idx]
 
 
 def require(inputs: CreditInputs, estimator: str, *fields: str) -> None:
@@ -162,11 +151,8 @@ def group_baseline(inputs: CreditInputs, *, normalize_std: bool = True, eps: flo
 
 @CREDIT.register("dr_grpo")
 def dr_grpo(inputs: CreditInputs) -> Credit:
-    """Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training"): A_i = R_i - mean_group R.
-
-    GRPO without the std division; the paper's other fix (no 1/|o_i| length normalisation) is the
-    objective's aggregation, not credit.
-    """
+    """Dr. GRPO (Liu et al. 2025): A_i = R_i - mean_group R, GRPO without the std division. The paper's other
+    fix (no 1/|o_i| length normalisation) belongs to the objective's aggregation, not to credit."""
     return group_baseline(inputs, normalize_std=False)
 
 
@@ -180,13 +166,11 @@ def batch_mean(inputs: CreditInputs) -> Credit:
 
 @CREDIT.register("rloo")
 def rloo(inputs: CreditInputs) -> Credit:
-    """RLOO (Ahmadian et al. 2024, "Back to Basics"; Kool et al. 2019): A_i = R_i - mean_{j != i in group} R_j.
-
-    Computed as G/(G-1) * (R_i - mean_group R); a group of one sample has no baseline and gets 0.
-    """
+    """RLOO (Ahmadian et al. 2024; Kool et al. 2019): A_i = R_i - mean_{j != i in group} R_j, computed as
+    G/(G-1) (R_i - mean_group R); a group of one sample has no baseline and gets 0."""
     R = sequence_returns(inputs)                                                  # [N]
     mean, _, G = group_stats(R, inputs.group_ids)                                 # [N] each
-    A = torch.where(G > 1, (R - mean) * G / (G - 1).clamp(min=1), 0.0)           # [N]
+    A = (R - mean) * G / (G - 1).clamp(min=1)                                     # [N] 0 when G = 1
     mask = inputs.response_mask
     return Credit(advantages=broadcast_to_tokens(A, mask), returns=broadcast_to_tokens(R, mask))
 
@@ -197,10 +181,9 @@ def reinforce_pp(inputs: CreditInputs, *, gamma: float = 1.0, baseline: str = "n
 
     G_t = sum_{k>=0} gamma^k r_(t+k) over chosen tokens, with r_t = token_rewards (e.g. -beta * KL_t) and the
     outcome score added at the last chosen token; A_t = (G_t - mean) / sqrt(var + eps), mean and unbiased var
-    over every chosen token of the batch. As verl's `compute_reinforce_plus_plus_outcome_advantage` and
-    OpenRLHF. `baseline="group"` is REINFORCE++-baseline: the group mean score is subtracted from each score
-    first (token rewards are not baselined). returns = G (unwhitened).
-    """
+    over every chosen token of the batch (as verl's `compute_reinforce_plus_plus_outcome_advantage` and OpenRLHF).
+    `baseline="group"` is REINFORCE++-baseline: each score minus its group's mean score first (token rewards
+    are not baselined). returns = G, unwhitened."""
     check_choice("baseline", baseline, ("none", "group"))
     chosen = inputs.response_mask > 0                                             # [N, T]
     scores = inputs.scores                                                        # [N]
@@ -215,11 +198,10 @@ def reinforce_pp(inputs: CreditInputs, *, gamma: float = 1.0, baseline: str = "n
 
 @CREDIT.register("value_baseline")
 def value_baseline(inputs: CreditInputs) -> Credit:
-    """The seed's "advantage_x = reward - VF_x": A_t = R - V_t, R = score + sum of token rewards (whole sequence).
+    """The seed's "advantage_x = reward - VF_x": A_t = R - V_t, R = score + sum of token rewards; returns = R.
 
-    Deviation from the reward-to-go form: every token sees the full R, including token rewards earned
-    before it; `gae` with lam=1 gives the reward-to-go version G_t - V_t. returns = R on chosen tokens.
-    """
+    Deviation from reward-to-go: every token sees the whole R, token rewards earned before it included
+    (`gae` with lam=1 is the reward-to-go version G_t - V_t)."""
     require(inputs, "value_baseline", "values")
     chosen = inputs.response_mask > 0                                             # [N, T]
     R = sequence_returns(inputs)                                                  # [N]
@@ -233,8 +215,7 @@ def gae(inputs: CreditInputs, *, gamma: float = 1.0, lam: float = 0.95) -> Credi
     r_t = token_rewards + outcome score at the last chosen token; delta_t = r_t + gamma V_(next chosen) - V_t
     with V = 0 after the last chosen token; A_t = sum_k (gamma lam)^k delta_(t+k); returns = A + V.
     Tool outputs and padding are skipped (the recursion steps over them) and get A = returns = 0.
-    lam = 1 gives the Monte-Carlo A_t = G_t - V_t; lam = 0 the one-step TD error.
-    """
+    lam = 1 gives the Monte-Carlo A_t = G_t - V_t; lam = 0 the one-step TD error."""
     require(inputs, "gae", "values")
     chosen = inputs.response_mask > 0                                             # [N, T]
     V = masked(inputs.values, chosen)                                             # [N, T]
@@ -254,25 +235,21 @@ def process(inputs: CreditInputs, *, spread: str = "even", outcome: str = "add",
     chosen tokens), "full" gives each one p. cumulative=True is GRPO's process advantage: token t gets the
     sum of those per-step values over the steps whose last chosen token is at or after t (a step's own
     included). outcome="add" adds the outcome advantage to every chosen token: the GRPO group-normalised
-    R when normalize="group", else R itself (broadcast). No critic: returns = None.
-    """
+    R when normalize="group", else R itself (broadcast). No critic: returns = None."""
     require(inputs, "process", "step_ids", "step_scores")
     check_choice("spread", spread, ("even", "full"))
     check_choice("outcome", outcome, ("add", "none"))
     check_choice("normalize", normalize, ("none", "group"))
     chosen = inputs.response_mask > 0                                             # [N, T]
     N, S = inputs.step_scores.shape
+    if (chosen & (inputs.step_ids >= S)).any():
+        raise ValueError(f"step_ids on chosen tokens reach {S} or more, but step_scores has S={S} steps")
     ids = torch.where(chosen & (inputs.step_ids >= 0), inputs.step_ids, S).long()  # [N, T] S = in no step
-    if (ids > S).any():
-        raise ValueError(f"step_ids reach {int(ids.max())} on chosen tokens, but step_scores has S={S} steps")
     scored = ~torch.isnan(inputs.step_scores)                                     # [N, S]
     p = torch.where(scored, inputs.step_scores, 0.0)                              # [N, S]
-    if normalize == "group":
-        count = group_sum(scored.sum(-1).to(p.dtype), inputs.group_ids)           # [N] scored steps in group
-        mean = group_sum(p.sum(-1), inputs.group_ids) / count.clamp(min=1)        # [N]
-        sq = torch.where(scored, (p - mean[:, None]) ** 2, 0.0).sum(-1)           # [N]
-        std = (group_sum(sq, inputs.group_ids) / (count - 1).clamp(min=1)).sqrt()  # [N]
-        p = torch.where(scored, (p - mean[:, None]) / (std[:, None] + eps), 0.0)
+    if normalize == "group":  # statistics over the pool of every scored step of the group
+        mean, std, _ = group_stats(p[scored], inputs.group_ids[:, None].expand(N, S)[scored])  # [K] each
+        p = p.masked_scatter(scored, (p[scored] - mean) / (std + eps))
     per_step = torch.cat([p, torch.zeros(N, 1, dtype=p.dtype, device=p.device)], 1)  # [N, S+1]
     if spread == "even":
         n_tokens = torch.zeros_like(per_step).scatter_add_(1, ids, torch.ones_like(ids, dtype=p.dtype))
@@ -294,26 +271,23 @@ def process(inputs: CreditInputs, *, spread: str = "even", outcome: str = "add",
 def vineppo(inputs: CreditInputs) -> Credit:
     """VinePPO (Kazemnejad et al. 2024): step advantages from Monte-Carlo values of step prefixes.
 
-    Layout: `step_ids` [N, T] gives each chosen token its step (-1 = in no step); a step is a run of equal
-    ids over the chosen tokens (tool outputs and padding between them are skipped). `values` [N, T] holds,
-    at the FIRST chosen token of each step, V(prefix before the step): the mean score of K continuations
-    sampled from the response cut just before that token (`step_boundaries` gives those cut points); the
-    value at the step's other tokens is not read (filling the whole step with it is fine).
-    A_t = sum of token rewards from t to the step's end + V(after the step) - V(before the step), where
-    V(after) = V(before the next step) and V(after the last step) = the outcome score (gamma = 1).
-    Chosen tokens in no step and masked tokens get 0. No critic: returns = None.
-    """
+    Layout: `step_ids` [N, T] gives each chosen token its step (-1 = in no step); a step is a run of equal ids
+    over the chosen tokens (tool outputs and padding between them are skipped). `values` [N, T] holds, at the
+    FIRST chosen token of each step, V(prefix before the step): the mean score of K continuations sampled from
+    the response cut just before that token (`step_boundaries` gives the cuts); other tokens' values are unread.
+    A_t = token rewards from t to the step's end + V(after the step) - V(before it), with V(after) = V(before
+    the next step) and V(after the last step) = the outcome score (gamma = 1). Chosen tokens in no step and
+    masked tokens get 0. No critic: returns = None."""
     require(inputs, "vineppo", "values", "step_ids")
     in_step = (inputs.response_mask > 0) & (inputs.step_ids >= 0)                 # [N, T]
     ids, V, r = inputs.step_ids, masked(inputs.values, in_step), masked(inputs.token_rewards, in_step)
-    before = torch.zeros_like(V)                                                  # [N, T] V(before step)
-    run_id, run_v = torch.full_like(ids[:, 0], -2), torch.zeros_like(V[:, 0])     # [N] each
+    before, A = torch.zeros_like(V), torch.zeros_like(V)                          # [N, T] V(before step), A
+    run_id, run_v = ids.new_full(ids.shape[:1], -2), V.new_zeros(V.shape[0])      # [N] each
     for t in range(ids.shape[1]):  # forward: the value at the first token of the current step
         new = in_step[:, t] & (ids[:, t] != run_id)
         run_v, run_id = torch.where(new, V[:, t], run_v), torch.where(in_step[:, t], ids[:, t], run_id)
         before[:, t] = run_v
-    A = torch.zeros_like(V)                                                       # [N, T]
-    run_id, run_v = torch.full_like(ids[:, 0], -2), inputs.scores.to(V.dtype)     # [N] each
+    run_id, run_v = ids.new_full(ids.shape[:1], -2), inputs.scores.to(V.dtype)    # [N] each
     after, to_go = run_v.clone(), torch.zeros_like(run_v)                         # [N] each
     for t in reversed(range(ids.shape[1])):  # backward: the value after the step, and rewards to go
         on = in_step[:, t]

@@ -42,7 +42,7 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 def kl_estimate(logp: torch.Tensor, logp_ref: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi: [N, T], [N, T] -> [N, T]. See the table above."""
+    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi: [N, T], [N, T] -> [N, T]; see the table."""
     log_ratio = logp - logp_ref
     if kind == "k1":
         return log_ratio

@@ -10,17 +10,20 @@ Schulman et al. 2015, "Trust Region Policy Optimization", sec. 6 and appendix C:
     theta = theta_old + frac * beta s,  frac = 1, c, c^2, ...   first frac with KL <= delta, L improved (> 0)
                                                             and improvement / (g . step) >= accept_ratio
 
-Deviations: the damping lambda enters the step size too (as in Schulman's and Spinning Up's code), which makes
-the step a little shorter; the line search tests the KL bound itself (appendix C does; the original code
-only checked the surrogate); if no fraction is accepted the parameters are restored exactly.
+Deviations: the damping lambda enters the step size too (as in Schulman's modular_rl and Spinning Up), which
+makes the step a little shorter; the line search tests the KL bound itself, as appendix C does (modular_rl's
+line search checks only the surrogate); if no fraction is accepted the parameters are restored exactly.
 
 Fisher-vector products use double backward (create_graph on the first gradient), so every op in the model needs
-a derivative of its backward. Hugging Face attention: "eager" works; "sdpa" does NOT on CPU (torch 2.13 has no
-derivative for `_scaled_dot_product_flash_attention_for_cpu_backward`), and the fused CUDA kernels have none
-either. Load the model with `attn_implementation="eager"` or set `model.config._attn_implementation = "eager"`
-before calling `trpo_step`; a model that cannot double-backward gets an error saying so.
+a derivative of its backward. Hugging Face attention: "eager" works; "sdpa" does NOT on CPU, because torch 2.13
+dispatches it to a fused kernel with no double backward (`_scaled_dot_product_flash_attention_for_cpu_backward`);
+the fused CUDA kernels are not tested here. Either load the model with `attn_implementation="eager"` (or set
+`model.config._attn_implementation = "eager"`), or keep sdpa and call `trpo_step` inside
+`torch.nn.attention.sdpa_kernel(SDPBackend.MATH)`, whose composite kernel differentiates twice (both tested).
+A model that cannot double-backward gets an error that says so.
 
-Building the two closures for a causal LM (fp32, no autocast; the batch is fixed for the whole step):
+Building the two closures for a causal LM (fp32, no autocast, dropout off via model.eval(): the line search
+compares values across forwards; the batch is fixed for the whole step):
 
     logp_old = response_logprobs(model, ids, attn, T)[0].detach()             # [N, T] before the step
     def surrogate_fn():                                                       # mean r A over chosen tokens
@@ -49,12 +52,13 @@ def conjugate_gradient(
     b: torch.Tensor,                                  # [D]
     *,
     iters: int,
-    residual_tol: float = 1e-10,
+    residual_tol: float = 1e-20,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Solve A x = b by conjugate gradient (Hestenes & Stiefel 1952) -> (x [D], |b - A x|, matvecs used).
 
-    Stops after `iters` products or once |r|^2 <= residual_tol * |b|^2 (relative, so the scale of the surrogate
-    does not matter; b = 0 gives x = 0 at once). Exact after D steps in exact arithmetic."""
+    Stops after `iters` products or once |r|^2 <= residual_tol * |b|^2: relative, so the scale of the surrogate
+    does not matter (Schulman's code uses an absolute 1e-10), and by default only at float64 round-off, so in
+    float32 all `iters` products run; b = 0 gives x = 0 at once. Exact after D steps in exact arithmetic."""
     x = torch.zeros_like(b)
     r, p = b.clone(), b.clone()
     r_dot_r = r @ r
@@ -125,7 +129,8 @@ def trpo_step(
         impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
         raise RuntimeError(f"TRPO's Fisher-vector product needs double backward through the model, which failed "
                            f"(attention implementation {impl!r}); load the model with attn_implementation='eager' "
-                           f"or set model.config._attn_implementation = 'eager'. Cause: {e}") from e
+                           f"or set model.config._attn_implementation = 'eager' (or, with sdpa, call trpo_step "
+                           f"under torch.nn.attention.sdpa_kernel(SDPBackend.MATH)). Cause: {e}") from e
     fvp_count += 1
     result = {"accepted": False, "kl": 0.0, "improvement": 0.0, "expected_improvement": 0.0, "step_fraction": 0.0,
               "cg_residual": float(residual), "fvp_count": fvp_count}

@@ -29,3 +29,23 @@ class MetricsLog:
 
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def sample_records(step: int, rollout, advantages, rewards, tokenizer, *, groups: int = 2) -> list[dict]:
+    """The first `groups` groups of a step as JSON-ready rows: tokens with their mask and advantage (for reports)."""
+    keep = [i for i, g in enumerate(rollout.group_ids.tolist()) if g < groups]
+    rows = []
+    for i in keep:
+        n = int(rollout.response_mask[i].nonzero().max()) + 1 if rollout.response_mask[i].any() else 0
+        ids = rollout.response_ids[i, :n].tolist()
+        rows.append({
+            "step": step, "group": int(rollout.group_ids[i]), "prompt": rollout.examples[i].prompt,
+            "completion": rollout.completions[i], "tokens": [tokenizer.decode([t]) for t in ids],
+            "response_mask": [int(m) for m in rollout.response_mask[i, :n].tolist()],
+            "advantages": [round(float(a), 5) for a in advantages[i, :n].tolist()],
+            "step_ids": None if rollout.step_ids is None else rollout.step_ids[i, :n].tolist(),
+            "reward": float(rewards.total[i]),
+            "reward_components": {k: float(v[i]) for k, v in rewards.components.items()},
+            "correct": float(rewards.components["correct"][i]) if "correct" in rewards.components else None,
+        })
+    return rows

@@ -19,31 +19,22 @@ import torch
 import yaml
 
 from llmrl.config import TrainConfig, config_to_dict
-from llmrl.credit import CREDIT, CreditInputs
+from llmrl.credit import CREDIT, CreditInputs, step_ids_for_batch
 from llmrl.data import make_task
 from llmrl.models import load_model, load_reference, save_pretrained_model
 from llmrl.models.value import Critic
 from llmrl.objectives.value import clipped_value_loss, explained_variance
+from llmrl.objectives.kl import AdaptiveKLController, FixedKLController, kl_in_reward
 from llmrl.objectives.policy import OBJECTIVES
 from llmrl.rewards import score
+from llmrl.rollout.branch import monte_carlo_values
 from llmrl.rollout.collect import collect_rollout, encode_prompt
 from llmrl.train.evaluate import evaluate
-from llmrl.train.metrics import MetricsLog
-from llmrl.train.update import batched_logprobs, batched_values, policy_update
+from llmrl.train.metrics import MetricsLog, sample_records
+from llmrl.train.schedules import lr_multiplier
+from llmrl.train.update import batched_logprobs, batched_values, critic_update, policy_update, trpo_update
 
 log = logging.getLogger("llmrl.train")
-
-
-def lr_lambda(step: int, *, schedule: str, warmup: int, total: int) -> float:
-    """Multiplier of the base learning rate at RL step `step`: linear warm-up, then constant / linear / cosine decay."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    if schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return 1.0
 
 
 def check_prompts_fit(tokenizer, model, examples, *, max_new_tokens: int, chat_template: bool, system_prompt) -> None:
@@ -56,6 +47,29 @@ def check_prompts_fit(tokenizer, model, examples, *, max_new_tokens: int, chat_t
         if n + max_new_tokens > limit:
             raise ValueError(f"prompt of {n} tokens + max_new_tokens {max_new_tokens} exceeds the model's context "
                              f"of {limit} tokens: {ex.prompt[:80]!r}...")
+
+
+NEEDS_VALUES = {"value_baseline", "gae", "vineppo"}      # estimators that read V(s_t)
+NO_RETURNS = {"process", "vineppo"}                     # estimators that give no regression targets for a critic
+NEEDS_STEPS = {"process", "vineppo"}
+
+
+def check_credit_sources(cfg: TrainConfig) -> None:
+    """Fail before training when the credit estimator and its value / step sources do not fit together."""
+    c = cfg.credit
+    if c.estimator in NEEDS_VALUES and c.values == "none":
+        raise ValueError(f"credit.estimator {c.estimator!r} needs values: set credit.values to critic or monte_carlo")
+    if c.values == "critic" and c.estimator in NO_RETURNS:
+        raise ValueError(f"credit.estimator {c.estimator!r} gives no returns to train a critic on; "
+                         "use credit.values=monte_carlo or another estimator")
+    if (c.estimator in NEEDS_STEPS or c.values == "monte_carlo") and c.steps == "none":
+        raise ValueError("step-level credit needs a segmenter: set credit.steps to blank_line, numbered or regex")
+    o = cfg.objective
+    if o.update == "trpo" and o.kl_coef > 0 and o.kl_placement == "loss":
+        raise ValueError("objective.update=trpo constrains the step by max_kl and takes no KL loss term: "
+                         "set objective.kl_placement=reward or objective.kl_coef=0")
+    if c.steps == "regex" and not c.step_pattern:
+        raise ValueError("credit.steps=regex needs credit.step_pattern")
 
 
 def save_checkpoint(model, tokenizer, path: Path, config_yaml: str) -> Path:
@@ -103,8 +117,9 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
-        lr_lambda, schedule=cfg.optim.schedule, warmup=cfg.optim.warmup_steps, total=cfg.run.steps))
+        lr_multiplier, schedule=cfg.optim.schedule, warmup=cfg.optim.warmup_steps, total=cfg.run.steps))
     estimator = partial(CREDIT.get(cfg.credit.estimator), **cfg.credit.options)
+    check_credit_sources(cfg)
     critic = critic_optimizer = value_objective = None
     if cfg.credit.values == "critic":
         critic = Critic.from_policy(model, shared=cfg.critic.shared_trunk)
@@ -113,10 +128,14 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
         value_objective = partial(clipped_value_loss, clip=cfg.critic.value_clip, coef=cfg.critic.coef,
                                   aggregation=cfg.objective.aggregation)
     o = cfg.objective
-    objective = partial(OBJECTIVES.get(o.name), clip_low=o.clip_low, clip_high=o.clip_high, kl_coef=o.kl_coef,
-                        kl_estimator=o.kl_estimator, entropy_coef=o.entropy_coef, aggregation=o.aggregation)
+    base_objective = partial(OBJECTIVES.get(o.name), clip_low=o.clip_low, clip_high=o.clip_high,
+                             kl_estimator=o.kl_estimator, entropy_coef=o.entropy_coef, aggregation=o.aggregation,
+                             dual_clip=o.dual_clip)
+    beta = (AdaptiveKLController(o.kl_coef, o.kl_target, o.kl_horizon) if o.kl_target and o.kl_coef > 0
+            else FixedKLController(o.kl_coef))
     terms = [(t.name, t.weight, t.options) for t in cfg.reward.terms]
     metrics_log = MetricsLog(run_dir / "metrics.jsonl")
+    samples_log = MetricsLog(run_dir / "samples.jsonl")
 
     def run_eval(step: int) -> dict:
         t = time.perf_counter()
@@ -148,31 +167,59 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
             rewards = score(rollout.completions, rollout.examples, terms)
             t2 = time.perf_counter()
             # 3. reference log-probs, when the objective uses them
-            if o.kl_coef > 0:
+            if beta.value > 0:
                 rollout = rollout.with_(logp_ref=batched_logprobs(
                     reference, rollout, micro_batch_size=cfg.optim.micro_batch_size,
                     temperature=cfg.rollout.temperature or 1.0, autocast_dtype=amp))
-            # 4. values V(s_t), when credit uses them
+            # 4. reasoning steps and values V(s_t), when credit uses them
+            if cfg.credit.steps != "none":
+                rollout = rollout.with_(step_ids=step_ids_for_batch(
+                    tokenizer, rollout.response_ids, rollout.response_mask, mode=cfg.credit.steps,
+                    pattern=cfg.credit.step_pattern))
+            mc_stats = {}
+            if cfg.credit.values == "monte_carlo":
+                values, mc_stats = monte_carlo_values(
+                    model, tokenizer, rollout, rollout.step_ids, terms, samples=cfg.credit.mc_samples,
+                    max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                    top_p=cfg.rollout.top_p, autocast_dtype=amp, generator=gen)
+                rollout = rollout.with_(values=values)
             if critic is not None:
                 rollout = rollout.with_(values=batched_values(critic, rollout, micro_batch_size=cfg.optim.micro_batch_size,
                                                               autocast_dtype=amp))
             t3 = time.perf_counter()
-            # 5. credit
+            # 5. credit (with the KL penalty as a per-token reward when it is placed in the reward)
+            token_rewards = (kl_in_reward(rollout.logp_old, rollout.logp_ref, rollout.response_mask, beta.value)
+                             if o.kl_placement == "reward" and beta.value > 0 else None)
             credit = estimator(CreditInputs(scores=rewards.total, response_mask=rollout.response_mask,
-                                            group_ids=rollout.group_ids, values=rollout.values,
-                                            step_ids=rollout.step_ids))
+                                            group_ids=rollout.group_ids, token_rewards=token_rewards,
+                                            values=rollout.values, step_ids=rollout.step_ids))
             # 6. update
-            upd = policy_update(model, optimizer, rollout, credit.advantages, objective,
-                                epochs=o.epochs, minibatches=o.minibatches, micro_batch_size=cfg.optim.micro_batch_size,
-                                max_grad_norm=cfg.optim.max_grad_norm, temperature=cfg.rollout.temperature or 1.0,
-                                autocast_dtype=amp, max_len=cfg.rollout.max_new_tokens, generator=gen,
-                                zero_advantage_is_zero_loss=o.kl_coef == 0 and o.entropy_coef == 0,
-                                critic=critic, critic_optimizer=critic_optimizer, returns=credit.returns,
-                                value_objective=value_objective)
+            kl_in_loss = beta.value if o.kl_placement == "loss" else 0.0
+            objective = partial(base_objective, kl_coef=kl_in_loss)
+            if o.update == "trpo":
+                upd = trpo_update(model, rollout, credit.advantages, max_kl=o.max_kl, cg_iters=o.cg_iters,
+                                  cg_damping=o.cg_damping, rows=o.trpo_rows, temperature=cfg.rollout.temperature or 1.0,
+                                  generator=gen)
+                if critic is not None:
+                    upd |= critic_update(critic, critic_optimizer, rollout, credit.returns, value_objective,
+                                         micro_batch_size=cfg.optim.micro_batch_size, max_len=cfg.rollout.max_new_tokens,
+                                         max_grad_norm=cfg.optim.max_grad_norm, autocast_dtype=amp)
+            else:
+                upd = policy_update(model, optimizer, rollout, credit.advantages, objective,
+                                    epochs=o.epochs, minibatches=o.minibatches, micro_batch_size=cfg.optim.micro_batch_size,
+                                    max_grad_norm=cfg.optim.max_grad_norm, temperature=cfg.rollout.temperature or 1.0,
+                                    autocast_dtype=amp, max_len=cfg.rollout.max_new_tokens, generator=gen,
+                                    zero_advantage_is_zero_loss=kl_in_loss == 0 and o.entropy_coef == 0,
+                                    critic=critic, critic_optimizer=critic_optimizer, returns=credit.returns,
+                                    value_objective=value_objective)
             if critic is not None:
                 upd["value_explained_variance"] = float(explained_variance(rollout.values, credit.returns,
                                                                            rollout.response_mask))
             scheduler.step()
+            if rollout.logp_ref is not None:   # sampled KL per sequence (k1), what the adaptive controller steers
+                kl_seq = float(((rollout.logp_old - rollout.logp_ref) * rollout.response_mask).sum(-1).mean())
+                upd.update(kl_sampled_per_seq=kl_seq, kl_beta=beta.value)
+                beta.update(kl_seq, 1)
             t4 = time.perf_counter()
             # 7. log
             n_tokens = float(rollout.response_mask.sum())
@@ -181,10 +228,13 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
                    "reward_failures": sum(rewards.failures.values()),
                    "response_length": n_tokens / len(rollout.completions),
                    "truncated_fraction": float(rollout.extras["truncated"].float().mean()),
-                   "lr": scheduler.get_last_lr()[0], **upd,
+                   "lr": scheduler.get_last_lr()[0], **upd, **mc_stats,
                    "tokens_per_s": n_tokens / (t1 - t0), "time_rollout": t1 - t0, "time_reward": t2 - t1,
                    "time_ref_values": t3 - t2, "time_update": t4 - t3, "time_step": t4 - t0}
             metrics_log.write(rec)
+            if cfg.run.samples_every and (step % cfg.run.samples_every == 0 or step == 1):
+                for row in sample_records(step, rollout, credit.advantages, rewards, tokenizer):
+                    samples_log.write(row)
             bar.set_postfix(reward=f"{rec['reward']:.3f}", acc=f"{evals[-1]['heldout_accuracy']:.2f}")
             bar.update(1)
             if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < cfg.run.steps:
@@ -197,6 +247,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
     finally:
         bar.close()
         signal.signal(signal.SIGINT, previous_sigint)
+    samples_log.close()
     if interrupted:
         metrics_log.close()
         return {"run_dir": str(run_dir), "interrupted": True, "step": step, "before": before, "evals": evals}

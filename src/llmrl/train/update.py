@@ -132,3 +132,68 @@ def policy_update(
             sums["update_rows"] += len(mb)
     passes = epochs * minibatches
     return {k: v / passes for k, v in sums.items()}
+
+
+def critic_update(critic, critic_optimizer, rollout: Rollout, returns: torch.Tensor, value_objective, *,
+                  micro_batch_size: int, max_len: int, max_grad_norm: float, autocast_dtype) -> dict[str, float]:
+    """One optimizer step of the critic alone on `returns` [N, T] (used when the policy moves by TRPO)."""
+    counts = BatchCounts.of(rollout.response_mask, max_len)
+    critic_optimizer.zero_grad(set_to_none=True)
+    sums: dict[str, float] = defaultdict(float)
+    for idx in torch.arange(returns.shape[0]).split(micro_batch_size):
+        part = trim(rollout.select(idx))
+        T = part.response_mask.shape[1]
+        with _amp(autocast_dtype):
+            values = critic(part.input_ids, part.attention_mask, T)
+        out = value_objective(values, part.values, returns[idx, :T], part.response_mask, counts)
+        out.total.backward()
+        for k, v in {**out.losses, **out.metrics}.items():
+            sums[k] += float(v.detach())
+    torch.nn.utils.clip_grad_norm_(critic.parameters(), max_grad_norm)
+    critic_optimizer.step()
+    return dict(sums)
+
+
+def trpo_update(model, rollout: Rollout, advantages: torch.Tensor, *, max_kl: float, cg_iters: int,
+                cg_damping: float, rows: int | None, temperature: float,
+                generator: torch.Generator | None = None) -> dict[str, float]:
+    """The policy moved by one TRPO step (objectives/trpo.py) on the surrogate mean(r A) of the rollout.
+
+    Runs in fp32 without autocast (the line search compares values across forwards) and with the composite
+    attention kernel, which differentiates twice. `rows` subsamples the sequences the step is computed on.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from llmrl.objectives.kl import kl_estimate
+    from llmrl.objectives.policy import aggregate
+    from llmrl.objectives.trpo import trpo_step
+
+    N = advantages.shape[0]
+    active = (advantages != 0).any(-1).nonzero()[:, 0]            # rows with A = 0 add nothing to the surrogate
+    if rows is not None and len(active) > rows:
+        active = active[torch.randperm(len(active), generator=generator)[:rows]]
+    if len(active) == 0:
+        return {"trpo_accepted": 0.0, "update_rows": 0.0}
+    part = trim(rollout.select(active))
+    T = part.response_mask.shape[1]
+    A, mask = advantages[active, :T], part.response_mask
+    counts = BatchCounts.of(mask)
+    was_training = model.training
+    model.eval()
+
+    def logp_now():
+        return response_logprobs(model, part.input_ids, part.attention_mask, T, temperature=temperature,
+                                 with_entropy=False)[0].float()
+
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            with torch.no_grad():
+                logp_old = logp_now()
+            stats = trpo_step(
+                model, [p for p in model.parameters() if p.requires_grad],
+                lambda: aggregate(torch.exp(logp_now() - logp_old) * A, mask, "token-mean", counts),
+                lambda: aggregate(kl_estimate(logp_old, logp_now(), "k3"), mask, "token-mean", counts),
+                max_kl=max_kl, cg_iters=cg_iters, cg_damping=cg_damping)
+    finally:
+        model.train(was_training)
+    return {f"trpo_{k}": float(v) for k, v in stats.items()} | {"update_rows": float(len(active)), "rollout_rows": float(N)}
