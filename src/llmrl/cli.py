@@ -1,4 +1,4 @@
-"""`llmrl` command line: train | eval | presets.
+"""`llmrl` command line: train | eval | presets | report | dpo | rm | pairs.
 
     llmrl train examples/grpo_arithmetic.yaml rollout.group_size=8 optim.lr=2e-5
     llmrl eval --model runs/grpo/final --task arithmetic
@@ -54,9 +54,13 @@ def cmd_train(args) -> int:
     if summary.get("interrupted"):
         print(f"interrupted at step {summary['step']}; run folder: {summary['run_dir']}")
         return 130
+    from llmrl.report import write_report
+
+    report = write_report(summary["run_dir"])
     print()
     print(before_after_table(summary))
-    print(f"\n{summary['steps']} steps; checkpoint: {summary['checkpoint']}; metrics: {summary['run_dir']}/metrics.jsonl")
+    print(f"\n{summary['steps']} steps; checkpoint: {summary['checkpoint']}; metrics: {summary['run_dir']}/metrics.jsonl; "
+          f"report: {report}")
     return 0
 
 
@@ -116,6 +120,13 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("presets", help="list the named algorithm compositions")
     p.set_defaults(fn=cmd_presets)
+
+    from llmrl.preference.cli import add_subcommands as add_preference_subcommands
+
+    add_preference_subcommands(sub)       # dpo | rm | pairs
+    from llmrl.report import add_subcommand as add_report_subcommand
+
+    add_report_subcommand(sub)            # report RUN_DIR [--out FILE]
 
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging

@@ -72,6 +72,11 @@ class RewardTerm:
     name: str = f(help="reward function name (from the reward registry)")
     weight: float = f(1.0, "multiplier on this term's score")
     options: dict = f({}, "keyword arguments for the reward function")
+    gate: str | None = f(None, "another term's name: this term counts only where that term's score >= gate_threshold")
+    gate_threshold: float = f(1.0, "threshold of the gate term")
+    normalize: str = f("none", "none | batch: z-score this term over the batch before weighting (sub-goals on one scale)",
+                       choices=("none", "batch"))
+    timeout_s: float | None = f(60.0, "a call of the reward function that runs longer scores its batch 0", gt=0)
 
 
 @dataclass

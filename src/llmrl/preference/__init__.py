@@ -2,7 +2,8 @@
 
     out = dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1)     # pure math, [P] tensors
     pairs = load_pairs("pairs.jsonl")                                              # or build_pairs_from_task(...)
-    summary = train_dpo(load_preference_config("examples/dpo_arithmetic.yaml"))
+    summary = train_dpo(load_preference_config("examples/dpo_arithmetic.yaml"))   # llmrl.preference.dpo
+    reward_model_scores(*load_reward_model("runs/rm/final"), prompts, completions)  # llmrl.preference.rm
 """
 
 from llmrl.preference.config import LoraConfig, PreferenceConfig, PreferenceTrainConfig, load_preference_config

@@ -13,7 +13,8 @@ from llmrl.config import config_to_dict
 from llmrl.data import make_task
 from llmrl.preference.batch import Encoded, truncate_pair
 from llmrl.preference.config import LoraConfig, PreferenceTrainConfig
-from llmrl.preference.data import PreferencePair, build_pairs_from_task, encode_pair, load_pairs, save_pairs, split_heldout
+from llmrl.preference.data import (PreferencePair, build_pairs_from_task, encode_pair, load_pairs, save_pairs,
+                                   split_heldout)
 
 log = logging.getLogger("llmrl.preference")
 
@@ -95,6 +96,20 @@ def batches(n: int, batch_size: int, epochs: int, generator: torch.Generator):
     for epoch in range(epochs):
         for idx in torch.randperm(n, generator=generator).split(batch_size):
             yield epoch, idx
+
+
+def accumulate(idx: torch.Tensor, micro_batch_size: int, loss_of) -> dict[str, float]:
+    """Backward through the mean loss over the pairs `idx` [b], micro-batch by micro-batch: each micro-batch's mean
+    is weighted by its share of the batch, so the gradient does not depend on micro_batch_size. `loss_of(micro)`
+    returns a PreferenceOutput. Returns the batch means of its losses and metrics."""
+    sums: dict[str, float] = {}
+    for micro in idx.split(micro_batch_size):
+        weight = len(micro) / len(idx)
+        out = loss_of(micro)
+        (out.total * weight).backward()
+        for k, v in {**out.losses, **out.metrics}.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach()) * weight
+    return sums
 
 
 def progress_bar(total: int, enabled: bool, desc: str):

@@ -137,17 +137,20 @@ def encode_pair(tokenizer, pair: PreferencePair, chat_template: bool = True, *, 
                 ) -> tuple[list[int], list[int], list[int]]:
     """(prompt_ids, chosen_ids, rejected_ids). The prompt goes through the chat template with the generation
     prompt (as when sampling); each response is its text's tokens followed by EOS, the token that ends a turn."""
-    if isinstance(pair.prompt, str):
-        prompt_ids = encode_prompt(tokenizer, pair.prompt, chat_template=chat_template, system_prompt=system_prompt)
-    elif not chat_template:
+    return (encode_any_prompt(tokenizer, pair.prompt, chat_template, system_prompt=system_prompt),
+            encode_response(tokenizer, pair.chosen), encode_response(tokenizer, pair.rejected))
+
+
+def encode_any_prompt(tokenizer, prompt: str | Messages, chat_template: bool = True, *,
+                      system_prompt: str | None = None) -> list[int]:
+    """A text prompt (one user message) or the conversation so far -> prompt ids ending in the generation prompt."""
+    if isinstance(prompt, str):
+        return encode_prompt(tokenizer, prompt, chat_template=chat_template, system_prompt=system_prompt)
+    if not chat_template:
         raise ValueError("a chat-message prompt needs chat_template=True")
-    else:
-        messages = pair.prompt
-        if system_prompt and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": system_prompt}, *messages]
-        prompt_ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                        return_dict=False))
-    return list(prompt_ids), encode_response(tokenizer, pair.chosen), encode_response(tokenizer, pair.rejected)
+    if system_prompt and prompt[0]["role"] != "system":
+        prompt = [{"role": "system", "content": system_prompt}, *prompt]
+    return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
 
 
 def encode_response(tokenizer, response: str | Messages) -> list[int]:

@@ -22,13 +22,14 @@ import yaml
 
 from llmrl.models import load_model, load_reference
 from llmrl.preference.batch import collate_pairs, pair_logps
-from llmrl.preference.common import (apply_lora, batches, encode_all, pair_sets, progress_bar, start_run, task_of,
-                                     total_steps)
+from llmrl.preference.common import (accumulate, apply_lora, batches, encode_all, pair_sets, progress_bar,
+                                     start_run, task_of, total_steps)
 from llmrl.preference.config import PreferenceTrainConfig
 from llmrl.preference.losses import dpo_loss
 from llmrl.train.evaluate import evaluate
 from llmrl.train.metrics import MetricsLog
-from llmrl.train.rl import lr_lambda, save_checkpoint
+from llmrl.train.rl import save_checkpoint
+from llmrl.train.schedules import lr_multiplier
 
 log = logging.getLogger("llmrl.preference")
 
@@ -86,8 +87,8 @@ def train_dpo(cfg: PreferenceTrainConfig, *, progress: bool | None = None) -> di
 
     # ------------------------------------------------------------------ reference log-probs, once
     t0 = time.perf_counter()
-    ref_chosen, ref_rejected = reference_logps(reference, train_enc + heldout_enc,
-                                               disable_adapter=cfg.lora is not None, **logp_kw)      # [n_train + n_held]
+    ref_chosen, ref_rejected = reference_logps(reference, train_enc + heldout_enc,     # [n_train + n_held] each
+                                               disable_adapter=cfg.lora is not None, **logp_kw)
     torch.save({"chosen": ref_chosen, "rejected": ref_rejected, "per_token_mean": per_token_mean,
                 "n_train": n_train, "n_heldout": n_held}, run_dir / "ref_logps.pt")
     del reference                                 # a frozen copy is not needed again; LoRA: just a second name
@@ -98,7 +99,7 @@ def train_dpo(cfg: PreferenceTrainConfig, *, progress: bool | None = None) -> di
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
-        lr_lambda, schedule=o.schedule, warmup=o.warmup_steps, total=steps))
+        lr_multiplier, schedule=o.schedule, warmup=o.warmup_steps, total=steps))
     loss_fn = partial(dpo_loss, beta=p.beta, label_smoothing=p.label_smoothing, kind=p.kind)
     metrics_log = MetricsLog(run_dir / "metrics.jsonl")
     heldout_examples = task.heldout(cfg.task.heldout_size) if task is not None else []
@@ -117,6 +118,11 @@ def train_dpo(cfg: PreferenceTrainConfig, *, progress: bool | None = None) -> di
         metrics_log.write(rec)
         return rec
 
+    def micro_loss(micro):
+        batch = collate_pairs([train_enc[i] for i in micro.tolist()], tokenizer.pad_token_id)
+        chosen, rejected = pair_logps(model, batch, autocast_dtype=amp, per_token_mean=per_token_mean)
+        return loss_fn(chosen, rejected, ref_chosen[micro], ref_rejected[micro])
+
     # ------------------------------------------------------------------ loop
     before = run_eval(0)
     bar = progress_bar(steps, cfg.run.progress if progress is None else progress, f"{p.kind} steps")
@@ -125,15 +131,7 @@ def train_dpo(cfg: PreferenceTrainConfig, *, progress: bool | None = None) -> di
     for step, (epoch, idx) in enumerate(itertools.islice(batches(n_train, p.batch_size, p.epochs, gen), steps), 1):
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        sums: dict[str, float] = {}
-        for micro in idx.split(o.micro_batch_size):   # gradients accumulate; each micro-batch weighs its share
-            weight = len(micro) / len(idx)
-            batch = collate_pairs([train_enc[i] for i in micro.tolist()], tokenizer.pad_token_id)
-            chosen, rejected = pair_logps(model, batch, autocast_dtype=amp, per_token_mean=per_token_mean)
-            out = loss_fn(chosen, rejected, ref_chosen[micro], ref_rejected[micro])
-            (out.total * weight).backward()
-            for k, v in {**out.losses, **out.metrics}.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * weight
+        sums = accumulate(idx, o.micro_batch_size, micro_loss)              # backward, micro-batch by micro-batch
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm))
         optimizer.step()
         scheduler.step()

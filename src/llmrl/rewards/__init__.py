@@ -1,7 +1,8 @@
 """Rewards: answer extraction, reward functions by name, and their weighted, failure-contained sum."""
 
+from llmrl.rewards import learned  # noqa: F401  (registers reward_model, judge, monte_carlo)
 from llmrl.rewards.extract import extract_answer
 from llmrl.rewards.functions import REWARDS
-from llmrl.rewards.score import RewardResult, score
+from llmrl.rewards.score import RewardResult, Term, score
 
-__all__ = ["REWARDS", "RewardResult", "score", "extract_answer"]
+__all__ = ["REWARDS", "RewardResult", "Term", "score", "extract_answer"]

@@ -12,10 +12,13 @@ wrong length gives 0 for the whole batch. Each failing function is logged once p
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import numbers
-from dataclasses import dataclass
+import signal
+import threading
+from dataclasses import dataclass, field
 
 import torch
 
@@ -55,16 +58,45 @@ def _clean(values, n: int) -> tuple[list[float], list[str]]:
     return out, errors
 
 
-def _run(fn, completions: list[str], examples: list, options: dict) -> tuple[list[float], list[str]]:
-    """One reward function on the batch: its values with failures set to 0, and the failures' descriptions."""
+class RewardTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float | None):
+    """Raise RewardTimeout in the body after `seconds` (main thread only: SIGALRM; elsewhere no limit)."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise RewardTimeout(f"took longer than {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
-        return _clean(fn(completions, examples, **options), len(completions))
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _run(fn, completions: list[str], examples: list, options: dict,
+         timeout_s: float | None = None) -> tuple[list[float], list[str]]:
+    """One reward function on the batch: its values with failures set to 0, and the failures' descriptions.
+    A function that hangs past `timeout_s` scores the whole batch 0 (it is not retried sample by sample)."""
+    try:
+        with _time_limit(timeout_s):
+            return _clean(fn(completions, examples, **options), len(completions))
+    except RewardTimeout as e:
+        return [0.0] * len(completions), [f"timed out: {e}"] * len(completions)
     except Exception:
         pass
     out, errors = [], []
     for completion, ex in zip(completions, examples):  # find which samples it fails on
         try:
-            values, sample_errors = _clean(fn([completion], [ex], **options), 1)
+            with _time_limit(timeout_s):
+                values, sample_errors = _clean(fn([completion], [ex], **options), 1)
         except Exception as e:
             values, sample_errors = [0.0], [f"raised {type(e).__name__}: {e}"]
         out.extend(values)
@@ -72,21 +104,57 @@ def _run(fn, completions: list[str], examples: list, options: dict) -> tuple[lis
     return out, errors
 
 
-def score(completions: list[str], examples: list, terms: list[tuple[str, float, dict]]) -> RewardResult:
-    """Weighted sum of reward functions. terms: (registered name, weight, options) each, names distinct."""
+@dataclass(frozen=True)
+class Term:
+    """One term of a (possibly hierarchical) reward: weight * gate * normalise(fn(completions))."""
+    name: str
+    weight: float = 1.0
+    options: dict = field(default_factory=dict)
+    gate: str | None = None          # another term's name: this term counts only where that term >= gate_threshold
+    gate_threshold: float = 1.0
+    normalize: str = "none"          # none | batch (z-score over the batch before weighting: sub-goals on one scale)
+    timeout_s: float | None = 60.0   # a call that runs longer scores its batch 0
+
+
+def _as_term(t) -> Term:
+    if isinstance(t, Term):
+        return t
+    if isinstance(t, tuple):
+        return Term(*t)
+    return Term(**{k: getattr(t, k) for k in Term.__dataclass_fields__ if hasattr(t, k)})
+
+
+def score(completions: list[str], examples: list, terms: list) -> RewardResult:
+    """Weighted sum of reward functions, optionally gated and normalised per term (a hierarchical reward).
+
+    terms: `Term`s, or (name, weight, options) tuples, or objects with those attributes (config RewardTerms);
+    names distinct. `components` holds each term's raw score, so every sub-goal is logged on its own.
+    """
     if len(completions) != len(examples):
         raise ValueError(f"score: {len(completions)} completions but {len(examples)} examples")
-    names = [name for name, _, _ in terms]
+    terms = [_as_term(t) for t in terms]
+    names = [t.name for t in terms]
     if len(set(names)) != len(names):
         raise ValueError(f"score: a reward function is listed twice in {names}")
-    total = torch.zeros(len(completions), dtype=torch.float32)
+    for t in terms:
+        if t.gate is not None and t.gate not in names:
+            raise ValueError(f"score: term {t.name!r} is gated on {t.gate!r}, which is not a term; terms: {names}")
     components, failures = {}, {}
-    for name, weight, options in terms:
-        values, errors = _run(REWARDS.get(name), completions, examples, dict(options or {}))
+    for t in terms:
+        values, errors = _run(REWARDS.get(t.name), completions, examples, dict(t.options or {}), t.timeout_s)
         if errors:
             log.warning("reward function %r failed on %d of %d samples (scored 0): %s",
-                        name, len(errors), len(completions), errors[0])
-        components[name] = torch.tensor(values, dtype=torch.float32)
-        failures[name] = len(errors)
-        total += weight * components[name]
+                        t.name, len(errors), len(completions), errors[0])
+        components[t.name] = torch.tensor(values, dtype=torch.float32)
+        failures[t.name] = len(errors)
+    total = torch.zeros(len(completions), dtype=torch.float32)
+    for t in terms:
+        x = components[t.name]
+        if t.normalize == "batch" and len(x) > 1:
+            x = (x - x.mean()) / (x.std() + 1e-6)
+        elif t.normalize not in ("none", "batch"):
+            raise ValueError(f"score: term {t.name!r} normalize must be none or batch, got {t.normalize!r}")
+        if t.gate is not None:
+            x = x * (components[t.gate] >= t.gate_threshold).float()
+        total += t.weight * x
     return RewardResult(total=total, components=components, failures=failures)

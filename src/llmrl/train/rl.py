@@ -133,7 +133,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
                              dual_clip=o.dual_clip)
     beta = (AdaptiveKLController(o.kl_coef, o.kl_target, o.kl_horizon) if o.kl_target and o.kl_coef > 0
             else FixedKLController(o.kl_coef))
-    terms = [(t.name, t.weight, t.options) for t in cfg.reward.terms]
+    terms = cfg.reward.terms
     metrics_log = MetricsLog(run_dir / "metrics.jsonl")
     samples_log = MetricsLog(run_dir / "samples.jsonl")
 

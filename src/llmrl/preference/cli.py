@@ -1,0 +1,132 @@
+"""Preference subcommands of `llmrl`: dpo | rm | pairs. `llmrl.cli` calls `add_subcommands(sub)`.
+
+    llmrl dpo examples/dpo_arithmetic.yaml preference.beta=0.2 lora=null
+    llmrl rm examples/rm_arithmetic.yaml optim.lr=1e-5
+    llmrl pairs --model smollm2-135m-instruct --task arithmetic --n 64 --out pairs.jsonl
+
+Also runnable alone: `python -m llmrl.preference.cli dpo CONFIG [overrides]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def summary_table(summary: dict) -> str:
+    """Held-out metrics before and after, one row each."""
+    b, a = summary["before"], summary["after"]
+    keys = [k for k in a if k.startswith("heldout_")]
+    width = max(map(len, keys), default=10)
+    rows = [f"{'':{width}}  {'before':>8}  {'after':>8}"]
+    rows += [f"{k:{width}}  {_fmt(b.get(k)):>8}  {_fmt(a.get(k)):>8}" for k in keys]
+    return "\n".join(rows)
+
+
+def _run_recipe(args, recipe) -> int:
+    from llmrl.config import ConfigError
+    from llmrl.preference.config import load_preference_config
+
+    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        args.overrides, args.config = [args.config, *args.overrides], None   # no file: only overrides
+    try:
+        cfg = load_preference_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        summary = recipe(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print()
+    print(summary_table(summary))
+    print(f"\n{summary['steps']} steps on {summary['train_pairs']} pairs ({summary['heldout_pairs']} held out); "
+          f"checkpoint: {summary['checkpoint']}; metrics: {summary['run_dir']}/metrics.jsonl")
+    return 0
+
+
+def cmd_dpo(args) -> int:
+    from llmrl.preference.dpo import train_dpo
+    return _run_recipe(args, train_dpo)
+
+
+def cmd_rm(args) -> int:
+    from llmrl.preference.rm import train_rm
+    return _run_recipe(args, train_rm)
+
+
+def cmd_pairs(args) -> int:
+    import torch
+    import yaml
+
+    from llmrl.data import make_task
+    from llmrl.models import load_model
+    from llmrl.preference.data import build_pairs_from_task, save_pairs
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        options = yaml.safe_load(args.options) if args.options else {}
+        task = make_task(args.task, seed=args.seed, options=options, train_path=args.train_path)
+        model, tokenizer = load_model(args.model)
+    except (ValueError, FileNotFoundError, yaml.YAMLError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    amp = torch.bfloat16 if args.autocast == "bfloat16" else None
+    pairs = build_pairs_from_task(model, tokenizer, task, args.n, samples_per_prompt=args.samples_per_prompt,
+                                  temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                  chat_template=not args.no_chat_template, autocast_dtype=amp)
+    save_pairs(pairs, args.out)
+    print(f"{len(pairs)} pairs from {args.n} prompts ({args.samples_per_prompt} samples each) -> {args.out}")
+    return 0
+
+
+def add_subcommands(sub) -> None:
+    """Add `dpo`, `rm` and `pairs` to an argparse subparsers object."""
+    for name, fn, what in (("dpo", cmd_dpo, "DPO / IPO / conservative DPO on preference pairs"),
+                           ("rm", cmd_rm, "train a Bradley-Terry reward model on preference pairs")):
+        p = sub.add_parser(name, help=f"{what}, from a YAML config plus key=value overrides")
+        p.add_argument("config", nargs="?", help="YAML config file (omit to use the defaults)")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. preference.beta=0.2 lora=null")
+        p.set_defaults(fn=fn)
+
+    p = sub.add_parser("pairs", help="sample a model on a task and pair passing with failing completions (JSONL)")
+    p.add_argument("--model", required=True, help="HF id, local path, 'smollm2-135m-instruct' or 'tiny'")
+    p.add_argument("--task", required=True, help="arithmetic | jsonl | reasoning_gym:<dataset>")
+    p.add_argument("--n", type=int, required=True, help="training prompts to sample")
+    p.add_argument("--out", required=True, help="output JSONL file")
+    p.add_argument("--options", default=None, help="task options as YAML, e.g. '{digits: 3}'")
+    p.add_argument("--train-path", default=None, help="jsonl task: prompts file")
+    p.add_argument("--samples-per-prompt", type=int, default=8)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--autocast", default="bfloat16", choices=["bfloat16", "none"])
+    p.add_argument("--no-chat-template", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(fn=cmd_pairs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    parser = argparse.ArgumentParser(prog="llmrl-preference", description="Preference learning: DPO, reward models.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
