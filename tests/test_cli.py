@@ -20,6 +20,12 @@ def _explodes(completions, examples):
     return [float("nan")] if hash(completions[0]) % 2 else [1.0]
 
 
+@REWARDS.register("test_vowels")
+def _vowels(completions, examples):
+    """A reward the random tiny model's samples differ in, so advantages are not all zero."""
+    return [sum(ch in "aeiou" for ch in c) / max(1, len(c)) for c in completions]
+
+
 TINY = ["preset=grpo", "model.name=tiny", "model.autocast=none", "task.heldout_size=6", "rollout.prompts_per_step=2",
         "rollout.group_size=3", "rollout.max_new_tokens=6", "run.progress=false", "run.eval_every=1"]
 
@@ -119,3 +125,27 @@ def test_eval_command(capsys):
 def test_presets_through_the_installed_entry_point():
     out = subprocess.run([sys.executable, "-m", "llmrl", "presets"], capture_output=True, text=True, check=True).stdout
     assert "grpo" in out and "PPO clip" in out and "reinforce" in out
+
+
+def test_lora_trains_only_the_adapter_and_saves_a_plain_merged_model(tmp_path):
+    from llmrl.models import build_tiny
+
+    terms = "reward.terms=[{name: test_vowels}]"
+    assert run(tmp_path, "model.lora_r=4", "optim.lr=0.05", "rollout.temperature=1.5", terms, steps=2) == 0
+    rows = read_metrics(tmp_path / "r" / "metrics.jsonl")
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert evals[0]["heldout_kl_to_ref"] == pytest.approx(0.0, abs=1e-6)   # adapter off == policy at the start
+    assert evals[-1]["heldout_kl_to_ref"] > 0                               # ... and the adapter moved it
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "r" / "final")
+    base, _ = build_tiny(0)
+    assert not any("lora" in k for k in merged.state_dict())
+    diffs = [not torch.equal(p, base.state_dict()[k]) for k, p in merged.state_dict().items()]
+    assert any(diffs)
+
+
+def test_trpo_with_lora_takes_a_bounded_step(tmp_path):
+    terms = "reward.terms=[{name: test_vowels}]"
+    assert run(tmp_path, "preset=trpo", "model.lora_r=4", "objective.max_kl=0.005", "rollout.temperature=1.5",
+               terms, steps=1) == 0
+    train = [r for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if r["kind"] == "train"]
+    assert train[0]["trpo_accepted"] == 1.0 and train[0]["trpo_kl"] <= 0.005

@@ -8,7 +8,7 @@ import torch
 from functools import partial
 
 from llmrl.data import Example
-from llmrl.objectives.policy import ppo_clip_objective
+from llmrl.objectives.policy import AGGREGATIONS, ppo_clip_objective
 from llmrl.rollout.collect import collect_rollout
 from llmrl.train.update import policy_update
 
@@ -31,7 +31,7 @@ def step(model, rollout, adv, *, micro, skip, aggregation="token-mean"):
     return torch.cat([p.detach().flatten() for p in m.parameters()])
 
 
-@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
 def test_micro_batch_size_does_not_change_the_update(tiny, rollout, aggregation):
     model, _ = tiny
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, 0.0])[:, None] * rollout.response_mask
@@ -47,3 +47,20 @@ def test_skipping_zero_advantage_rows_is_exact(tiny, rollout):
     adv = torch.tensor([1.0, -1.0, 0.0, 0.0, 0.0, 0.0])[:, None] * rollout.response_mask
     assert torch.allclose(step(model, rollout, adv, micro=2, skip=True), step(model, rollout, adv, micro=2, skip=False),
                           atol=1e-6)
+
+
+def test_early_stop_on_kl_target_cuts_the_epochs(tiny, rollout):
+    model, _ = tiny
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])[:, None] * rollout.response_mask
+
+    def passes(early_stop_kl):
+        m = copy.deepcopy(model).train()
+        out = policy_update(m, torch.optim.SGD(m.parameters(), lr=0.5), rollout, adv, ppo_clip_objective,
+                            epochs=4, minibatches=2, micro_batch_size=6, max_grad_norm=1e9, temperature=1.0,
+                            autocast_dtype=None, max_len=6, zero_advantage_is_zero_loss=False,
+                            generator=torch.Generator().manual_seed(0), early_stop_kl=early_stop_kl)
+        return out["update_passes"], out["early_stopped"]
+
+    assert passes(None) == (8.0, 0.0)
+    n, stopped = passes(1e-9)
+    assert stopped == 1.0 and n < 8

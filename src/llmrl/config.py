@@ -45,6 +45,11 @@ class ModelConfig:
     chat_template: bool = f(True, "apply the tokenizer's chat template to prompts")
     system_prompt: str | None = f(None, "optional system message")
     gradient_checkpointing: bool = f(False, "recompute activations during backward to save memory")
+    lora_r: int = f(0, "LoRA rank (0 = full fine-tuning); with LoRA the reference is the base with the adapter disabled", ge=0)
+    lora_alpha: float = f(16.0, "LoRA scaling alpha", gt=0)
+    lora_dropout: float = f(0.0, "LoRA dropout", ge=0, lt=1)
+    lora_targets: list[str] = f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                "module names that get LoRA adapters")
 
 
 @dataclass
@@ -127,6 +132,7 @@ class ObjectiveConfig:
     trpo_rows: int | None = f(None, "trpo: sequences of the rollout used for the Fisher-vector products (null = all)", ge=1)
     epochs: int = f(1, "optimisation passes over each rollout", ge=1)
     minibatches: int = f(1, "optimizer steps per epoch", ge=1)
+    early_stop_kl: float | None = f(None, "stop the epochs once a minibatch's approx KL(old || new) exceeds this (null = never)", gt=0)
 
 
 @dataclass

@@ -22,6 +22,7 @@ from llmrl.config import TrainConfig, config_to_dict
 from llmrl.credit import CREDIT, CreditInputs, step_ids_for_batch
 from llmrl.data import make_task
 from llmrl.models import load_model, load_reference, save_pretrained_model
+from llmrl.models.lora import AdapterDisabledReference, add_lora, merged_copy
 from llmrl.models.value import Critic
 from llmrl.objectives.value import clipped_value_loss, explained_variance
 from llmrl.objectives.kl import AdaptiveKLController, FixedKLController, kl_in_reward
@@ -74,7 +75,7 @@ def check_credit_sources(cfg: TrainConfig) -> None:
 
 def save_checkpoint(model, tokenizer, path: Path, config_yaml: str) -> Path:
     """save_pretrained (written atomically: a temporary folder, then renamed) plus the resolved config beside it."""
-    save_pretrained_model(model, tokenizer, path)
+    save_pretrained_model(merged_copy(model), tokenizer, path)
     (path / "llmrl_config.yaml").write_text(config_yaml)
     return path
 
@@ -113,8 +114,13 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False
-    reference = load_reference(cfg.model.name, dtype=getattr(torch, cfg.model.dtype))   # same numerics as the policy
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+    if cfg.model.lora_r:
+        model = add_lora(model, r=cfg.model.lora_r, alpha=cfg.model.lora_alpha, dropout=cfg.model.lora_dropout,
+                         targets=cfg.model.lora_targets)
+        reference = AdapterDisabledReference(model)       # the base weights: no second copy
+    else:
+        reference = load_reference(cfg.model.name, dtype=getattr(torch, cfg.model.dtype))   # same numerics as the policy
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
         lr_multiplier, schedule=cfg.optim.schedule, warmup=cfg.optim.warmup_steps, total=cfg.run.steps))
@@ -211,11 +217,12 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
                                     autocast_dtype=amp, max_len=cfg.rollout.max_new_tokens, generator=gen,
                                     zero_advantage_is_zero_loss=kl_in_loss == 0 and o.entropy_coef == 0,
                                     critic=critic, critic_optimizer=critic_optimizer, returns=credit.returns,
-                                    value_objective=value_objective)
+                                    value_objective=value_objective, early_stop_kl=o.early_stop_kl)
             if critic is not None:
                 upd["value_explained_variance"] = float(explained_variance(rollout.values, credit.returns,
                                                                            rollout.response_mask))
-            scheduler.step()
+            if o.update == "gradient":   # TRPO sets its own step size; the optimizer and its schedule are idle
+                scheduler.step()
             if rollout.logp_ref is not None:   # sampled KL per sequence (k1), what the adaptive controller steers
                 kl_seq = float(((rollout.logp_old - rollout.logp_ref) * rollout.response_mask).sum(-1).mean())
                 upd.update(kl_sampled_per_seq=kl_seq, kl_beta=beta.value)

@@ -82,17 +82,23 @@ def policy_update(
     critic_optimizer: torch.optim.Optimizer | None = None,
     returns: torch.Tensor | None = None,  # [N, T]
     value_objective: Callable[..., ObjectiveOutput] | None = None,
+    early_stop_kl: float | None = None,   # stop the epochs once a minibatch's approx KL(old || new) exceeds this
 ) -> dict[str, float]:
-    """Run the update; returns metrics averaged over the optimizer steps."""
+    """Run the update; returns metrics averaged over the optimizer steps taken."""
     N = advantages.shape[0]
     sums: dict[str, float] = defaultdict(float)
     reuse_detached = epochs == 1 and minibatches == 1    # on-policy, one pass: old policy == current policy
     logp_old = None if reuse_detached else batched_logprobs(
         model, rollout, micro_batch_size=micro_batch_size, temperature=temperature, autocast_dtype=autocast_dtype)
     skip_zero = zero_advantage_is_zero_loss and critic is None
+    passes, stopped = 0, False
     for _ in range(epochs):
+        if stopped:
+            break
         order = torch.randperm(N, generator=generator) if minibatches > 1 else torch.arange(N)
         for mb in order.chunk(minibatches):
+            if stopped:
+                break
             counts = BatchCounts.of(rollout.response_mask[mb], max_len)
             if skip_zero:   # rows with A = 0 everywhere add exactly zero gradient: skip their compute
                 mb = mb[(advantages[mb] != 0).any(-1)]
@@ -130,8 +136,13 @@ def policy_update(
                     torch.nn.utils.clip_grad_norm_(critic.parameters(), max_grad_norm)
                     critic_optimizer.step()
             sums["update_rows"] += len(mb)
-    passes = epochs * minibatches
-    return {k: v / passes for k, v in sums.items()}
+            passes += 1
+            # the KL measured on this minibatch before its step: how far the earlier steps already moved the policy
+            if early_stop_kl is not None and mb_sums.get("approx_kl_old", 0.0) > early_stop_kl:
+                stopped = True
+    out = {k: v / max(1, passes) for k, v in sums.items()}
+    out["update_passes"], out["early_stopped"] = float(passes), float(stopped)
+    return out
 
 
 def critic_update(critic, critic_optimizer, rollout: Rollout, returns: torch.Tensor, value_objective, *,
