@@ -232,3 +232,33 @@ def test_describe_covers_every_field():
     rows = {name: (default, help) for name, default, help in describe(RolloutConfig)}
     assert rows["group_size"] == ("8", "G: samples per prompt")
     assert dict((n, d) for n, d, _ in describe(RewardTerm))["name"] == "required"
+
+
+def test_extends_layers_a_base_file_under_the_file(tmp_path):
+    (tmp_path / "base.yaml").write_text("rollout: {group_size: 4, max_new_tokens: 7}\nrun: {steps: 3, name: base}\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nrollout: {group_size: 6}\n")
+    cfg = load_config(tmp_path / "child.yaml", ["run.name=over"])
+    assert (cfg.rollout.group_size, cfg.rollout.max_new_tokens, cfg.run.steps, cfg.run.name) == (6, 7, 3, "over")
+
+
+def test_extends_errors_name_the_file(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="loop"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: missing.yaml\n")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_every_example_config_loads():
+    from pathlib import Path
+
+    from llmrl.presets import PRESETS
+
+    examples = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*_arithmetic.yaml"))
+    assert len(examples) >= 9
+    for path in examples:
+        if path.name.startswith(("dpo_", "rm_", "prm_")):
+            continue
+        load_config(path, presets=PRESETS)

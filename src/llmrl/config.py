@@ -184,10 +184,10 @@ SECTIONS: dict[str, type] = {k: v for k, v in typing.get_type_hints(TrainConfig)
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = (),
                 presets: Mapping[str, Mapping[str, Any]] | None = None) -> TrainConfig:
-    """Defaults <- preset <- YAML file <- `section.key=value` overrides, validated."""
-    file_data = _read_yaml(Path(path)) if path is not None else {}
+    """Defaults <- preset <- YAML file (after the files it `extends`) <- `section.key=value` overrides, validated."""
+    file_layers = _read_with_bases(Path(path)) if path is not None else [{}]
     parsed = [_parse_override(o) for o in overrides]
-    merged = _layered([file_data], parsed)
+    merged = _layered(file_layers, parsed)
     name = merged.get("preset")
     # A saved config gives every value, so its preset changes nothing and needs no preset table.
     if name is not None and not (presets is None and _complete(merged)):
@@ -196,9 +196,25 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (),
         if presets is None or name not in presets:
             raise ConfigError(_not_one_of("preset", name, sorted(presets or ())))
         preset = {k: v for k, v in presets[name].items() if k != "preset"}
-        merged = _layered([preset, file_data], parsed)
+        merged = _layered([preset, *file_layers], parsed)
         merged["preset"] = name
     return config_from_dict(merged)
+
+
+def _read_with_bases(path: Path, seen: tuple = ()) -> list[dict]:
+    """The file's mapping, preceded by those of the files it names in `extends:` (relative to it), base first."""
+    if path.resolve() in seen:
+        raise ConfigError(f"config files extend each other in a loop: {' -> '.join(str(p) for p in (*seen, path))}")
+    data = _read_yaml(path)
+    base = data.pop("extends", None)
+    if base is None:
+        return [data]
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: extends must be a file path, got {base!r}")
+    base_path = path.parent / base
+    if not base_path.exists():
+        raise ConfigError(f"{path}: extends {base!r}, which does not exist ({base_path})")
+    return [*_read_with_bases(base_path, (*seen, path.resolve())), data]
 
 
 def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
@@ -208,9 +224,12 @@ def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
         raise ConfigError("task.train_path is required when task.name is 'jsonl'")
     if not cfg.reward.terms:
         raise ConfigError("reward.terms must list at least one reward term")
+    names = [term.name for term in cfg.reward.terms]
     for i, term in enumerate(cfg.reward.terms):
         if not math.isfinite(term.weight):
             raise ConfigError(f"reward.terms[{i}].weight must be finite, got {term.weight}")
+        if term.gate is not None and term.gate not in names:
+            raise ConfigError(f"reward.terms[{i}].gate {term.gate!r} is not a term; terms: {', '.join(names)}")
     return cfg
 
 
