@@ -1,5 +1,6 @@
 """Data: tasks (prompt streams with reference answers and checkers)."""
 
 from llmrl.data.tasks import TASKS, Example, Task, make_task, math_check
+from llmrl.data import humaneval  # noqa: F401,E402  (registers the humaneval task)
 
 __all__ = ["TASKS", "Example", "Task", "make_task", "math_check"]
