@@ -7,30 +7,15 @@ import math
 from pathlib import Path
 
 import torch
-import yaml
 
-from llmrl.config import config_to_dict
 from llmrl.data import make_task
 from llmrl.preference.batch import Encoded, truncate_pair
 from llmrl.preference.config import LoraConfig, PreferenceTrainConfig
+from llmrl.train.runs import start_run  # noqa: F401  (re-exported: every preference recipe starts with it)
 from llmrl.preference.data import (PreferencePair, build_pairs_from_task, encode_pair, load_pairs, save_pairs,
                                    split_heldout)
 
 log = logging.getLogger("llmrl.preference")
-
-
-def start_run(cfg: PreferenceTrainConfig) -> tuple[Path, str, torch.Generator]:
-    """Threads, seeds, the run folder with its config.yaml. Returns (run_dir, config YAML, torch generator)."""
-    from llmrl.train.rl import seed_everything
-
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
-    generator = seed_everything(cfg.run.seed)
-    run_dir = Path(cfg.run.output_dir) / cfg.run.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    (run_dir / "config.yaml").write_text(config_yaml)
-    return run_dir, config_yaml, generator
 
 
 def task_of(cfg: PreferenceTrainConfig):

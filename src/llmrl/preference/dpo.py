@@ -28,7 +28,7 @@ from llmrl.preference.config import PreferenceTrainConfig
 from llmrl.preference.losses import dpo_loss
 from llmrl.train.evaluate import evaluate
 from llmrl.train.metrics import MetricsLog
-from llmrl.train.rl import save_checkpoint
+from llmrl.train.runs import save_checkpoint
 from llmrl.train.schedules import lr_multiplier
 
 log = logging.getLogger("llmrl.preference")

@@ -30,7 +30,7 @@ from llmrl.preference.data import encode_any_prompt, encode_response
 from llmrl.preference.losses import bradley_terry_loss
 from llmrl.rollout.sampler import left_pad
 from llmrl.train.metrics import MetricsLog
-from llmrl.train.rl import save_checkpoint
+from llmrl.train.runs import save_checkpoint
 from llmrl.train.schedules import lr_multiplier
 
 log = logging.getLogger("llmrl.preference")

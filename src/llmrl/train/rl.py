@@ -8,21 +8,18 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
-import random
 import signal
 import time
 from functools import partial
-from pathlib import Path
 
 import torch
 import yaml
 
-from llmrl.config import TrainConfig, config_to_dict
+from llmrl.config import TrainConfig
 from llmrl.credit import CREDIT, CreditInputs, step_ids_for_batch
 from llmrl.data import make_task
-from llmrl.models import load_model, load_reference, save_pretrained_model
-from llmrl.models.lora import AdapterDisabledReference, add_lora, merged_copy
+from llmrl.models import load_model, load_reference
+from llmrl.models.lora import AdapterDisabledReference, add_lora
 from llmrl.models.value import Critic
 from llmrl.objectives.value import clipped_value_loss, explained_variance
 from llmrl.objectives.kl import AdaptiveKLController, FixedKLController, kl_in_reward
@@ -32,6 +29,7 @@ from llmrl.rollout.branch import monte_carlo_values
 from llmrl.rollout.collect import collect_rollout, encode_prompt
 from llmrl.train.evaluate import evaluate
 from llmrl.train.metrics import MetricsLog, sample_records
+from llmrl.train.runs import save_checkpoint, start_run
 from llmrl.train.schedules import lr_multiplier
 from llmrl.train.update import batched_logprobs, batched_values, critic_update, policy_update, trpo_update
 
@@ -73,29 +71,10 @@ def check_credit_sources(cfg: TrainConfig) -> None:
         raise ValueError("credit.steps=regex needs credit.step_pattern")
 
 
-def save_checkpoint(model, tokenizer, path: Path, config_yaml: str) -> Path:
-    """save_pretrained (written atomically: a temporary folder, then renamed) plus the resolved config beside it."""
-    save_pretrained_model(merged_copy(model), tokenizer, path)
-    (path / "llmrl_config.yaml").write_text(config_yaml)
-    return path
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
-
-
 def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
     """Run one RL training job described by `cfg`. Returns a summary with held-out accuracy before and after."""
     # ------------------------------------------------------------------ setup
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
-    gen = seed_everything(cfg.run.seed)
-    run_dir = Path(cfg.run.output_dir) / cfg.run.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    (run_dir / "config.yaml").write_text(config_yaml)
+    run_dir, config_yaml, gen = start_run(cfg)
     amp = torch.bfloat16 if cfg.model.autocast == "bfloat16" else None
     prompt_kw = dict(chat_template=cfg.model.chat_template, system_prompt=cfg.model.system_prompt)
     eval_tokens = cfg.run.eval_max_new_tokens or cfg.rollout.max_new_tokens

@@ -1,0 +1,40 @@
+"""What every training recipe (RL, DPO, reward models) does to start and to save a run."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+import yaml
+
+from llmrl.config import config_to_dict
+from llmrl.models import save_pretrained_model
+from llmrl.models.lora import merged_copy
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def start_run(cfg) -> tuple[Path, str, torch.Generator]:
+    """Threads, seeds, the run folder `run.output_dir/run.name` with its config.yaml.
+    Returns (run_dir, the resolved config as YAML, a seeded torch generator)."""
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    generator = seed_everything(cfg.run.seed)
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    (run_dir / "config.yaml").write_text(config_yaml)
+    return run_dir, config_yaml, generator
+
+
+def save_checkpoint(model, tokenizer, path: Path, config_yaml: str) -> Path:
+    """save_pretrained (written atomically: a temporary folder, then renamed; a LoRA adapter merged in) plus the
+    resolved config beside it."""
+    save_pretrained_model(merged_copy(model), tokenizer, path)
+    (path / "llmrl_config.yaml").write_text(config_yaml)
+    return path
