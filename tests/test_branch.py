@@ -14,6 +14,14 @@ from llmrl.rollout.sampler import generate
 from llmrl.train.rl import check_credit_sources
 
 
+from llmrl.rewards.process import STEP_REWARDS
+
+
+@STEP_REWARDS.register("test_step_len")
+def _step_len(completions, step_texts, examples):
+    return [[float(len(t)) for t in steps] for steps in step_texts]
+
+
 @REWARDS.register("test_count_sevens")
 def _sevens(completions, examples):
     return [float(c.count("7")) for c in completions]
@@ -60,3 +68,25 @@ def test_mismatched_credit_sources_fail_before_training(overrides, message):
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_has_consistent_credit_sources(name):
     check_credit_sources(load_config(None, [f"preset={name}"], presets=PRESETS))
+
+
+def test_process_rewards_flow_from_the_config_to_step_advantages(tmp_path):
+    """credit.step_reward scores each step; the `process` estimator spreads it over the step's tokens."""
+    from llmrl.cli import main
+    from llmrl.train.metrics import read_metrics
+
+    args = ["train", "preset=grpo", "model.name=tiny", "model.autocast=none", "task.heldout_size=2",
+            "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=8", "run.progress=false",
+            "run.steps=1", f"run.output_dir={tmp_path}", "run.name=p", "run.samples_every=1",
+            "credit.estimator=process", "credit.options={}", "credit.steps=regex", "credit.step_pattern='[ ]'",
+            "credit.step_reward=test_step_len"]
+    assert main(args) == 0
+    row = [r for r in read_metrics(tmp_path / "p" / "metrics.jsonl") if r["kind"] == "train"][0]
+    assert row["steps_scored"] > 0 and row["step_reward_failures"] == 0
+    sample = read_metrics(tmp_path / "p" / "samples.jsonl")[0]
+    assert sample["step_ids"] is not None and len(sample["step_ids"]) == len(sample["advantages"])
+
+
+def test_process_without_a_step_reward_fails_before_training():
+    with pytest.raises(ValueError, match="step_reward"):
+        check_credit_sources(load_config(None, ["credit.estimator=process", "credit.steps=blank_line"]))

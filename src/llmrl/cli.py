@@ -1,4 +1,4 @@
-"""`llmrl` command line: train | eval | presets | report | dpo | rm | pairs.
+"""`llmrl` command line: train | eval | presets | report | dpo | rm | pairs | prm | prm-data.
 
     llmrl train examples/grpo_arithmetic.yaml rollout.group_size=8 optim.lr=2e-5
     llmrl eval --model runs/grpo/final --task arithmetic

@@ -99,6 +99,8 @@ class CreditConfig:
                    choices=("none", "blank_line", "numbered", "regex"))
     step_pattern: str | None = f(None, "regex that starts a new step, with steps: regex")
     mc_samples: int = f(4, "monte_carlo values: continuations sampled from each step boundary", ge=1)
+    step_reward: str | None = f(None, "process rewards: the step reward scoring each reasoning step (equations | step_judge | prm)")
+    step_reward_options: dict = f({}, "keyword arguments for the step reward, e.g. {path: runs/prm_arithmetic/final}")
 
 
 @dataclass

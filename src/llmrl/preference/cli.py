@@ -1,8 +1,10 @@
-"""Preference subcommands of `llmrl`: dpo | rm | pairs. `llmrl.cli` calls `add_subcommands(sub)`.
+"""Preference subcommands of `llmrl`: dpo | rm | pairs | prm | prm-data. `llmrl.cli` calls `add_subcommands(sub)`.
 
     llmrl dpo examples/dpo_arithmetic.yaml preference.beta=0.2 lora=null
     llmrl rm examples/rm_arithmetic.yaml optim.lr=1e-5
     llmrl pairs --model smollm2-135m-instruct --task arithmetic --n 64 --out pairs.jsonl
+    llmrl prm examples/prm_arithmetic.yaml prm.labels=hard
+    llmrl prm-data --model smollm2-135m-instruct --task arithmetic --n 64 --out step_labels.jsonl
 
 Also runnable alone: `python -m llmrl.preference.cli dpo CONFIG [overrides]`.
 """
@@ -27,14 +29,14 @@ def summary_table(summary: dict) -> str:
     return "\n".join(rows)
 
 
-def _run_recipe(args, recipe) -> int:
+def _run_recipe(args, recipe, load=None, unit: str = "pairs") -> int:
     from llmrl.config import ConfigError
     from llmrl.preference.config import load_preference_config
 
     if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         args.overrides, args.config = [args.config, *args.overrides], None   # no file: only overrides
     try:
-        cfg = load_preference_config(args.config, args.overrides)
+        cfg = (load or load_preference_config)(args.config, args.overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -45,7 +47,7 @@ def _run_recipe(args, recipe) -> int:
         return 2
     print()
     print(summary_table(summary))
-    print(f"\n{summary['steps']} steps on {summary['train_pairs']} pairs ({summary['heldout_pairs']} held out); "
+    print(f"\n{summary['steps']} steps on {summary[f'train_{unit}']} {unit} ({summary[f'heldout_{unit}']} held out); "
           f"checkpoint: {summary['checkpoint']}; metrics: {summary['run_dir']}/metrics.jsonl")
     return 0
 
@@ -58,6 +60,11 @@ def cmd_dpo(args) -> int:
 def cmd_rm(args) -> int:
     from llmrl.preference.rm import train_rm
     return _run_recipe(args, train_rm)
+
+
+def cmd_prm(args) -> int:
+    from llmrl.preference.prm import load_prm_config, train_prm
+    return _run_recipe(args, train_prm, load_prm_config, "examples")
 
 
 def cmd_pairs(args) -> int:
@@ -86,36 +93,83 @@ def cmd_pairs(args) -> int:
     return 0
 
 
-def add_subcommands(sub) -> None:
-    """Add `dpo`, `rm` and `pairs` to an argparse subparsers object."""
-    for name, fn, what in (("dpo", cmd_dpo, "DPO / IPO / conservative DPO on preference pairs"),
-                           ("rm", cmd_rm, "train a Bradley-Terry reward model on preference pairs")):
-        p = sub.add_parser(name, help=f"{what}, from a YAML config plus key=value overrides")
-        p.add_argument("config", nargs="?", help="YAML config file (omit to use the defaults)")
-        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. preference.beta=0.2 lora=null")
-        p.set_defaults(fn=fn)
+def cmd_prm_data(args) -> int:
+    import torch
+    import yaml
 
-    p = sub.add_parser("pairs", help="sample a model on a task and pair passing with failing completions (JSONL)")
+    from llmrl.data import make_task
+    from llmrl.models import load_model
+    from llmrl.preference.prm import build_step_labels, save_step_labels
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        options = yaml.safe_load(args.options) if args.options else {}
+        task = make_task(args.task, seed=args.seed, options=options, train_path=args.train_path)
+        model, tokenizer = load_model(args.model)
+        if args.steps == "regex" and not args.step_pattern:
+            raise ValueError("--steps regex needs --step-pattern")
+    except (ValueError, FileNotFoundError, yaml.YAMLError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    amp = torch.bfloat16 if args.autocast == "bfloat16" else None
+    rows = build_step_labels(model, tokenizer, task, args.n, samples_per_prompt=args.samples_per_prompt,
+                             mc_samples=args.mc_samples, segmenter=args.steps, pattern=args.step_pattern,
+                             labels=args.labels, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                             seed=args.seed, chat_template=not args.no_chat_template, autocast_dtype=amp)
+    save_step_labels(rows, args.out)
+    n_steps = sum(len(r["steps"]) for r in rows)
+    print(f"{len(rows)} responses ({n_steps} labelled steps) from {args.n} prompts -> {args.out}")
+    return 0
+
+
+def _add_sampling_args(p, samples_per_prompt: int, max_new_tokens: int) -> None:
     p.add_argument("--model", required=True, help="HF id, local path, 'smollm2-135m-instruct' or 'tiny'")
     p.add_argument("--task", required=True, help="arithmetic | jsonl | reasoning_gym:<dataset>")
     p.add_argument("--n", type=int, required=True, help="training prompts to sample")
     p.add_argument("--out", required=True, help="output JSONL file")
     p.add_argument("--options", default=None, help="task options as YAML, e.g. '{digits: 3}'")
     p.add_argument("--train-path", default=None, help="jsonl task: prompts file")
-    p.add_argument("--samples-per-prompt", type=int, default=8)
+    p.add_argument("--samples-per-prompt", type=int, default=samples_per_prompt)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--autocast", default="bfloat16", choices=["bfloat16", "none"])
     p.add_argument("--no-chat-template", action="store_true")
     p.add_argument("--threads", type=int, default=None)
+
+
+def add_subcommands(sub) -> None:
+    """Add `dpo`, `rm`, `pairs`, `prm` and `prm-data` to an argparse subparsers object."""
+    for name, fn, what in (("dpo", cmd_dpo, "DPO / IPO / conservative DPO on preference pairs"),
+                           ("rm", cmd_rm, "train a Bradley-Terry reward model on preference pairs"),
+                           ("prm", cmd_prm, "train a process reward model on step-labelled responses")):
+        p = sub.add_parser(name, help=f"{what}, from a YAML config plus key=value overrides")
+        p.add_argument("config", nargs="?", help="YAML config file (omit to use the defaults)")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. preference.beta=0.2 lora=null")
+        p.set_defaults(fn=fn)
+
+    p = sub.add_parser("pairs", help="sample a model on a task and pair passing with failing completions (JSONL)")
+    _add_sampling_args(p, samples_per_prompt=8, max_new_tokens=32)
     p.set_defaults(fn=cmd_pairs)
+
+    p = sub.add_parser("prm-data", help="sample a model on a task and label each reasoning step by its Monte-Carlo "
+                                        "completion rate (Math-Shepherd; JSONL for `llmrl prm`)")
+    _add_sampling_args(p, samples_per_prompt=4, max_new_tokens=64)
+    p.add_argument("--mc-samples", type=int, default=8, help="completions sampled from each step's end")
+    p.add_argument("--steps", default="blank_line", choices=["blank_line", "numbered", "regex"],
+                   help="step segmenter")
+    p.add_argument("--step-pattern", default=None, help="with --steps regex: the regex that starts a step")
+    p.add_argument("--labels", default="soft", choices=["soft", "hard"],
+                   help="soft: the completion rate; hard: 1 if any completion is right")
+    p.set_defaults(fn=cmd_prm_data)
 
 
 def main(argv: list[str] | None = None) -> int:
     import logging
 
-    parser = argparse.ArgumentParser(prog="llmrl-preference", description="Preference learning: DPO, reward models.")
+    parser = argparse.ArgumentParser(prog="llmrl-preference",
+                                     description="Preference learning: DPO, reward models, process reward models.")
     parser.add_argument("-v", "--verbose", action="store_true")
     add_subcommands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

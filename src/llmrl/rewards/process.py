@@ -175,7 +175,7 @@ def equation_truths(text: str) -> list[bool]:
     Equations inside a longer expression (parentheses, /, ^, decimals, variables before a minus) are not read.
     """
     out = []
-    for m in EQUATION.finditer(text):
+    for m in EQUATION.finditer(text) if "=" in text else ():
         before, after, eq = text[:m.start()], text[m.end():], m.group()
         if _CONTINUES_BEFORE.search(before) or _CONTINUES_AFTER.match(after):
             continue

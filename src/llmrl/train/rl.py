@@ -25,6 +25,7 @@ from llmrl.objectives.value import clipped_value_loss, explained_variance
 from llmrl.objectives.kl import AdaptiveKLController, FixedKLController, kl_in_reward
 from llmrl.objectives.policy import OBJECTIVES
 from llmrl.rewards import score
+from llmrl.rewards.process import STEP_REWARDS, score_steps, step_texts
 from llmrl.rollout.branch import monte_carlo_values
 from llmrl.rollout.collect import collect_rollout, encode_prompt
 from llmrl.train.evaluate import evaluate
@@ -61,7 +62,11 @@ def check_credit_sources(cfg: TrainConfig) -> None:
     if c.values == "critic" and c.estimator in NO_RETURNS:
         raise ValueError(f"credit.estimator {c.estimator!r} gives no returns to train a critic on; "
                          "use credit.values=monte_carlo or another estimator")
-    if (c.estimator in NEEDS_STEPS or c.values == "monte_carlo") and c.steps == "none":
+    if c.estimator == "process" and not c.step_reward:
+        raise ValueError("credit.estimator 'process' needs credit.step_reward (equations, step_judge or prm)")
+    if c.step_reward and c.step_reward not in STEP_REWARDS:
+        raise ValueError(f"credit.step_reward {c.step_reward!r} is not one of: {', '.join(STEP_REWARDS.names())}")
+    if (c.estimator in NEEDS_STEPS or c.values == "monte_carlo" or c.step_reward) and c.steps == "none":
         raise ValueError("step-level credit needs a segmenter: set credit.steps to blank_line, numbered or regex")
     o = cfg.objective
     if o.update == "trpo" and o.kl_coef > 0 and o.kl_placement == "loss":
@@ -161,13 +166,21 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
                 rollout = rollout.with_(step_ids=step_ids_for_batch(
                     tokenizer, rollout.response_ids, rollout.response_mask, mode=cfg.credit.steps,
                     pattern=cfg.credit.step_pattern))
-            mc_stats = {}
+            step_scores, stage_stats = None, {}
+            if cfg.credit.step_reward:   # process rewards: a score per reasoning step
+                texts = step_texts(tokenizer, rollout.response_ids, rollout.step_ids)
+                step_scores, step_failures = score_steps(cfg.credit.step_reward, rollout.completions, texts,
+                                                         rollout.examples, cfg.credit.step_reward_options)
+                scored = step_scores[~step_scores.isnan()]
+                stage_stats |= {"step_reward": float(scored.mean()) if scored.numel() else None,
+                             "step_reward_failures": step_failures, "steps_scored": int(scored.numel())}
             if cfg.credit.values == "monte_carlo":
-                values, mc_stats = monte_carlo_values(
+                values, mc = monte_carlo_values(
                     model, tokenizer, rollout, rollout.step_ids, terms, samples=cfg.credit.mc_samples,
                     max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
                     top_p=cfg.rollout.top_p, autocast_dtype=amp, generator=gen)
                 rollout = rollout.with_(values=values)
+                stage_stats |= mc
             if critic is not None:
                 rollout = rollout.with_(values=batched_values(critic, rollout, micro_batch_size=cfg.optim.micro_batch_size,
                                                               autocast_dtype=amp))
@@ -177,7 +190,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
                              if o.kl_placement == "reward" and beta.value > 0 else None)
             credit = estimator(CreditInputs(scores=rewards.total, response_mask=rollout.response_mask,
                                             group_ids=rollout.group_ids, token_rewards=token_rewards,
-                                            values=rollout.values, step_ids=rollout.step_ids))
+                                            values=rollout.values, step_ids=rollout.step_ids, step_scores=step_scores))
             # 6. update
             kl_in_loss = beta.value if o.kl_placement == "loss" else 0.0
             objective = partial(base_objective, kl_coef=kl_in_loss)
@@ -214,7 +227,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
                    "reward_failures": sum(rewards.failures.values()),
                    "response_length": n_tokens / len(rollout.completions),
                    "truncated_fraction": float(rollout.extras["truncated"].float().mean()),
-                   "lr": scheduler.get_last_lr()[0], **upd, **mc_stats,
+                   "lr": scheduler.get_last_lr()[0], **upd, **stage_stats,
                    "tokens_per_s": n_tokens / (t1 - t0), "time_rollout": t1 - t0, "time_reward": t2 - t1,
                    "time_ref_values": t3 - t2, "time_update": t4 - t3, "time_step": t4 - t0}
             metrics_log.write(rec)
