@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import signal
 import time
 from functools import partial
 
@@ -79,6 +78,7 @@ def check_credit_sources(cfg: TrainConfig) -> None:
 def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
     """Run one RL training job described by `cfg`. Returns a summary with held-out accuracy before and after."""
     # ------------------------------------------------------------------ setup
+    check_credit_sources(cfg)
     run_dir, config_yaml, gen = start_run(cfg)
     amp = torch.bfloat16 if cfg.model.autocast == "bfloat16" else None
     prompt_kw = dict(chat_template=cfg.model.chat_template, system_prompt=cfg.model.system_prompt)
@@ -109,7 +109,6 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
         lr_multiplier, schedule=cfg.optim.schedule, warmup=cfg.optim.warmup_steps, total=cfg.run.steps))
     estimator = partial(CREDIT.get(cfg.credit.estimator), **cfg.credit.options)
-    check_credit_sources(cfg)
     critic = critic_optimizer = value_objective = None
     if cfg.credit.values == "critic":
         critic = Critic.from_policy(model, shared=cfg.critic.shared_trunk)
@@ -144,7 +143,6 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
     bar = _progress(cfg.run.steps, show)
     stream = itertools.chain([first], _batches(stream, cfg.rollout.prompts_per_step))
     step, interrupted = 0, False
-    previous_sigint = signal.getsignal(signal.SIGINT)
     try:
         for step in range(1, cfg.run.steps + 1):
             t0 = time.perf_counter()
@@ -215,7 +213,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
                                                                            rollout.response_mask))
             if o.update == "gradient":   # TRPO sets its own step size; the optimizer and its schedule are idle
                 scheduler.step()
-            if rollout.logp_ref is not None:   # sampled KL per sequence (k1), what the adaptive controller steers
+            if rollout.logp_ref is not None:   # sampled k1 KL per sequence (logp_old: the sampler's), which beta steers
                 kl_seq = float(((rollout.logp_old - rollout.logp_ref) * rollout.response_mask).sum(-1).mean())
                 upd.update(kl_sampled_per_seq=kl_seq, kl_beta=beta.value)
                 beta.update(kl_seq, 1)
@@ -245,7 +243,6 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
         log.warning("interrupted at step %d; checkpoints already written are intact", step)
     finally:
         bar.close()
-        signal.signal(signal.SIGINT, previous_sigint)
     samples_log.close()
     if interrupted:
         metrics_log.close()
