@@ -29,6 +29,12 @@ def before_after_table(summary: dict) -> str:
     ])
 
 
+def split_config_arg(args) -> None:
+    """`llmrl CMD key=value ...` with no config file: the first positional is an override, not a file."""
+    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        args.overrides, args.config = [args.config, *args.overrides], None
+
+
 def cmd_train(args) -> int:
     from llmrl.config import ConfigError, load_config, validate_names
     from llmrl.credit import CREDIT
@@ -36,8 +42,7 @@ def cmd_train(args) -> int:
     from llmrl.presets import PRESETS
     from llmrl.rewards import REWARDS
 
-    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
-        args.overrides, args.config = [args.config, *args.overrides], None   # no file: only overrides
+    split_config_arg(args)
     try:
         cfg = load_config(args.config, args.overrides, presets=PRESETS)
         validate_names(cfg, rewards=REWARDS.names(), credit=CREDIT.names(), objectives=OBJECTIVES.names())

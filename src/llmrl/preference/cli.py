@@ -33,8 +33,9 @@ def _run_recipe(args, recipe, load=None, unit: str = "pairs") -> int:
     from llmrl.config import ConfigError
     from llmrl.preference.config import load_preference_config
 
-    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
-        args.overrides, args.config = [args.config, *args.overrides], None   # no file: only overrides
+    from llmrl.cli import split_config_arg
+
+    split_config_arg(args)
     try:
         cfg = (load or load_preference_config)(args.config, args.overrides)
     except ConfigError as e:
