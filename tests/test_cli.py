@@ -149,3 +149,11 @@ def test_trpo_with_lora_takes_a_bounded_step(tmp_path):
                terms, steps=1) == 0
     train = [r for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if r["kind"] == "train"]
     assert train[0]["trpo_accepted"] == 1.0 and train[0]["trpo_kl"] <= 0.005
+
+
+def test_time_limit_stops_training_then_evaluates_and_saves(tmp_path):
+    assert run(tmp_path, "run.time_limit_minutes=1e-9", "run.eval_every=0", steps=5) == 0
+    rows = read_metrics(tmp_path / "r" / "metrics.jsonl")
+    assert [r for r in rows if r["kind"] == "train"] == []            # the limit had passed before step 1
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 0]  # before, and after at the step reached
+    assert (tmp_path / "r" / "final" / "llmrl_config.yaml").exists()

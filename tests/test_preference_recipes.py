@@ -101,6 +101,8 @@ def test_train_dpo_builds_pairs_from_a_task_and_measures_task_accuracy(tmp_path,
     assert len(load_pairs(tmp_path / "r" / "pairs.jsonl")) == 4
     assert summary["train_pairs"] == 3 and summary["heldout_pairs"] == 1
     assert summary["before"]["heldout_accuracy"] == 0.0 and "heldout_accuracy" in summary["after"]
+    assert summary["before"]["heldout_kl_to_ref"] == pytest.approx(0.0, abs=1e-6)   # the policy starts as the reference
+    assert summary["after"]["heldout_kl_to_ref"] >= 0.0
     assert torch.load(tmp_path / "r" / "ref_logps.pt")["per_token_mean"] is True     # ipo averages per token
 
 

@@ -21,6 +21,7 @@ import torch
 import yaml
 
 from llmrl.models import load_model, load_reference
+from llmrl.models.lora import AdapterDisabledReference
 from llmrl.preference.batch import collate_pairs, pair_logps
 from llmrl.preference.common import (accumulate, apply_lora, batches, encode_all, pair_sets, progress_bar,
                                      start_run, task_of, total_steps)
@@ -91,7 +92,10 @@ def train_dpo(cfg: PreferenceTrainConfig, *, progress: bool | None = None) -> di
                                                disable_adapter=cfg.lora is not None, **logp_kw)
     torch.save({"chosen": ref_chosen, "rejected": ref_rejected, "per_token_mean": per_token_mean,
                 "n_train": n_train, "n_heldout": n_held}, run_dir / "ref_logps.pt")
-    del reference                                 # a frozen copy is not needed again; LoRA: just a second name
+    # The exact KL(policy || reference) of held-out answers is reported at evaluation: LoRA reads the reference
+    # through the disabled adapter; full fine-tuning keeps the frozen copy for that only.
+    eval_reference = AdapterDisabledReference(model) if cfg.lora is not None else reference
+    del reference
     log.info("reference log-probs of %d pairs in %.1f s", n_train + n_held, time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ optimizer, evaluation
@@ -113,8 +117,10 @@ def train_dpo(cfg: PreferenceTrainConfig, *, progress: bool | None = None) -> di
             rec |= {f"heldout_{k}": float(v) for k, v in {**out.losses, **out.metrics}.items()}
         if heldout_examples:
             ev = evaluate(model, tokenizer, heldout_examples, max_new_tokens=eval_tokens, autocast_dtype=amp,
-                          chat_template=cfg.model.chat_template, system_prompt=cfg.model.system_prompt)
-            rec |= {"heldout_accuracy": ev["accuracy"], "heldout_response_length": ev["response_length"]}
+                          chat_template=cfg.model.chat_template, system_prompt=cfg.model.system_prompt,
+                          reference=eval_reference)
+            rec |= {"heldout_accuracy": ev["accuracy"], "heldout_response_length": ev["response_length"],
+                    "heldout_kl_to_ref": ev.get("kl_to_ref")}
         metrics_log.write(rec)
         return rec
 
@@ -128,7 +134,12 @@ def train_dpo(cfg: PreferenceTrainConfig, *, progress: bool | None = None) -> di
     bar = progress_bar(steps, cfg.run.progress if progress is None else progress, f"{p.kind} steps")
     model.train()
     step = 0
+    deadline = time.perf_counter() + 60 * cfg.run.time_limit_minutes if cfg.run.time_limit_minutes else None
     for step, (epoch, idx) in enumerate(itertools.islice(batches(n_train, p.batch_size, p.epochs, gen), steps), 1):
+        if deadline is not None and time.perf_counter() > deadline:
+            step -= 1
+            log.info("run.time_limit_minutes reached after %d steps", step)
+            break
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         sums = accumulate(idx, o.micro_batch_size, micro_loss)              # backward, micro-batch by micro-batch

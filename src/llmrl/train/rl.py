@@ -143,8 +143,13 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
     bar = _progress(cfg.run.steps, show)
     stream = itertools.chain([first], _batches(stream, cfg.rollout.prompts_per_step))
     step, interrupted = 0, False
+    deadline = time.perf_counter() + 60 * cfg.run.time_limit_minutes if cfg.run.time_limit_minutes else None
     try:
         for step in range(1, cfg.run.steps + 1):
+            if deadline is not None and time.perf_counter() > deadline:
+                step -= 1
+                log.info("run.time_limit_minutes reached after %d steps", step)
+                break
             t0 = time.perf_counter()
             # 1. generate
             rollout = collect_rollout(model, tokenizer, next(stream), group_size=cfg.rollout.group_size,
@@ -249,11 +254,11 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
         return {"run_dir": str(run_dir), "interrupted": True, "step": step, "before": before, "evals": evals}
 
     # ------------------------------------------------------------------ finish
-    after = run_eval(cfg.run.steps)
+    after = run_eval(step)
     evals.append(after)
     final = save_checkpoint(model, tokenizer, run_dir / "final", config_yaml)
     metrics_log.close()
-    summary = {"run_dir": str(run_dir), "checkpoint": str(final), "steps": cfg.run.steps,
+    summary = {"run_dir": str(run_dir), "checkpoint": str(final), "steps": step,
                "before": {k: v for k, v in before.items() if k != "samples"},
                "after": {k: v for k, v in after.items() if k != "samples"},
                "samples_after": after["samples"]}
