@@ -110,6 +110,7 @@ def train_dpo(cfg: PreferenceTrainConfig, *, progress: bool | None = None) -> di
     eval_tokens = cfg.run.eval_max_new_tokens or p.build_max_new_tokens
 
     def run_eval(step: int) -> dict:
+        t = time.perf_counter()
         rec = {"kind": "eval", "step": step}
         if n_held:
             c, r = all_pair_logps(model, heldout_enc, **logp_kw)
@@ -121,6 +122,7 @@ def train_dpo(cfg: PreferenceTrainConfig, *, progress: bool | None = None) -> di
                           reference=eval_reference)
             rec |= {"heldout_accuracy": ev["accuracy"], "heldout_response_length": ev["response_length"],
                     "heldout_kl_to_ref": ev.get("kl_to_ref")}
+        rec["time_eval"] = time.perf_counter() - t
         metrics_log.write(rec)
         return rec
 
