@@ -23,7 +23,7 @@ from common import markdown_table, write_section  # noqa: E402
 
 from llmrl.config import load_config  # noqa: E402
 from llmrl.presets import PRESETS  # noqa: E402
-from llmrl.report.charts import Series, line_chart  # noqa: E402
+from llmrl.report.charts import Series, line_chart, standalone_svg  # noqa: E402
 from llmrl.train.metrics import read_metrics  # noqa: E402
 from llmrl.train.rl import train  # noqa: E402
 
@@ -73,7 +73,7 @@ def main() -> None:
         fig.parent.mkdir(parents=True, exist_ok=True)
         svg = line_chart("training reward vs sampled KL per sequence, one point per step", curves, width=560,
                          height=320, x_label="KL(policy || reference) per sequence, nats (sampled, k1)")
-        fig.write_text(f'<?xml version="1.0" encoding="UTF-8"?>\n{svg}\n')
+        fig.write_text(standalone_svg(svg))
         body += "\n\n![reward versus KL for beta high and low](figures/reward_vs_kl.svg)\n"
     write_section("constraints", "Constraints side by side (propagation policy)", body)
 

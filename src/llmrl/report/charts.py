@@ -93,6 +93,19 @@ def _legend_rows(names: list[str], width: float) -> list[list[tuple[str, int, fl
     return rows
 
 
+CHART_CSS = ("svg.chart text{font-size:10.5px;fill:#444}svg.chart .title{font-size:12.5px;font-weight:600;fill:#222}"
+             "svg.chart .grid{stroke:#eee}svg.chart .axis{stroke:#888;fill:none}"
+             "svg.chart path.series{fill:none;stroke-width:1.6;stroke-linejoin:round}")
+
+
+def standalone_svg(svg: str) -> str:
+    """A chart from `line_chart` as an .svg file of its own: the chart CSS inlined, on a white background."""
+    head, rest = svg.split(">", 1)
+    font = "svg.chart{font-family:system-ui,'DejaVu Sans',sans-serif}"
+    return (f'<?xml version="1.0" encoding="UTF-8"?>\n{head}><style>{font}{CHART_CSS}</style>'
+            f'<rect width="100%" height="100%" fill="#fff"/>{rest}\n')
+
+
 def line_chart(title: str, series: list[Series], *, width: int = 360, height: int = 210,
                x_label: str = "step") -> str:
     """One SVG line chart. Series with no finite point are dropped; returns "" when none is left."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from llmrl.report.charts import curves_html, number
+from llmrl.report.charts import CHART_CSS, curves_html, number
 
 HEAT_STEPS, HEAT_GROUPS, HEAT_SAMPLES = 2, 3, 8   # heatmaps: latest steps, prompts per step, samples per prompt
 TABLE_ROWS = 60                                   # sampled completions in the table, latest step first
@@ -31,9 +31,6 @@ h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:30px 0 10px;border-bot
 h3{font-size:15px;margin:18px 0 6px}.sub,.note{color:#666}.warn{color:#a33}
 .charts{display:flex;flex-wrap:wrap;gap:10px}
 figure{margin:0;border:1px solid #e4e4e4;border-radius:6px;padding:4px;background:#fff}
-svg.chart text{font-size:10.5px;fill:#444}svg.chart .title{font-size:12.5px;font-weight:600;fill:#222}
-svg.chart .grid{stroke:#eee}svg.chart .axis{stroke:#888;fill:none}
-svg.chart path.series{fill:none;stroke-width:1.6;stroke-linejoin:round}
 table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#f6f6f6}td.num{text-align:right;font-variant-numeric:tabular-nums}
 pre{margin:0;white-space:pre-wrap;overflow-wrap:anywhere;font:12px/1.4 ui-monospace,"DejaVu Sans Mono",Menlo,monospace}
@@ -245,7 +242,7 @@ def render(run_dir: Path) -> str:
                      f"<pre>{escape((run_dir / 'config.yaml').read_text())}</pre></details>")
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
             f'content="width=device-width, initial-scale=1"><title>llmrl report — {escape(run_dir.name)}</title>'
-            f'<style>{CSS}</style></head><body>{"".join(parts)}<script>{JS}</script></body></html>\n')
+            f'<style>{CSS}{CHART_CSS}</style></head><body>{"".join(parts)}<script>{JS}</script></body></html>\n')
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
