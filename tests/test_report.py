@@ -179,3 +179,10 @@ def test_report_renders_in_chromium(run_dir, tmp_path):
     assert colours is None or len(colours) > 50                             # not a blank page
     if os.environ.get("LLMRL_REPORT_SHOT"):                                 # keep the screenshot to look at
         Path(os.environ["LLMRL_REPORT_SHOT"]).write_bytes(png.read_bytes())
+
+
+def test_standalone_svg_carries_its_styles():
+    from llmrl.report.charts import Series, line_chart, standalone_svg
+    svg = standalone_svg(line_chart("t", [Series("a", [(0, 1.0), (1, 2.0)]), Series("b", [(0, 2.0), (1, 1.0)])]))
+    assert svg.startswith("<?xml") and svg.count("<svg") == 1 and "<style>" in svg
+    assert "path.series{fill:none" in svg       # without it a browser fills the lines black
