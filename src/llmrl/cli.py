@@ -1,6 +1,7 @@
 """`llmrl` command line: train | eval | presets | report | dpo | rm | pairs | prm | prm-data.
 
     llmrl train examples/grpo_arithmetic.yaml rollout.group_size=8 optim.lr=2e-5
+    llmrl train examples/grpo_arithmetic.yaml run.save_every=10 --resume     # continue a killed run
     llmrl eval --model runs/grpo/final --task arithmetic
     llmrl presets
 """
@@ -43,6 +44,8 @@ def cmd_train(args) -> int:
     from llmrl.rewards import REWARDS
 
     split_config_arg(args)
+    if args.resume:
+        args.overrides.append("run.resume=must")
     try:
         cfg = load_config(args.config, args.overrides, presets=PRESETS)
         validate_names(cfg, rewards=REWARDS.names(), credit=CREDIT.names(), objectives=OBJECTIVES.names())
@@ -107,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("train", help="run RL training from a YAML config plus key=value overrides")
     p.add_argument("config", nargs="?", help="YAML config file (omit to use the defaults)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.group_size=8 optim.lr=2e-5")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's newest checkpoint "
+                   "(run.resume=must; the default, auto, continues when there is one)")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("eval", help="greedy held-out accuracy of a model on a task")
