@@ -45,9 +45,9 @@ from llmrl.rewards import score
 from llmrl.rewards.process import step_texts
 from llmrl.rollout.branch import monte_carlo_values
 from llmrl.rollout.collect import collect_rollout
-from llmrl.train.metrics import MetricsLog
 from llmrl.train.runs import save_checkpoint, start_run
 from llmrl.train.schedules import lr_multiplier
+from llmrl.train.sinks import open_metrics
 
 
 # ----------------------------------------------------------------------------- config
@@ -110,6 +110,8 @@ def load_prm_config(path: str | Path | None = None, overrides: Sequence[str] = (
         raise ConfigError("task.train_path is required when task.name is 'jsonl'")
     if cfg.prm.steps == "regex" and not cfg.prm.step_pattern:
         raise ConfigError("prm.steps=regex needs prm.step_pattern")
+    if cfg.run.resume == "must":
+        raise ConfigError("run.resume=must: only `llmrl train` runs resume; prm runs start over")
     return cfg
 
 
@@ -329,7 +331,7 @@ def train_prm(cfg: PrmTrainConfig, *, progress: bool | None = None) -> dict:
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
         lr_multiplier, schedule=o.schedule, warmup=o.warmup_steps, total=steps))
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl")
+    metrics_log = open_metrics(cfg, run_dir)
 
     def logits_of(enc) -> torch.Tensor:    # [K] the logit at every labelled step of `enc`, in order
         return torch.cat([torch.cat(step_logits(model, [(ids, ends) for ids, ends, _ in enc[s:s + o.micro_batch_size]],

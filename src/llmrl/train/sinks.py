@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import uuid
 from pathlib import Path
 
 from llmrl.config import config_to_dict
@@ -59,7 +60,7 @@ class WandbSink:
             raise ValueError(f"run.wandb_project={project!r} needs the wandb package: pip install wandb "
                              "(or set run.wandb_project=null)") from e
         id_file = Path(run_dir) / "wandb_run_id"
-        run_id = id_file.read_text().strip() if resume and id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if resume and id_file.exists() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id)
         self.run = wandb.init(project=project, name=name, config=config, dir=str(run_dir), id=run_id,
                               resume="allow")
