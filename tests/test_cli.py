@@ -120,7 +120,9 @@ def test_ctrl_c_keeps_the_last_checkpoint(tmp_path, monkeypatch):
 def test_eval_command(capsys):
     assert main(["eval", "--model", "tiny", "--task", "arithmetic", "--n", "4", "--max-new-tokens", "4",
                  "--autocast", "none"]) == 0
-    assert "accuracy" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "accuracy" in captured.out
+    assert "evaluating" in captured.err and "acc=0.000" in captured.err and "4/4" in captured.err   # the bar
 
 
 def test_presets_through_the_installed_entry_point():

@@ -86,7 +86,7 @@ def cmd_eval(args) -> int:
     model, tokenizer = load_model(args.model)
     amp = torch.bfloat16 if args.autocast == "bfloat16" else None
     result = evaluate(model, tokenizer, examples, max_new_tokens=args.max_new_tokens, autocast_dtype=amp,
-                      chat_template=not args.no_chat_template)
+                      chat_template=not args.no_chat_template, progress=not args.no_progress)
     print(f"model {args.model} | task {args.task} | held-out n={result['n']} | "
           f"accuracy {result['accuracy']:.3f} | mean response tokens {result['response_length']:.1f}")
     for s in result["samples"][:args.show]:
@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-chat-template", action="store_true")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--show", type=int, default=3, help="sample completions to print")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("presets", help="list the named algorithm compositions")
