@@ -66,7 +66,9 @@ def uninterrupted(tmp_path_factory):
     """The run never stopped: (its final weights, its metric records, its checkpoint folder names)."""
     n = torch.get_num_threads()
     out = tmp_path_factory.mktemp("uninterrupted")
-    assert main(train_args(out)) == 0
+    with pytest.MonkeyPatch.context() as mp:      # the cache conftest's (function-scoped) fixture gives every test
+        mp.setenv("LLMRL_CACHE", str(tmp_path_factory.getbasetemp() / "llmrl-cache"))
+        assert main(train_args(out)) == 0
     torch.set_num_threads(n)
     run = out / "r"
     return (load_file(run / "final" / "model.safetensors"), read_metrics(run / "metrics.jsonl"),
@@ -99,8 +101,11 @@ def test_killed_at_a_random_moment_and_resumed_ends_bitwise_equal(tmp_path, unin
     kill_after, delay = rng.randint(SAVE_EVERY, STEPS - 2), rng.uniform(0.0, 0.05)   # after >= 1 checkpoint
     proc = child(tmp_path)
     metrics = tmp_path / "r" / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while _last_train_step(metrics) < kill_after and proc.poll() is None and time.monotonic() < deadline:
+    deadline = time.monotonic() + 600                # generous: on a loaded machine the child may crawl
+    while _last_train_step(metrics) < kill_after and proc.poll() is None:
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the child did not reach step {kill_after} in 600 s")
         time.sleep(0.002)
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
@@ -135,6 +140,16 @@ def test_resume_with_a_changed_config_is_refused(tmp_path, capsys, one_thread):
     assert main(train_args(tmp_path, "optim.lr=0.5", "run.resume=never", steps=SAVE_EVERY)) == 0   # starts over
     assert [p.name for p in (tmp_path / "r" / "checkpoints").iterdir()] == ["step-000003"]
     assert json.loads((tmp_path / "r" / "checkpoints" / "step-000003" / "state.json").read_text())["step"] == 3
+
+
+def test_config_changes_name_dotted_keys_and_fill_fields_added_since():
+    defaults = {"preset": None, "run": {"steps": 40, "name": "run", "new_field": 1}, "task": {"options": {}}}
+    saved = {"preset": None, "run": {"steps": 3, "name": "r"}, "task": {"options": {"digits": 2}}}   # no new_field
+    same = {"preset": None, "run": {"steps": 9, "name": "r", "new_field": 1}, "task": {"options": {"digits": 2}}}
+    assert checkpoint.config_changes(saved, same, defaults) == []                  # run.steps may change
+    other = {"preset": "grpo", "run": {"steps": 3, "name": "r", "new_field": 2}, "task": {"options": {"digits": 3}}}
+    assert checkpoint.config_changes(saved, other, defaults) == [
+        "preset: None -> 'grpo'", "run.new_field: 1 -> 2", "task.options.digits: 2 -> 3"]
 
 
 def test_resume_must_find_a_checkpoint(tmp_path, capsys):

@@ -95,7 +95,7 @@ def resume_point(cfg) -> Path | None:
             raise ValueError(f"nothing to resume: no checkpoint in {root} (checkpoints are written every "
                              "run.save_every steps)")
         return None
-    changed = config_changes(yaml.safe_load((found / "config.yaml").read_text()), _plain(cfg))
+    changed = config_changes(yaml.safe_load((found / "config.yaml").read_text()), _plain(cfg), _plain(type(cfg)()))
     if changed:
         raise ValueError(f"cannot resume from {found}: the config differs from the checkpoint's in "
                          f"{', '.join(changed)}. Only {', '.join(CONTINUABLE)} may change; to start over instead, "
@@ -107,9 +107,13 @@ def resume_point(cfg) -> Path | None:
     return found
 
 
-def config_changes(saved: dict, new: dict) -> list[str]:
-    """'key: old -> new' for every dotted key whose value differs, CONTINUABLE keys aside."""
-    a, b = _flatten(saved), _flatten(new)
+def config_changes(saved: dict, new: dict, defaults: dict | None = None) -> list[str]:
+    """'key: old -> new' for every dotted key whose value differs, CONTINUABLE keys aside. A key the saved config
+    lacks (a field added to llmrl since) counts as its value in `defaults`."""
+    defaults = defaults or {}
+    filled = defaults | saved | {k: v | saved[k] for k, v in defaults.items()       # sections: field by field
+                                 if isinstance(v, dict) and isinstance(saved.get(k), dict)}
+    a, b = _flatten(filled), _flatten(new)
     return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in sorted(a.keys() | b.keys())
             if k not in CONTINUABLE and a.get(k, _ABSENT) != b.get(k, _ABSENT)]
 
