@@ -43,7 +43,7 @@ from llmrl.config import config_to_dict
 
 log = logging.getLogger("llmrl.train")
 
-CONTINUABLE = ("run.steps", "run.resume", "run.progress")   # may differ between a checkpoint and its resumed run
+CONTINUABLE = ("run.steps", "run.time_limit_minutes", "run.resume", "run.progress")   # may differ on resume
 LOGS = ("metrics.jsonl", "samples.jsonl")
 _NAME = re.compile(r"step-(\d+)")
 
