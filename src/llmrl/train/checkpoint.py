@@ -12,7 +12,7 @@
 
 Atomic: every file goes into `.step-000010.tmp-XXXX/` beside the final folder and is fsynced, then the folder is
 renamed into place and the parent fsynced. So a folder named `step-NNNNNN` is always complete, and a crash (even
-SIGKILL) mid-write leaves only a temporary folder, which `latest` ignores and the next save or resume removes. The
+SIGKILL) mid-write leaves only a temporary folder, which `latest` ignores and removes (the next run calls it). The
 last `run.keep_checkpoints` are kept; an older one is renamed away before it is deleted, for the same reason.
 
 Data position: the recipe draws exactly one batch of `rollout.prompts_per_step` examples from the task's seeded
@@ -207,7 +207,7 @@ def _sweep(root: Path) -> None:
 
 
 def _trainable(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    return {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
 
 
 def _rng_states(generator: torch.Generator) -> dict:
