@@ -172,4 +172,6 @@ def test_cli_pairs(tmp_path, monkeypatch, capsys):
     out = tmp_path / "p.jsonl"
     assert main(["pairs", "--model", "tiny", "--task", "arithmetic", "--n", "3", "--out", str(out),
                  "--samples-per-prompt", "2", "--max-new-tokens", "3", "--autocast", "none"]) == 0
-    assert len(load_pairs(out)) == 3 and "3 pairs from 3 prompts" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert len(load_pairs(out)) == 3 and "3 pairs from 3 prompts" in captured.out
+    assert "sampling pairs" in captured.err and "pass_rate=0.500" in captured.err     # the progress bar

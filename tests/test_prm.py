@@ -292,7 +292,9 @@ def test_cli_prm_and_prm_data(tmp_path, monkeypatch, capsys):
                  "--samples-per-prompt", "2", "--mc-samples", "1", "--max-new-tokens", "6", "--autocast", "none",
                  "--steps", "regex", "--step-pattern", "[ 0-9]", "--labels", "hard"]) == 0
     rows = load_step_labels(out_file)
-    assert f"{len(rows)} responses" in capsys.readouterr().out and any(len(r["steps"]) > 1 for r in rows)
+    captured = capsys.readouterr()
+    assert f"{len(rows)} responses" in captured.out and any(len(r["steps"]) > 1 for r in rows)
+    assert "labelling steps" in captured.err and "reward=1.000" in captured.err       # the progress bar
     assert all(r["labels"] == [1.0] * len(r["steps"]) for r in rows)                # hard: rate 0.5 > 0
     assert main(["prm-data", "--model", "tiny", "--task", "arithmetic", "--n", "1", "--out", str(out_file),
                  "--steps", "regex"]) == 2

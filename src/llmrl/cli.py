@@ -1,6 +1,7 @@
 """`llmrl` command line: train | eval | presets | report | dpo | rm | pairs | prm | prm-data.
 
     llmrl train examples/grpo_arithmetic.yaml rollout.group_size=8 optim.lr=2e-5
+    llmrl train examples/grpo_arithmetic.yaml run.save_every=10 --resume     # continue a killed run
     llmrl eval --model runs/grpo/final --task arithmetic
     llmrl presets
 """
@@ -43,6 +44,8 @@ def cmd_train(args) -> int:
     from llmrl.rewards import REWARDS
 
     split_config_arg(args)
+    if args.resume:
+        args.overrides.append("run.resume=must")
     try:
         cfg = load_config(args.config, args.overrides, presets=PRESETS)
         validate_names(cfg, rewards=REWARDS.names(), credit=CREDIT.names(), objectives=OBJECTIVES.names())
@@ -83,7 +86,7 @@ def cmd_eval(args) -> int:
     model, tokenizer = load_model(args.model)
     amp = torch.bfloat16 if args.autocast == "bfloat16" else None
     result = evaluate(model, tokenizer, examples, max_new_tokens=args.max_new_tokens, autocast_dtype=amp,
-                      chat_template=not args.no_chat_template)
+                      chat_template=not args.no_chat_template, progress=not args.no_progress)
     print(f"model {args.model} | task {args.task} | held-out n={result['n']} | "
           f"accuracy {result['accuracy']:.3f} | mean response tokens {result['response_length']:.1f}")
     for s in result["samples"][:args.show]:
@@ -107,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("train", help="run RL training from a YAML config plus key=value overrides")
     p.add_argument("config", nargs="?", help="YAML config file (omit to use the defaults)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.group_size=8 optim.lr=2e-5")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's newest checkpoint "
+                   "(run.resume=must; the default, auto, continues when there is one)")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("eval", help="greedy held-out accuracy of a model on a task")
@@ -121,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-chat-template", action="store_true")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--show", type=int, default=3, help="sample completions to print")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("presets", help="list the named algorithm compositions")

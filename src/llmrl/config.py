@@ -158,12 +158,21 @@ class RunConfig:
     seed: int = f(0, "seed for sampling and initialisation")
     eval_every: int = f(10, "evaluate every N steps (0 = only before and after)", ge=0)
     eval_max_new_tokens: int | None = f(None, "max new tokens at evaluation (null = rollout.max_new_tokens)", ge=1)
-    save_every: int = f(0, "checkpoint every N steps (0 = only the final checkpoint)", ge=0)
+    save_every: int = f(0, "checkpoint every N steps (0 = only the final model): train writes the full resumable state "
+                           "to RUN_DIR/checkpoints, dpo a model to RUN_DIR/checkpoint-last", ge=0)
+    keep_checkpoints: int = f(2, "train: resumable checkpoints kept (the newest)", ge=1)
+    resume: str = f("auto", "train: continue from the run folder's newest checkpoint: auto (if there is one) | must (fail "
+                            "if there is none; `llmrl train --resume`) | never (start over, removing old checkpoints)",
+                    choices=("auto", "must", "never"))
     samples_every: int = f(5, "write 2 groups of sampled completions with per-token advantages to samples.jsonl every N steps (0 = never)", ge=0)
     threads: int | None = f(None, "torch threads (null = leave as is)", ge=1)
     progress: bool = f(True, "show a progress bar")
     time_limit_minutes: float | None = f(None, "stop training after this many minutes, then evaluate and save as "
                                          "after the last step (null = run all steps)", gt=0)
+    tensorboard: bool | None = f(None, "also write metrics as TensorBoard events to RUN_DIR/tensorboard "
+                                       "(null = when the tensorboard package is installed)")
+    wandb_project: str | None = f(None, "also log metrics to this Weights & Biases project (needs wandb; "
+                                        "WANDB_MODE=offline logs to RUN_DIR/wandb without a network)")
 
 
 @dataclass

@@ -88,7 +88,8 @@ def cmd_pairs(args) -> int:
     amp = torch.bfloat16 if args.autocast == "bfloat16" else None
     pairs = build_pairs_from_task(model, tokenizer, task, args.n, samples_per_prompt=args.samples_per_prompt,
                                   temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                                  chat_template=not args.no_chat_template, autocast_dtype=amp)
+                                  chat_template=not args.no_chat_template, autocast_dtype=amp,
+                                  progress=not args.no_progress)
     save_pairs(pairs, args.out)
     print(f"{len(pairs)} pairs from {args.n} prompts ({args.samples_per_prompt} samples each) -> {args.out}")
     return 0
@@ -117,7 +118,8 @@ def cmd_prm_data(args) -> int:
     rows = build_step_labels(model, tokenizer, task, args.n, samples_per_prompt=args.samples_per_prompt,
                              mc_samples=args.mc_samples, segmenter=args.steps, pattern=args.step_pattern,
                              labels=args.labels, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                             seed=args.seed, chat_template=not args.no_chat_template, autocast_dtype=amp)
+                             seed=args.seed, chat_template=not args.no_chat_template, autocast_dtype=amp,
+                             progress=not args.no_progress)
     save_step_labels(rows, args.out)
     n_steps = sum(len(r["steps"]) for r in rows)
     print(f"{len(rows)} responses ({n_steps} labelled steps) from {args.n} prompts -> {args.out}")
@@ -138,6 +140,7 @@ def _add_sampling_args(p, samples_per_prompt: int, max_new_tokens: int) -> None:
     p.add_argument("--autocast", default="bfloat16", choices=["bfloat16", "none"])
     p.add_argument("--no-chat-template", action="store_true")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def add_subcommands(sub) -> None:

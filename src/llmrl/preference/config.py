@@ -101,6 +101,8 @@ def preference_config_from_dict(data: Mapping[str, Any]) -> PreferenceTrainConfi
         raise ConfigError("task.train_path is required when task.name is 'jsonl'")
     if p.kind == "ipo" and p.label_smoothing:
         raise ConfigError("preference.label_smoothing applies to preference.kind 'dpo' only")
+    if cfg.run.resume == "must":
+        raise ConfigError("run.resume=must: only `llmrl train` runs resume; dpo and rm runs start over")
     return cfg
 
 

@@ -102,17 +102,22 @@ def build_pairs_from_task(
     chat_template: bool = True,
     system_prompt: str | None = None,
     autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
 ) -> list[PreferencePair]:
     """Sample G completions for each of `n_prompts` training prompts, score them with the task's `correct` reward,
     and pair one passing (score 1) with one failing (score < 1) completion of the same prompt, both drawn at
     random. A prompt whose samples all pass or all fail gives no pair. The same seed gives the same pairs.
 
     A completion cut off at `max_new_tokens` is kept: `encode_pair` appends EOS to it, as to every response.
+    `progress`: a bar over the prompts with the pass rate of the samples so far and the pairs found.
     """
+    from tqdm.auto import tqdm
+
     generator = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     examples = list(itertools.islice(task.train_stream(seed), n_prompts))
-    pairs = []
+    pairs, passed = [], []
+    bar = tqdm(total=len(examples), desc="sampling pairs", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(examples), batch_prompts):
         batch = examples[start:start + batch_prompts]
         rollout = collect_rollout(model, tokenizer, batch, group_size=samples_per_prompt,
@@ -128,6 +133,10 @@ def build_pairs_from_task(
             w, l = rng.choice(passing), rng.choice(failing)
             pairs.append(PreferencePair(ex.prompt, rollout.completions[w], rollout.completions[l],
                                         {"answer": ex.answer, "chosen_score": scores[w], "rejected_score": scores[l]}))
+        passed += [s >= 1.0 for s in scores]
+        bar.set_postfix(pass_rate=f"{sum(passed) / len(passed):.3f}", pairs=len(pairs))
+        bar.update(len(batch))
+    bar.close()
     return pairs
 
 

@@ -28,9 +28,9 @@ from llmrl.preference.common import (accumulate, apply_lora, batches, encode_all
 from llmrl.preference.config import PreferenceTrainConfig
 from llmrl.preference.losses import dpo_loss
 from llmrl.train.evaluate import evaluate
-from llmrl.train.metrics import MetricsLog
 from llmrl.train.runs import save_checkpoint
 from llmrl.train.schedules import lr_multiplier
+from llmrl.train.sinks import open_metrics
 
 log = logging.getLogger("llmrl.preference")
 
@@ -105,7 +105,7 @@ def train_dpo(cfg: PreferenceTrainConfig, *, progress: bool | None = None) -> di
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
         lr_multiplier, schedule=o.schedule, warmup=o.warmup_steps, total=steps))
     loss_fn = partial(dpo_loss, beta=p.beta, label_smoothing=p.label_smoothing, kind=p.kind)
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl")
+    metrics_log = open_metrics(cfg, run_dir)
     heldout_examples = task.heldout(cfg.task.heldout_size) if task is not None else []
     eval_tokens = cfg.run.eval_max_new_tokens or p.build_max_new_tokens
 

@@ -45,9 +45,9 @@ from llmrl.rewards import score
 from llmrl.rewards.process import step_texts
 from llmrl.rollout.branch import monte_carlo_values
 from llmrl.rollout.collect import collect_rollout
-from llmrl.train.metrics import MetricsLog
 from llmrl.train.runs import save_checkpoint, start_run
 from llmrl.train.schedules import lr_multiplier
+from llmrl.train.sinks import open_metrics
 
 
 # ----------------------------------------------------------------------------- config
@@ -110,6 +110,8 @@ def load_prm_config(path: str | Path | None = None, overrides: Sequence[str] = (
         raise ConfigError("task.train_path is required when task.name is 'jsonl'")
     if cfg.prm.steps == "regex" and not cfg.prm.step_pattern:
         raise ConfigError("prm.steps=regex needs prm.step_pattern")
+    if cfg.run.resume == "must":
+        raise ConfigError("run.resume=must: only `llmrl train` runs resume; prm runs start over")
     return cfg
 
 
@@ -169,17 +171,19 @@ def build_step_labels(model, tokenizer, task, n_prompts: int, *, samples_per_pro
                       segmenter: str = "blank_line", pattern: str | None = None, labels: str = "soft",
                       temperature: float = 1.0, max_new_tokens: int = 64, seed: int = 0, batch_prompts: int = 8,
                       reward_terms: Sequence = (("correct", 1.0, {}),), chat_template: bool = True,
-                      system_prompt: str | None = None, autocast_dtype: torch.dtype | None = None) -> list[dict]:
+                      system_prompt: str | None = None, autocast_dtype: torch.dtype | None = None,
+                      progress: bool = False) -> list[dict]:
     """Math-Shepherd labels: sample `samples_per_prompt` responses to each of `n_prompts` training prompts, segment
     them (`step_ids_for_batch`), and estimate each step prefix's completion rate with `monte_carlo_values` (mean
     reward of `mc_samples` completions). It gives V(before step s) at step s's first token, so the rate AFTER step
     s is V(before step s+1), and after the last step the response's own score. label = rate ("soft") or rate > 0
     ("hard"); `reward_terms` must score in [0, 1]. A step whose text is empty (only special tokens, e.g. EOS after
-    a blank line) is dropped."""
+    a blank line) is dropped. `progress`: a bar over the prompts with the mean outcome reward so far."""
     if labels not in ("soft", "hard"):
         raise ValueError(f"labels={labels!r}; valid: 'soft', 'hard'")
     generator = torch.Generator().manual_seed(seed)
     examples, terms, rows = list(itertools.islice(task.train_stream(seed), n_prompts)), list(reward_terms), []
+    bar, outcomes = progress_bar(len(examples), progress, "labelling steps"), []
     for start in range(0, len(examples), batch_prompts):
         r = collect_rollout(model, tokenizer, examples[start:start + batch_prompts], group_size=samples_per_prompt,
                             max_new_tokens=max_new_tokens, temperature=temperature, chat_template=chat_template,
@@ -198,6 +202,10 @@ def build_step_labels(model, tokenizer, task, n_prompts: int, *, samples_per_pro
                 rows.append({"prompt": ex.prompt, "steps": [t for t, _ in kept],
                              "labels": [rate if labels == "soft" else float(rate > 0) for _, rate in kept],
                              "completion_rates": [rate for _, rate in kept], "answer": ex.answer})
+        outcomes += outcome.tolist()
+        bar.set_postfix(reward=f"{sum(outcomes) / len(outcomes):.3f}", responses=len(rows))
+        bar.update(len(r.examples) // samples_per_prompt)
+    bar.close()
     return rows
 
 
@@ -295,7 +303,8 @@ def train_prm(cfg: PrmTrainConfig, *, progress: bool | None = None) -> dict:
                                  segmenter=p.steps, pattern=p.step_pattern, labels=p.labels,
                                  temperature=p.build_temperature, max_new_tokens=p.build_max_new_tokens,
                                  seed=cfg.run.seed, chat_template=cfg.model.chat_template,
-                                 system_prompt=cfg.model.system_prompt, autocast_dtype=amp)
+                                 system_prompt=cfg.model.system_prompt, autocast_dtype=amp,
+                                 progress=cfg.run.progress if progress is None else progress)
         save_step_labels(rows, run_dir / "step_labels.jsonl")
     train_rows, heldout_rows = ((rows, load_step_labels(p.heldout_path)) if p.heldout_path
                                 else split_by_prompt(rows, p.heldout_fraction, cfg.run.seed))
@@ -329,7 +338,7 @@ def train_prm(cfg: PrmTrainConfig, *, progress: bool | None = None) -> dict:
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
         lr_multiplier, schedule=o.schedule, warmup=o.warmup_steps, total=steps))
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl")
+    metrics_log = open_metrics(cfg, run_dir)
 
     def logits_of(enc) -> torch.Tensor:    # [K] the logit at every labelled step of `enc`, in order
         return torch.cat([torch.cat(step_logits(model, [(ids, ends) for ids, ends, _ in enc[s:s + o.micro_batch_size]],

@@ -29,9 +29,9 @@ from llmrl.preference.config import PreferenceTrainConfig
 from llmrl.preference.data import encode_any_prompt, encode_response
 from llmrl.preference.losses import bradley_terry_loss
 from llmrl.rollout.sampler import left_pad
-from llmrl.train.metrics import MetricsLog
 from llmrl.train.runs import save_checkpoint
 from llmrl.train.schedules import lr_multiplier
+from llmrl.train.sinks import open_metrics
 
 log = logging.getLogger("llmrl.preference")
 
@@ -108,7 +108,7 @@ def train_rm(cfg: PreferenceTrainConfig, *, progress: bool | None = None) -> dic
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
         lr_multiplier, schedule=o.schedule, warmup=o.warmup_steps, total=steps))
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl")
+    metrics_log = open_metrics(cfg, run_dir)
 
     @torch.no_grad()
     def run_eval(step: int) -> dict:

@@ -20,13 +20,18 @@ def evaluate(
     system_prompt: str | None = None,
     autocast_dtype: torch.dtype | None = None,
     reference=None,
+    progress: bool = False,
 ) -> dict:
     """Greedy decode each held-out example once. Returns accuracy (mean `correct` reward), mean response length,
-    the exact KL(policy || reference) summed over the greedy responses' tokens when a reference is given, and the first few samples."""
+    the exact KL(policy || reference) summed over the greedy responses' tokens when a reference is given, and the first few samples.
+    `progress`: a bar over the examples with the accuracy so far."""
+    from tqdm.auto import tqdm
+
     from llmrl.objectives.logprobs import response_kl
     from llmrl.train.update import trim
 
     correct, lengths, kls, samples = [], [], [], []
+    bar = tqdm(total=len(examples), desc="evaluating", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(examples), batch_size):
         batch = examples[start:start + batch_size]
         r = collect_rollout(model, tokenizer, batch, group_size=1, max_new_tokens=max_new_tokens, temperature=0.0,
@@ -42,6 +47,9 @@ def evaluate(
         for c, ex, ok in zip(r.completions, r.examples, result.total.tolist()):
             if len(samples) < 8:
                 samples.append({"prompt": ex.prompt, "answer": ex.answer, "completion": c, "correct": ok})
+        bar.set_postfix(acc=f"{float(torch.cat(correct).mean()):.3f}")
+        bar.update(len(batch))
+    bar.close()
     out = {
         "accuracy": float(torch.cat(correct).mean()),
         "response_length": float(torch.cat(lengths).float().mean()),

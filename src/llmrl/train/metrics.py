@@ -1,10 +1,11 @@
-"""Per-step metrics: one JSON object a line in `RUN_DIR/metrics.jsonl`, flushed as written."""
+"""Per-step metrics: one JSON object a line in `RUN_DIR/metrics.jsonl`, flushed as written (and sent to the sinks)."""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
+from typing import Sequence
 
 
 def _clean(v):
@@ -14,17 +15,24 @@ def _clean(v):
 
 
 class MetricsLog:
-    def __init__(self, path: Path, mode: str = "w"):   # "a" to continue a resumed run
+    """One JSON line per record; each record also goes to the `sinks` (TensorBoard, W&B: `llmrl.train.sinks`)."""
+
+    def __init__(self, path: Path, mode: str = "w", sinks: Sequence = ()):   # "a" to continue a resumed run
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(self.path, mode, buffering=1)
+        self.sinks = list(sinks)
 
     def write(self, record: dict) -> None:
         self._f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
         self._f.flush()
+        for sink in self.sinks:
+            sink.write(record)
 
     def close(self) -> None:
         self._f.close()
+        for sink in self.sinks:
+            sink.close()
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -27,10 +27,12 @@ from llmrl.rewards import score
 from llmrl.rewards.process import STEP_REWARDS, score_steps, step_texts
 from llmrl.rollout.branch import monte_carlo_values
 from llmrl.rollout.collect import collect_rollout, encode_prompt
+from llmrl.train import checkpoint
 from llmrl.train.evaluate import evaluate
 from llmrl.train.metrics import MetricsLog, sample_records
 from llmrl.train.runs import save_checkpoint, start_run
 from llmrl.train.schedules import lr_multiplier
+from llmrl.train.sinks import open_metrics
 from llmrl.train.update import batched_logprobs, batched_values, critic_update, policy_update, trpo_update
 
 log = logging.getLogger("llmrl.train")
@@ -79,6 +81,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
     """Run one RL training job described by `cfg`. Returns a summary with held-out accuracy before and after."""
     # ------------------------------------------------------------------ setup
     check_credit_sources(cfg)
+    resume_from = checkpoint.resume_point(cfg)             # a checkpoint to continue from (run.resume), or None
     run_dir, config_yaml, gen = start_run(cfg)
     amp = torch.bfloat16 if cfg.model.autocast == "bfloat16" else None
     prompt_kw = dict(chat_template=cfg.model.chat_template, system_prompt=cfg.model.system_prompt)
@@ -123,8 +126,10 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
     beta = (AdaptiveKLController(o.kl_coef, o.kl_target, o.kl_horizon) if o.kl_target and o.kl_coef > 0
             else FixedKLController(o.kl_coef))
     terms = cfg.reward.terms
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl")
-    samples_log = MetricsLog(run_dir / "samples.jsonl")
+    state = checkpoint.TrainingState(model, optimizer, scheduler, gen, beta, critic, critic_optimizer)
+    start, evals = checkpoint.restore(resume_from, state, run_dir) if resume_from else (0, [])   # last: sets RNGs
+    metrics_log = open_metrics(cfg, run_dir, start=start)
+    samples_log = MetricsLog(run_dir / "samples.jsonl", "a" if start else "w")
 
     def run_eval(step: int) -> dict:
         t = time.perf_counter()
@@ -137,15 +142,16 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
         return {**rec, "samples": ev["samples"]}
 
     # ------------------------------------------------------------------ loop
-    before = run_eval(0)
-    evals = [before]
+    evals = evals or [run_eval(0)]
+    before = evals[0]
     show = cfg.run.progress if progress is None else progress
-    bar = _progress(cfg.run.steps, show)
+    bar = _progress(cfg.run.steps, show, start)
     stream = itertools.chain([first], _batches(stream, cfg.rollout.prompts_per_step))
-    step, interrupted = 0, False
+    stream = itertools.islice(stream, start, None)          # resumed: the batches of steps 1..start were drawn
+    step, interrupted = start, False
     deadline = time.perf_counter() + 60 * cfg.run.time_limit_minutes if cfg.run.time_limit_minutes else None
     try:
-        for step in range(1, cfg.run.steps + 1):
+        for step in range(start + 1, cfg.run.steps + 1):
             if deadline is not None and time.perf_counter() > deadline:
                 step -= 1
                 log.info("run.time_limit_minutes reached after %d steps", step)
@@ -242,7 +248,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
             if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < cfg.run.steps:
                 evals.append(run_eval(step))
             if cfg.run.save_every and step % cfg.run.save_every == 0:
-                save_checkpoint(model, tokenizer, run_dir / "checkpoint-last", config_yaml)
+                checkpoint.save(run_dir, step, state, evals, keep=cfg.run.keep_checkpoints)
     except KeyboardInterrupt:
         interrupted = True
         log.warning("interrupted at step %d; checkpoints already written are intact", step)
@@ -274,6 +280,6 @@ def _batches(stream, size: int):
         yield batch
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, initial: int = 0):
     from tqdm.auto import tqdm
-    return tqdm(total=total, desc="rl steps", disable=not enabled, dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc="rl steps", disable=not enabled, dynamic_ncols=True)
