@@ -59,7 +59,7 @@ def main() -> None:
     ]
     body = ("Same starting model (SmolLM2-135M-Instruct), task (2-digit addition) and 200 held-out prompts, greedy. "
             "Wall time covers everything but the held-out evaluations: for DPO, sampling the pairs from the starting "
-            "policy (256 prompts x 8 samples), the reference log-probs and the training; for GRPO, the RL steps, "
+            "policy (256 prompts x 8 samples, up to 8 pairs per prompt), the reference log-probs and the training; for GRPO, the RL steps, "
             "stopped by `run.time_limit_minutes` at DPO's time. KL after: exact KL(policy || reference) summed over "
             "the greedy held-out responses, nats per sequence.\n\n")
     body += markdown_table(["method", "acc before", "acc after", "KL after", "wall min", "work done"], rows)

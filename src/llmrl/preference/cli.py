@@ -87,7 +87,7 @@ def cmd_pairs(args) -> int:
         return 2
     amp = torch.bfloat16 if args.autocast == "bfloat16" else None
     pairs = build_pairs_from_task(model, tokenizer, task, args.n, samples_per_prompt=args.samples_per_prompt,
-                                  temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                  pairs_per_prompt=args.pairs_per_prompt, temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed,
                                   chat_template=not args.no_chat_template, autocast_dtype=amp,
                                   progress=not args.no_progress)
     save_pairs(pairs, args.out)
@@ -155,6 +155,8 @@ def add_subcommands(sub) -> None:
 
     p = sub.add_parser("pairs", help="sample a model on a task and pair passing with failing completions (JSONL)")
     _add_sampling_args(p, samples_per_prompt=8, max_new_tokens=32)
+    p.add_argument("--pairs-per-prompt", type=int, default=1,
+                   help="distinct (passing, failing) pairs kept per prompt (at most passing x failing)")
     p.set_defaults(fn=cmd_pairs)
 
     p = sub.add_parser("prm-data", help="sample a model on a task and label each reasoning step by its Monte-Carlo "

@@ -34,7 +34,8 @@ def pair_sets(cfg: PreferenceTrainConfig, task, sampler_model, tokenizer, run_di
     else:
         pairs = build_pairs_from_task(
             sampler_model, tokenizer, task, p.build_prompts, samples_per_prompt=p.build_samples_per_prompt,
-            temperature=p.build_temperature, max_new_tokens=p.build_max_new_tokens, seed=cfg.run.seed,
+            pairs_per_prompt=p.build_pairs_per_prompt, temperature=p.build_temperature,
+            max_new_tokens=p.build_max_new_tokens, seed=cfg.run.seed,
             chat_template=cfg.model.chat_template, system_prompt=cfg.model.system_prompt, autocast_dtype=amp,
             progress=cfg.run.progress)
         save_pairs(pairs, run_dir / "pairs.jsonl")

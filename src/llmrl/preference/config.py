@@ -40,6 +40,8 @@ class PreferenceConfig:
                                 ge=0, lt=1)
     build_prompts: int = f(256, "building from a task: training prompts to sample", ge=1)
     build_samples_per_prompt: int = f(8, "building from a task: completions sampled per prompt", ge=2)
+    build_pairs_per_prompt: int = f(1, "building from a task: distinct (passing, failing) pairs kept per prompt, "
+                                    "at most passing x failing; held-out pairs are split off by prompt", ge=1)
     build_temperature: float = f(1.0, "building from a task: sampling temperature", gt=0)
     build_max_new_tokens: int = f(64, "building from a task: maximum tokens per completion", ge=1)
     kind: str = f("dpo", "DPO loss: dpo (sigmoid; with label_smoothing > 0, conservative DPO) | ipo",

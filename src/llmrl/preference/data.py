@@ -95,6 +95,7 @@ def build_pairs_from_task(
     n_prompts: int,
     *,
     samples_per_prompt: int = 8,
+    pairs_per_prompt: int = 1,
     temperature: float = 1.0,
     max_new_tokens: int = 32,
     seed: int = 0,
@@ -105,8 +106,9 @@ def build_pairs_from_task(
     progress: bool = False,
 ) -> list[PreferencePair]:
     """Sample G completions for each of `n_prompts` training prompts, score them with the task's `correct` reward,
-    and pair one passing (score 1) with one failing (score < 1) completion of the same prompt, both drawn at
-    random. A prompt whose samples all pass or all fail gives no pair. The same seed gives the same pairs.
+    and pair passing (score 1) with failing (score < 1) completions of the same prompt: up to `pairs_per_prompt`
+    distinct (passing, failing) combinations, drawn at random. A prompt whose samples all pass or all fail gives no
+    pair. The same seed gives the same pairs.
 
     A completion cut off at `max_new_tokens` is kept: `encode_pair` appends EOS to it, as to every response.
     `progress`: a bar over the prompts with the pass rate of the samples so far and the pairs found.
@@ -130,9 +132,11 @@ def build_pairs_from_task(
             failing = [i for i in rows if scores[i] < 1.0]
             if not passing or not failing:
                 continue
-            w, l = rng.choice(passing), rng.choice(failing)
-            pairs.append(PreferencePair(ex.prompt, rollout.completions[w], rollout.completions[l],
-                                        {"answer": ex.answer, "chosen_score": scores[w], "rejected_score": scores[l]}))
+            combos = [(w, l) for w in passing for l in failing]
+            for w, l in rng.sample(combos, min(pairs_per_prompt, len(combos))):
+                pairs.append(PreferencePair(ex.prompt, rollout.completions[w], rollout.completions[l],
+                                            {"answer": ex.answer, "chosen_score": scores[w],
+                                             "rejected_score": scores[l]}))
         passed += [s >= 1.0 for s in scores]
         bar.set_postfix(pass_rate=f"{sum(passed) / len(passed):.3f}", pairs=len(pairs))
         bar.update(len(batch))
