@@ -8,8 +8,9 @@ from llmrl.data import Example
 from llmrl.rewards import REWARDS
 from llmrl.rollout import sampler
 from llmrl.rollout.sampler import StopStrings, generate
-from llmrl.rollout.tools import (TOOLS, calculator, observation_text, parse_call, resolve_tools, run_call,
-                                 system_prompt)
+from llmrl.rollout.collect import encode_prompt
+from llmrl.rollout.tools import (TOOLS, calculator, demonstration, observation_text, parse_call, resolve_tools,
+                                 run_call, system_prompt)
 from llmrl.rollout.types import Episode
 
 
@@ -111,10 +112,19 @@ def test_resolve_tools_names_the_valid_ones():
         resolve_tools(["calculator", "calculator"])
 
 
-def test_system_prompt_teaches_the_format_for_each_tool():
+def test_system_prompt_and_demonstration_teach_the_format_for_each_tool(tiny):
     text = system_prompt(["calculator", "python"])
-    assert "<tool>NAME: INPUT</tool>" in text and "<result>" in text
-    assert "<tool>calculator: (12+3)*7</tool>" in text and "- python:" in text
+    assert "<tool>calculator: EXPRESSION</tool>" in text and "<tool>python: CODE</tool>" in text and "<result>" in text
+    user, assistant = demonstration(["python", "calculator"])
+    assert user["role"] == "user" and assistant["role"] == "assistant"
+    assert assistant["content"] == "<tool>python: print(12*7)</tool>\n<result>84</result>\nAnswer: 84"
+    for name in ("calculator", "python"):          # the demonstrated call really gives the demonstrated result
+        call = demonstration([name])[1]["content"].split("\n")[0]
+        assert run_call(*parse_call(call), resolve_tools([name])) == "84"
+    assert demonstration([]) == []
+    _, tok = tiny
+    ids = encode_prompt(tok, "What is 1 + 1?", system_prompt="S", demo=demonstration(["calculator"]))
+    assert tok.decode(ids).count("<|im_start|>") == 5 and "<result>84</result>" in tok.decode(ids)
 
 
 # ---------------------------------------------------------------- stop strings in the sampler

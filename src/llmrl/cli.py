@@ -41,11 +41,13 @@ def cmd_train(args) -> int:
     from llmrl.objectives.policy import OBJECTIVES
     from llmrl.presets import PRESETS
     from llmrl.rewards import REWARDS
+    from llmrl.rollout.tools import TOOLS
 
     split_config_arg(args)
     try:
         cfg = load_config(args.config, args.overrides, presets=PRESETS)
-        validate_names(cfg, rewards=REWARDS.names(), credit=CREDIT.names(), objectives=OBJECTIVES.names())
+        validate_names(cfg, rewards=REWARDS.names(), credit=CREDIT.names(), objectives=OBJECTIVES.names(),
+                       tools=TOOLS.names())
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

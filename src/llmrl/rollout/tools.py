@@ -5,8 +5,9 @@
 A tool never raises for anything the model wrote: bad input gives a short string starting with "error:"
 (the episode loop counts outputs that start so as `tool_errors`).
 
-The call format (taught by `system_prompt`). The model writes a call and the environment answers inline,
-inside the same assistant turn:
+The call format (taught by `system_prompt`, which lists each tool's docstring's first line, and by
+`demonstration`, one worked exchange shown before each prompt). The model writes a call and the environment
+answers inline, inside the same assistant turn:
 
     model:        ... <tool>calculator: 12*7</tool>
     environment:  \\n<result>84</result>\\n
@@ -49,7 +50,7 @@ def parse_call(text: str) -> tuple[str, str] | None:
 def run_call(name: str, arguments: str, tools: dict) -> str:
     """The output of one call, as text (an unknown or failing tool gives "error: ...")."""
     if name not in tools:
-        return f"error: unknown tool {name!r}; tools: {', '.join(sorted(tools))} (write {CALL_START}NAME: INPUT{CALL_END})"
+        return f"error: unknown tool {name!r}; tools: {', '.join(sorted(tools))}"
     try:
         out = str(tools[name](arguments))
     except Exception as e:            # a tool should not raise; if one does, the episode goes on
@@ -73,11 +74,27 @@ def resolve_tools(names: list[str]) -> dict:
 
 
 def system_prompt(names: list[str]) -> str:
-    """The default system prompt of a tool task: the call format, with one line per tool (its docstring's first)."""
-    lines = [f"- {n}: {TOOLS.get(n).__doc__.strip().splitlines()[0]}" for n in names]
-    return ("You can use tools. To call one, write " + CALL_START + "NAME: INPUT" + CALL_END + " and stop; the result "
-            "comes back as <result>OUTPUT</result>. Tools:\n" + "\n".join(lines)
-            + "\nUse a tool when it helps, then give your final answer without a tool call.")
+    """The default system prompt of a tool task: the call format, one line per tool (its docstring's first).
+
+    Each line shows the tool's own call (`<tool>calculator: EXPRESSION</tool>`), not a `NAME` placeholder:
+    SmolLM2-135M invents tool names from a placeholder far more often."""
+    lines = [f"- {TOOLS.get(n).__doc__.strip().splitlines()[0]}" for n in names]
+    return ("You have tools. To use one, write its call and stop; the result comes back as <result>OUTPUT</result>. "
+            "Then give the answer. Tools:\n" + "\n".join(lines))
+
+
+_DEMO_CALLS = {"calculator": "12*7", "python": "print(12*7)"}    # each computes 84
+
+
+def demonstration(names: list[str]) -> list[dict]:
+    """One worked exchange (a user message and the assistant's call, result and answer) with the first of `names`
+    that has one, as chat messages to put before each prompt; [] if none has. Small models copy it."""
+    name = next((n for n in names if n in _DEMO_CALLS), None)
+    if name is None:
+        return []
+    reply = f"{CALL_START}{name}: {_DEMO_CALLS[name]}{CALL_END}{observation_text('84')}Answer: 84"
+    return [{"role": "user", "content": "What is 12 * 7? End your response with 'Answer: <number>'."},
+            {"role": "assistant", "content": reply}]
 
 
 # ---------------------------------------------------------------- calculator
@@ -133,7 +150,7 @@ def _format(x) -> str:
 
 @TOOLS.register("calculator")
 def calculator(arguments: str) -> str:
-    """arithmetic on numbers with + - * / // % ** and parentheses, e.g. <tool>calculator: (12+3)*7</tool>"""
+    """<tool>calculator: EXPRESSION</tool> evaluates arithmetic (+ - * / // % ** and parentheses)"""
     text = arguments.strip().rstrip("=").strip().replace("^", "**").replace("×", "*").replace("÷", "/")
     if not text:
         return "error: empty expression"
@@ -162,7 +179,7 @@ _FENCE = re.compile(r"^```(?:python|py)?\s*\n?|\n?```\s*$")
 
 @TOOLS.register("python")
 def python(arguments: str) -> str:
-    """runs a Python program in a sandbox and returns what it prints, e.g. <tool>python: print(12*7)</tool>"""
+    """<tool>python: CODE</tool> runs a Python program and returns what it prints"""
     from llmrl.rewards.sandbox import run_python
 
     code = _FENCE.sub("", arguments.strip())
