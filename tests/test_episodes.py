@@ -188,3 +188,11 @@ def test_unknown_tool_is_a_config_error(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "rollout.tools[0]" in err and "calculator" in err
+
+
+def test_eval_with_tools_on_the_command_line(capsys):
+    args = ["eval", "--model", "tiny", "--n", "2", "--max-new-tokens", "8", "--autocast", "none"]
+    assert main([*args, "--tools", "calculator", "--max-turns", "2"]) == 0
+    assert "tool calls per episode 0.00" in capsys.readouterr().out      # the random model never calls
+    assert main([*args, "--tools", "calculater"]) == 2
+    assert "unknown tool" in capsys.readouterr().err

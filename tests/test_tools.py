@@ -207,3 +207,23 @@ def test_tool_efficiency_rewards_solving_with_few_calls():
     assert eff(["Answer: 84"], [Example("q", "84")]) == [1.0]                      # single-turn: 0 calls
     with pytest.raises(ValueError):
         eff([""], rows[:1], cost_per_call=-1)
+
+
+# ---------------------------------------------------------------- config
+
+def test_tool_config_fields_are_checked():
+    from llmrl.config import ConfigError, load_config, validate_names
+
+    cfg = load_config(None, ["rollout.tools=[calculator, python]", "rollout.max_turns=2"])
+    assert cfg.rollout.tools == ["calculator", "python"] and cfg.rollout.max_turns == 2
+    assert load_config(None).rollout.tools == []                               # single-turn by default
+    names = dict(rewards=["correct"], credit=["grpo"], objectives=["ppo_clip"], tools=TOOLS.names())
+    validate_names(cfg, **names)
+    with pytest.raises(ConfigError, match=r"rollout.tools\[1\] 'pyton' is not one of: calculator, python"):
+        validate_names(load_config(None, ["rollout.tools=[calculator, pyton]"]), **names)
+    with pytest.raises(ConfigError, match="twice"):
+        load_config(None, ["rollout.tools=[calculator, calculator]"])
+    with pytest.raises(ConfigError, match="rollout.max_turns must be >= 1"):
+        load_config(None, ["rollout.max_turns=0"])
+    with pytest.raises(ConfigError, match="rollout.tools must be a list"):
+        load_config(None, ["rollout.tools=calculator"])
