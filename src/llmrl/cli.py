@@ -42,13 +42,15 @@ def cmd_train(args) -> int:
     from llmrl.objectives.policy import OBJECTIVES
     from llmrl.presets import PRESETS
     from llmrl.rewards import REWARDS
+    from llmrl.rollout.tools import TOOLS
 
     split_config_arg(args)
     if args.resume:
         args.overrides.append("run.resume=must")
     try:
         cfg = load_config(args.config, args.overrides, presets=PRESETS)
-        validate_names(cfg, rewards=REWARDS.names(), credit=CREDIT.names(), objectives=OBJECTIVES.names())
+        validate_names(cfg, rewards=REWARDS.names(), credit=CREDIT.names(), objectives=OBJECTIVES.names(),
+                       tools=TOOLS.names())
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -73,22 +75,40 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from functools import partial
+
     import torch
 
     from llmrl.data import make_task
     from llmrl.models import load_model
+    from llmrl.rollout.collect import collect_rollout
+    from llmrl.rollout.episodes import collect_episodes
+    from llmrl.rollout.tools import demonstration, resolve_tools, system_prompt
     from llmrl.train.evaluate import evaluate
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    collect, prompt = collect_rollout, None
+    if args.tools:                       # the multi-turn loop, prompted as `llmrl train` prompts with rollout.tools
+        names = [n.strip() for n in args.tools.split(",") if n.strip()]
+        try:
+            tools = resolve_tools(names)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        collect = partial(collect_episodes, tools=tools, max_turns=args.max_turns,
+                          max_observation_tokens=args.max_observation_tokens, demo=demonstration(names))
+        prompt = system_prompt(names)
     task = make_task(args.task, seed=args.seed, train_path=args.train_path, heldout_path=args.heldout_path)
     examples = task.heldout(args.n)
     model, tokenizer = load_model(args.model)
     amp = torch.bfloat16 if args.autocast == "bfloat16" else None
     result = evaluate(model, tokenizer, examples, max_new_tokens=args.max_new_tokens, autocast_dtype=amp,
-                      chat_template=not args.no_chat_template, progress=not args.no_progress)
+                      chat_template=not args.no_chat_template, system_prompt=prompt, collect=collect,
+                      progress=not args.no_progress)
+    calls = f" | tool calls per episode {result['tool_calls']:.2f}" if "tool_calls" in result else ""
     print(f"model {args.model} | task {args.task} | held-out n={result['n']} | "
-          f"accuracy {result['accuracy']:.3f} | mean response tokens {result['response_length']:.1f}")
+          f"accuracy {result['accuracy']:.3f} | mean response tokens {result['response_length']:.1f}{calls}")
     for s in result["samples"][:args.show]:
         print(f"  [{'ok' if s['correct'] else 'x '}] {s['prompt']!r} -> {s['completion']!r}")
     return 0
@@ -127,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--show", type=int, default=3, help="sample completions to print")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--tools", default=None, help="comma-separated tools for multi-turn episodes, e.g. calculator,python")
+    p.add_argument("--max-turns", type=int, default=4, help="with --tools: most model turns per episode")
+    p.add_argument("--max-observation-tokens", type=int, default=64, help="with --tools: a tool output's token cap")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("presets", help="list the named algorithm compositions")

@@ -67,9 +67,15 @@ class RolloutConfig:
     engine: str = f("native", "generation engine: native | vllm", choices=("native", "vllm"))
     prompts_per_step: int = f(4, "B: prompts sampled per training step", ge=1)
     group_size: int = f(8, "G: samples per prompt", ge=1)
-    max_new_tokens: int = f(32, "maximum tokens generated per sample", ge=1)
+    max_new_tokens: int = f(32, "maximum response tokens per sample (with tools: sampled plus tool-output tokens)", ge=1)
     temperature: float = f(1.0, "sampling temperature (0 = greedy)", ge=0)
     top_p: float = f(1.0, "nucleus-sampling probability mass, in (0, 1]", gt=0, le=1)
+    tools: list[str] = f([], "multi-turn tool use: tools the model may call (calculator, python); empty = single-turn; "
+                             "with no model.system_prompt a default one teaches the call format")
+    max_turns: int = f(4, "with tools: most model turns per episode (a turn ends at a tool call or EOS)", ge=1)
+    max_observation_tokens: int = f(64, "with tools: a tool's output is cut to fit in this many tokens", ge=1)
+    tool_demo: bool = f(True, "with tools: show one worked exchange (a question, a tool call, its result, the answer) "
+                              "before each prompt")
 
 
 @dataclass
@@ -237,6 +243,8 @@ def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
         raise ConfigError("task.train_path is required when task.name is 'jsonl'")
     if not cfg.reward.terms:
         raise ConfigError("reward.terms must list at least one reward term")
+    if len(set(cfg.rollout.tools)) != len(cfg.rollout.tools):
+        raise ConfigError(f"rollout.tools lists a tool twice: {cfg.rollout.tools}")
     names = [term.name for term in cfg.reward.terms]
     for i, term in enumerate(cfg.reward.terms):
         if not math.isfinite(term.weight):
@@ -246,11 +254,14 @@ def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
     return cfg
 
 
-def validate_names(cfg: TrainConfig, *, rewards: Iterable[str], credit: Iterable[str], objectives: Iterable[str]) -> None:
+def validate_names(cfg: TrainConfig, *, rewards: Iterable[str], credit: Iterable[str], objectives: Iterable[str],
+                   tools: Iterable[str] | None = None) -> None:
     """Check the registry-backed names (the registries live elsewhere) against the given valid names."""
     rewards, credit, objectives = sorted(rewards), sorted(credit), sorted(objectives)
     checks = [(f"reward.terms[{i}].name", term.name, rewards) for i, term in enumerate(cfg.reward.terms)]
     checks += [("credit.estimator", cfg.credit.estimator, credit), ("objective.name", cfg.objective.name, objectives)]
+    if tools is not None:
+        checks += [(f"rollout.tools[{i}]", name, sorted(tools)) for i, name in enumerate(cfg.rollout.tools)]
     for key, name, valid in checks:
         if name not in valid:
             raise ConfigError(_not_one_of(key, name, valid))

@@ -17,7 +17,8 @@ fields are ignored:
        "response_mask": [0|1, ...],     # 1 = token the policy chose, 0 = tool output / padding
        "advantages": [float, ...],      # per token
        "step_ids": [int, ...] or null,  # reasoning-step index per token, -1 = none
-       "reward": float, "reward_components": {name: float}, "correct": float|null}
+       "reward": float, "reward_components": {name: float}, "correct": float|null,
+       "tool_calls": int, "turns": int, "tool_errors": int}      # the last three only for tool episodes
 
   `tokens`, `response_mask`, `advantages` and `step_ids` are aligned (same length T_i, the sample's own response
   length: write them without the batch's right padding). `group` is the prompt's group id within the step, so

@@ -8,11 +8,14 @@ from llmrl.rollout.sampler import generate
 from llmrl.rollout.types import Rollout
 
 
-def encode_prompt(tokenizer, text: str, *, chat_template: bool = True, system_prompt: str | None = None) -> list[int]:
-    """One user message -> prompt token ids (through the tokenizer's chat template when asked)."""
+def encode_prompt(tokenizer, text: str, *, chat_template: bool = True, system_prompt: str | None = None,
+                  demo: list[dict] | None = None) -> list[int]:
+    """One user message -> prompt token ids (through the tokenizer's chat template when asked). `demo`: chat
+    messages (a worked example exchange) put between the system prompt and the user message."""
+    demo = demo or []
     if not chat_template:
-        return tokenizer(text, add_special_tokens=True)["input_ids"]
-    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": text}]
+        return tokenizer("".join(m["content"] + "\n\n" for m in demo) + text, add_special_tokens=True)["input_ids"]
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + demo + [{"role": "user", "content": text}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     return list(ids)
 

@@ -1,5 +1,5 @@
 """Native batched sampler: prefill once per prompt, share the prompt's KV cache across its G samples,
-decode with temperature / top-p, stop at EOS, and record each sampled token's log-prob.
+decode with temperature / top-p, stop at EOS or a stop string, and record each sampled token's log-prob.
 
 The policy being sampled is pi(. | s) = softmax(logits / temperature); the recorded `logp` is the
 log-prob of the sampled token under that distribution (top-p truncation is a sampling device and is
@@ -55,6 +55,24 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     return token, logp_all.gather(-1, token[:, None])[:, 0]
 
 
+class StopStrings:
+    """Ends a row once the text of its last few sampled tokens contains one of `strings` (a tool call's end).
+
+    Checked after every token on the last `window` tokens: a string that ended at an earlier token would have
+    stopped the row then, so a hit ends at the token just sampled (a token may run past it: it is kept whole).
+    The window is the longest string's length in characters; every token decodes to at least one character.
+    """
+
+    def __init__(self, tokenizer, strings: tuple[str, ...]):
+        if not strings or not all(strings):
+            raise ValueError(f"StopStrings: need non-empty strings, got {strings!r}")
+        self.tokenizer, self.strings, self.window = tokenizer, tuple(strings), max(map(len, strings))
+
+    def __call__(self, recent: torch.Tensor) -> torch.Tensor:      # recent [N, W<=window] sampled ids -> [N] bool
+        texts = self.tokenizer.batch_decode(recent.tolist())
+        return torch.tensor([any(s in t for s in self.strings) for t in texts], device=recent.device)
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -68,8 +86,14 @@ def generate(
     pad_id: int = 0,
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
+    stop_strings: tuple[str, ...] = (),
+    tokenizer=None,                # decodes the tails checked against stop_strings
 ) -> Samples:
-    """Sample `group_size` responses per prompt. Returns rows grouped: prompt b's samples are rows b*G .. b*G+G-1."""
+    """Sample `group_size` responses per prompt. Returns rows grouped: prompt b's samples are rows b*G .. b*G+G-1.
+    A row ends after a stop id, after a token that completes one of `stop_strings`, or at max_new_tokens."""
+    if stop_strings and tokenizer is None:
+        raise ValueError("generate: stop_strings need a tokenizer to decode with")
+    stop_text = StopStrings(tokenizer, stop_strings) if stop_strings else None
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
@@ -102,6 +126,10 @@ def generate(
         logps.append(torch.where(alive, logp, torch.zeros_like(logp)))
         alive_cols.append(alive.clone())
         alive = alive & ~torch.isin(token, stop)
+        if stop_text is not None and alive.any():
+            rows = alive.nonzero()[:, 0]
+            recent = torch.stack(tokens[-stop_text.window:], 1)[rows]            # [alive, W]
+            alive[rows] = ~stop_text(recent)
         if not alive.any():
             break
         mask = torch.cat([mask, torch.ones(N, 1, dtype=mask.dtype, device=device)], 1)

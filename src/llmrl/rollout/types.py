@@ -15,6 +15,10 @@ Token layout of one row of `input_ids` ([N, P + T]):
 `attention_mask` marks tokens that exist (prompt, sampled tokens, tool outputs); `response_mask` marks
 the response tokens the *policy chose* — 0 for padding and for tool observations — and is the mask
 every loss and advantage uses.
+
+A multi-turn episode (`rollout/episodes.py`) also leaves an `Episode` record on each row's example, at
+`example.meta["episode"]` (read it with `episode_of`): that is how reward functions, which see text and
+examples only, learn how many tool calls a row made and which text is its final answer.
 """
 
 from __future__ import annotations
@@ -23,6 +27,21 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+
+
+@dataclass(frozen=True)
+class Episode:
+    """How one multi-turn row went (the same numbers are in `Rollout.extras` as [N] tensors)."""
+    tool_calls: int           # calls the model made (unknown, malformed and turn-limit-cut calls included)
+    turns: int                # model turns (generate calls) the row took
+    tool_errors: int          # calls whose output starts with "error:"
+    answer: str | None        # text of the final turn when it made no call (the answer); None: it ended on a call
+
+
+def episode_of(example) -> Episode | None:
+    """The `Episode` a multi-turn rollout attached to a row's example, or None (single-turn)."""
+    meta = getattr(example, "meta", None)
+    return meta.get("episode") if isinstance(meta, dict) else None
 
 
 @dataclass(frozen=True)

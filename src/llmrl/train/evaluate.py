@@ -1,6 +1,12 @@
-"""Held-out evaluation: greedy responses to held-out prompts, scored by the task's own checker."""
+"""Held-out evaluation: greedy responses to held-out prompts, scored by the task's own checker.
+
+`collect` is the rollout collector (`collect_rollout`, or `collect_episodes` with its tools bound for a
+multi-turn tool task); both take the same arguments and return a `Rollout`.
+"""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -20,30 +26,34 @@ def evaluate(
     system_prompt: str | None = None,
     autocast_dtype: torch.dtype | None = None,
     reference=None,
+    collect: Callable = collect_rollout,
     progress: bool = False,
 ) -> dict:
-    """Greedy decode each held-out example once. Returns accuracy (mean `correct` reward), mean response length,
-    the exact KL(policy || reference) summed over the greedy responses' tokens when a reference is given, and the first few samples.
+    """Greedy decode each held-out example once. Returns accuracy (mean `correct` reward), mean response length
+    (chosen tokens), the exact KL(policy || reference) summed over the greedy responses' tokens when a reference
+    is given, the mean tool calls per episode with tools, and the first few samples.
     `progress`: a bar over the examples with the accuracy so far."""
     from tqdm.auto import tqdm
 
     from llmrl.objectives.logprobs import response_kl
     from llmrl.train.update import trim
 
-    correct, lengths, kls, samples = [], [], [], []
+    correct, lengths, kls, calls, samples = [], [], [], [], []
     bar = tqdm(total=len(examples), desc="evaluating", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(examples), batch_size):
         batch = examples[start:start + batch_size]
-        r = collect_rollout(model, tokenizer, batch, group_size=1, max_new_tokens=max_new_tokens, temperature=0.0,
-                            chat_template=chat_template, system_prompt=system_prompt, autocast_dtype=autocast_dtype)
+        r = collect(model, tokenizer, batch, group_size=1, max_new_tokens=max_new_tokens, temperature=0.0,
+                    chat_template=chat_template, system_prompt=system_prompt, autocast_dtype=autocast_dtype)
         result = score(r.completions, r.examples, [("correct", 1.0, {})])
         correct.append(result.total)
         lengths.append(r.response_lengths)
+        if "tool_calls" in r.extras:
+            calls.append(r.extras["tool_calls"].float())
         if reference is not None:
             t = trim(r)
             with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
                 kl = response_kl(model, reference, t.input_ids, t.attention_mask, t.response_mask.shape[1])
-            kls.append((kl * t.response_mask).sum(-1))                      # [n] exact KL summed over the response
+            kls.append((kl * t.response_mask).sum(-1))                      # [n] exact KL over the chosen tokens
         for c, ex, ok in zip(r.completions, r.examples, result.total.tolist()):
             if len(samples) < 8:
                 samples.append({"prompt": ex.prompt, "answer": ex.answer, "completion": c, "correct": ok})
@@ -58,4 +68,6 @@ def evaluate(
     }
     if kls:
         out["kl_to_ref"] = float(torch.cat(kls).mean())
+    if calls:
+        out["tool_calls"] = float(torch.cat(calls).mean())
     return out

@@ -40,11 +40,15 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def sample_records(step: int, rollout, advantages, rewards, tokenizer, *, groups: int = 2) -> list[dict]:
-    """The first `groups` groups of a step as JSON-ready rows: tokens with their mask and advantage (for reports)."""
+    """The first `groups` groups of a step as JSON-ready rows: tokens with their mask and advantage (for reports).
+    Tool outputs inside a multi-turn response are kept, with response_mask 0; each row also gets its tool calls,
+    turns and tool errors when the rollout has them."""
     keep = [i for i, g in enumerate(rollout.group_ids.tolist()) if g < groups]
+    present = rollout.attention_mask[:, rollout.prompt_len:]                  # [N, T] sampled or tool output
+    tool_stats = [k for k in ("tool_calls", "turns", "tool_errors") if k in rollout.extras]
     rows = []
     for i in keep:
-        n = int(rollout.response_mask[i].nonzero().max()) + 1 if rollout.response_mask[i].any() else 0
+        n = int(present[i].nonzero().max()) + 1 if present[i].any() else 0
         ids = rollout.response_ids[i, :n].tolist()
         rows.append({
             "step": step, "group": int(rollout.group_ids[i]), "prompt": rollout.examples[i].prompt,
@@ -55,5 +59,6 @@ def sample_records(step: int, rollout, advantages, rewards, tokenizer, *, groups
             "reward": float(rewards.total[i]),
             "reward_components": {k: float(v[i]) for k, v in rewards.components.items()},
             "correct": float(rewards.components["correct"][i]) if "correct" in rewards.components else None,
+            **{k: int(rollout.extras[k][i]) for k in tool_stats},
         })
     return rows

@@ -27,6 +27,8 @@ from llmrl.rewards import score
 from llmrl.rewards.process import STEP_REWARDS, score_steps, step_texts
 from llmrl.rollout.branch import monte_carlo_values
 from llmrl.rollout.collect import collect_rollout, encode_prompt
+from llmrl.rollout.episodes import collect_episodes
+from llmrl.rollout.tools import demonstration, resolve_tools, system_prompt as tools_system_prompt
 from llmrl.train import checkpoint
 from llmrl.train.evaluate import evaluate
 from llmrl.train.metrics import MetricsLog, sample_records
@@ -38,13 +40,14 @@ from llmrl.train.update import batched_logprobs, batched_values, critic_update, 
 log = logging.getLogger("llmrl.train")
 
 
-def check_prompts_fit(tokenizer, model, examples, *, max_new_tokens: int, chat_template: bool, system_prompt) -> None:
+def check_prompts_fit(tokenizer, model, examples, *, max_new_tokens: int, chat_template: bool, system_prompt,
+                      demo: list[dict] | None = None) -> None:
     """Fail before training if a prompt plus the response budget exceeds the model's context."""
     limit = getattr(model.config, "max_position_embeddings", None)
     if not limit:
         return
     for ex in examples:
-        n = len(encode_prompt(tokenizer, ex.prompt, chat_template=chat_template, system_prompt=system_prompt))
+        n = len(encode_prompt(tokenizer, ex.prompt, chat_template=chat_template, system_prompt=system_prompt, demo=demo))
         if n + max_new_tokens > limit:
             raise ValueError(f"prompt of {n} tokens + max_new_tokens {max_new_tokens} exceeds the model's context "
                              f"of {limit} tokens: {ex.prompt[:80]!r}...")
@@ -75,6 +78,19 @@ def check_credit_sources(cfg: TrainConfig) -> None:
                          "set objective.kl_placement=reward or objective.kl_coef=0")
     if c.steps == "regex" and not c.step_pattern:
         raise ValueError("credit.steps=regex needs credit.step_pattern")
+    if cfg.rollout.tools and c.values == "monte_carlo":
+        raise ValueError("credit.values=monte_carlo branches single-turn continuations and runs no tools; "
+                         "with rollout.tools use credit.values none or critic")
+
+
+def rollout_collector(cfg: TrainConfig, demo: list[dict] | None = None):
+    """`collect_rollout`, or the multi-turn episode loop with its tools (and `demo` exchange before each prompt)
+    when `rollout.tools` names any."""
+    r = cfg.rollout
+    if not r.tools:
+        return collect_rollout
+    return partial(collect_episodes, tools=resolve_tools(r.tools), max_turns=r.max_turns,
+                   max_observation_tokens=r.max_observation_tokens, demo=demo)
 
 
 def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
@@ -82,9 +98,14 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
     # ------------------------------------------------------------------ setup
     check_credit_sources(cfg)
     resume_from = checkpoint.resume_point(cfg)             # a checkpoint to continue from (run.resume), or None
+    tools, system_prompt = cfg.rollout.tools, cfg.model.system_prompt
+    if tools and system_prompt is None:                     # with tools, teach the call format
+        system_prompt = tools_system_prompt(tools)
+    demo = demonstration(tools) if tools and cfg.rollout.tool_demo else None
+    collect = rollout_collector(cfg, demo)
     run_dir, config_yaml, gen = start_run(cfg)
     amp = torch.bfloat16 if cfg.model.autocast == "bfloat16" else None
-    prompt_kw = dict(chat_template=cfg.model.chat_template, system_prompt=cfg.model.system_prompt)
+    prompt_kw = dict(chat_template=cfg.model.chat_template, system_prompt=system_prompt)
     eval_tokens = cfg.run.eval_max_new_tokens or cfg.rollout.max_new_tokens
 
     task = make_task(cfg.task.name, seed=cfg.task.seed, options=cfg.task.options,
@@ -97,7 +118,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
 
     model, tokenizer = load_model(cfg.model.name, dtype=getattr(torch, cfg.model.dtype))
     check_prompts_fit(tokenizer, model, heldout + first, max_new_tokens=max(cfg.rollout.max_new_tokens, eval_tokens),
-                      **prompt_kw)
+                      demo=demo, **prompt_kw)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False
@@ -134,9 +155,11 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
     def run_eval(step: int) -> dict:
         t = time.perf_counter()
         ev = evaluate(model, tokenizer, heldout, max_new_tokens=eval_tokens, autocast_dtype=amp,
-                      reference=reference, **prompt_kw)
+                      reference=reference, collect=collect, **prompt_kw)
         rec = {"step": step, "heldout_accuracy": ev["accuracy"], "heldout_response_length": ev["response_length"],
                "heldout_kl_to_ref": ev.get("kl_to_ref"), "time_eval": time.perf_counter() - t}
+        if "tool_calls" in ev:
+            rec["heldout_tool_calls"] = ev["tool_calls"]
         metrics_log.write({"kind": "eval", **rec})
         log.info("step %d: held-out accuracy %.3f (n=%d)", step, ev["accuracy"], ev["n"])
         return {**rec, "samples": ev["samples"]}
@@ -157,10 +180,10 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
                 log.info("run.time_limit_minutes reached after %d steps", step)
                 break
             t0 = time.perf_counter()
-            # 1. generate
-            rollout = collect_rollout(model, tokenizer, next(stream), group_size=cfg.rollout.group_size,
-                                      max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-                                      top_p=cfg.rollout.top_p, autocast_dtype=amp, generator=gen, **prompt_kw)
+            # 1. generate (multi-turn with tools: tool outputs are in the response with response_mask 0)
+            rollout = collect(model, tokenizer, next(stream), group_size=cfg.rollout.group_size,
+                              max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                              top_p=cfg.rollout.top_p, autocast_dtype=amp, generator=gen, **prompt_kw)
             t1 = time.perf_counter()
             # 2. score
             rewards = score(rollout.completions, rollout.examples, terms)
@@ -236,6 +259,8 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
                    "reward_failures": sum(rewards.failures.values()),
                    "response_length": n_tokens / len(rollout.completions),
                    "truncated_fraction": float(rollout.extras["truncated"].float().mean()),
+                   **{k: float(rollout.extras[k].float().mean()) for k in ("tool_calls", "turns", "tool_errors")
+                      if k in rollout.extras},
                    "lr": scheduler.get_last_lr()[0], **upd, **stage_stats,
                    "tokens_per_s": n_tokens / (t1 - t0), "time_rollout": t1 - t0, "time_reward": t2 - t1,
                    "time_ref_values": t3 - t2, "time_update": t4 - t3, "time_step": t4 - t0}
