@@ -272,25 +272,47 @@ def test_one_process_helpers_are_the_identity():
 # ----------------------------------------------------------------------------- the real CLI under torchrun
 
 
-@pytest.mark.parametrize("parallel", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
-def test_torchrun_two_processes_trains_and_rank0_writes_one_run(tmp_path, parallel):
+def _torchrun(tmp_path, *overrides):
+    """`torchrun --nproc-per-node 2 -m llmrl train examples/tiny_smoke.yaml ...` into tmp_path/r."""
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "llmrl", "train",
-           str(Path(__file__).parents[1] / "examples" / "tiny_smoke.yaml"), "run.steps=2", f"run.parallel={parallel}",
-           f"run.output_dir={tmp_path}", "run.name=r", "run.save_every=1"]
+           str(Path(__file__).parents[1] / "examples" / "tiny_smoke.yaml"), f"run.output_dir={tmp_path}", "run.name=r",
+           *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _train_steps(run_dir: Path) -> list[int]:
+    return [x["step"] for x in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if x["kind"] == "train"]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
+def test_torchrun_two_processes_trains_and_rank0_writes_one_run(tmp_path, parallel):
+    proc = _torchrun(tmp_path, "run.steps=2", f"run.parallel={parallel}",
+                     *(["run.save_every=1"] if parallel == "ddp" else []))
     assert proc.stdout.count("held-out accuracy") == 1                  # rank 0 alone prints the table
-    runs = list(tmp_path.glob("**/metrics.jsonl"))
-    assert runs == [tmp_path / "r" / "metrics.jsonl"]
-    lines = [json.loads(x) for x in runs[0].read_text().splitlines()]
+    run = tmp_path / "r"
+    assert [p for p in tmp_path.glob("**/metrics.jsonl") if "checkpoints" not in p.parts] == [run / "metrics.jsonl"]
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     train = [x for x in lines if x["kind"] == "train"]
     assert [x["step"] for x in train] == [1, 2] and all(x["update_rows"] == 8 for x in train)
     assert {x["step"] for x in lines if x["kind"] == "eval"} == {0, 1, 2}
     from transformers import AutoModelForCausalLM
-    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "r" / "final")
+    saved = AutoModelForCausalLM.from_pretrained(run / "final")
     assert sum(p.numel() for p in saved.parameters()) == sum(p.numel() for p in build_tiny(0)[0].parameters())
+    if parallel == "ddp":                       # the resumable checkpoint holds each rank's sampling generator
+        rng = torch.load(run / "checkpoints" / "step-000002" / "rng.pt", weights_only=True)
+        assert len(rng["rank_generators"]) == 2 and not torch.equal(*rng["rank_generators"])
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_run_resumes_from_its_checkpoint(tmp_path):
+    _torchrun(tmp_path, "run.steps=1", "run.save_every=1")
+    _torchrun(tmp_path, "run.steps=2", "run.save_every=1")               # run.resume=auto: continues after step 1
+    assert _train_steps(tmp_path / "r") == [1, 2]
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -298,6 +320,7 @@ def test_torchrun_two_processes_trains_and_rank0_writes_one_run(tmp_path, parall
     (["run.parallel=fsdp", "model.lora_r=4"], "does not support LoRA"),
     (["run.parallel=fsdp", "credit.values=critic", "credit.estimator=gae", "critic.shared_trunk=true"], "shared_trunk"),
     (["rollout.prompts_per_step=3"], "must divide by the number of ranks"),
+    (["run.parallel=fsdp", "run.save_every=5"], "writes and reads no resumable checkpoints"),
 ])
 def test_unsupported_compositions_fail_before_training(monkeypatch, overrides, message):
     from llmrl.config import load_config
