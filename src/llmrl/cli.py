@@ -54,6 +54,7 @@ def cmd_train(args) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    from llmrl.train import distributed
     from llmrl.train.rl import train
 
     try:
@@ -61,6 +62,11 @@ def cmd_train(args) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        main = distributed.is_main()    # under torchrun rank 0 reports; one process: always
+        distributed.shutdown()
+    if not main:
+        return 0
     if summary.get("interrupted"):
         print(f"interrupted at step {summary['step']}; run folder: {summary['run_dir']}")
         return 130

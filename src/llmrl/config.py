@@ -179,6 +179,8 @@ class RunConfig:
                                        "(null = when the tensorboard package is installed)")
     wandb_project: str | None = f(None, "also log metrics to this Weights & Biases project (needs wandb; "
                                         "WANDB_MODE=offline logs to RUN_DIR/wandb without a network)")
+    parallel: str = f("ddp", "under torchrun: ddp (a full copy per rank) | fsdp (FSDP2: parameters, gradients and "
+                      "optimizer state sharded per decoder layer); ignored in one process", choices=("ddp", "fsdp"))
 
 
 @dataclass

@@ -147,7 +147,15 @@ def score(completions: list[str], examples: list, terms: list) -> RewardResult:
                         t.name, len(errors), len(completions), errors[0])
         components[t.name] = torch.tensor(values, dtype=torch.float32)
         failures[t.name] = len(errors)
-    total = torch.zeros(len(completions), dtype=torch.float32)
+    return RewardResult(total=combine(components, terms), components=components, failures=failures)
+
+
+def combine(components: dict[str, torch.Tensor], terms: list) -> torch.Tensor:
+    """The weighted sum [N] of the terms' raw scores `components` (name -> [N]): each gated on its gate term's
+    score and, with normalize: batch, z-scored over the N rows given (the whole batch: under torchrun the
+    components of every rank are gathered first, `train.distributed.global_rewards`)."""
+    terms = [_as_term(t) for t in terms]
+    total = torch.zeros(len(next(iter(components.values()))), dtype=torch.float32)
     for t in terms:
         x = components[t.name]
         if t.normalize == "batch" and len(x) > 1:
@@ -157,4 +165,4 @@ def score(completions: list[str], examples: list, terms: list) -> RewardResult:
         if t.gate is not None:
             x = x * (components[t.gate] >= t.gate_threshold).float()
         total += t.weight * x
-    return RewardResult(total=total, components=components, failures=failures)
+    return total

@@ -20,6 +20,10 @@ train stream per step, so a run resumed after step k recreates the stream and sk
 Exactness: with the same threads and fp32 on CPU, a resumed run ends with bitwise the same weights as one that was
 never stopped (tests/test_resume.py). Evaluations are greedy and draw no random numbers; nothing else does between
 the checkpoint and the next step.
+
+Under torchrun (DDP: every rank holds the same weights and optimizer state) rank 0 writes, with every rank's
+sampling generator in rng.pt; every rank reads (the run folder must be on a filesystem all nodes see), takes its
+own generator and only rank 0 puts the logs back. A run resumes with as many processes as wrote the checkpoint.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import torch
 import yaml
 
 from llmrl.config import config_to_dict
+from llmrl.train import distributed as D
 
 log = logging.getLogger("llmrl.train")
 
@@ -141,8 +146,12 @@ def _plain(cfg) -> dict:
 
 def save(run_dir: Path, step: int, state: TrainingState, evals: list[dict], *, keep: int) -> Path:
     """Write the full training state after `step` atomically to RUN_DIR/checkpoints/step-NNNNNN; keep the last
-    `keep`. `evals` are the recipe's evaluation records so far (without samples)."""
+    `keep`. `evals` are the recipe's evaluation records so far (without samples). Under torchrun every rank calls
+    it (their generators are gathered) and rank 0 writes."""
+    rank_generators = D.gather_objects(state.generator.get_state()) if D.world() > 1 else None
     root = checkpoints_dir(run_dir)
+    if not D.is_main():
+        return root / f"step-{step:06d}"
     root.mkdir(parents=True, exist_ok=True)
     target = root / f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
@@ -156,7 +165,8 @@ def save(run_dir: Path, step: int, state: TrainingState, evals: list[dict], *, k
         if state.critic is not None:
             _write(tmp / "critic.pt", lambda f: torch.save(
                 {"critic": _trainable(state.critic), "optimizer": state.critic_optimizer.state_dict()}, f))
-        _write(tmp / "rng.pt", lambda f: torch.save(_rng_states(state.generator), f))
+        rng = _rng_states(state.generator) | ({"rank_generators": rank_generators} if rank_generators else {})
+        _write(tmp / "rng.pt", lambda f: torch.save(rng, f))
         for name in LOGS:
             src = Path(run_dir) / name
             data = src.read_bytes() if src.exists() else b""
@@ -238,11 +248,17 @@ def restore(path: Path, state: TrainingState, run_dir: Path) -> tuple[int, list[
         _load_trainable(state.critic, saved["critic"], "critic")
         state.critic_optimizer.load_state_dict(saved["optimizer"])
     state.beta.load_state_dict(meta["beta"])
-    for name in LOGS:                           # back to this step: records written after it are dropped
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    if D.world() > 1:                           # this rank's own sampling generator
+        written = len(rng.get("rank_generators", [None]))
+        if written != D.world():
+            raise ValueError(f"{path} was written by {written} process(es); resume it with as many, not {D.world()}")
+        rng["generator"] = rng["rank_generators"][D.rank()]
+    for name in LOGS if D.is_main() else ():    # back to this step: records written after it are dropped
         tmp = Path(run_dir) / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
         shutil.copyfile(path / name, tmp)
         os.replace(tmp, Path(run_dir) / name)
-    _set_rng_states(torch.load(path / "rng.pt", weights_only=True), state.generator)
+    _set_rng_states(rng, state.generator)
     return meta["step"], meta["evals"]
 
 

@@ -15,22 +15,28 @@ def _clean(v):
 
 
 class MetricsLog:
-    """One JSON line per record; each record also goes to the `sinks` (TensorBoard, W&B: `llmrl.train.sinks`)."""
+    """One JSON line per record; each record also goes to the `sinks` (TensorBoard, W&B: `llmrl.train.sinks`).
+    enabled=False writes nothing (the ranks other than 0 under torchrun)."""
 
-    def __init__(self, path: Path, mode: str = "w", sinks: Sequence = ()):   # "a" to continue a resumed run
+    def __init__(self, path: Path, mode: str = "w", sinks: Sequence = (), *, enabled: bool = True):   # "a": resumed
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, mode, buffering=1)
+        self._f = None
         self.sinks = list(sinks)
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(self.path, mode, buffering=1)
 
     def write(self, record: dict) -> None:
+        if self._f is None:
+            return
         self._f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
         self._f.flush()
         for sink in self.sinks:
             sink.write(record)
 
     def close(self) -> None:
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
         for sink in self.sinks:
             sink.close()
 

@@ -1,7 +1,9 @@
 """The RL recipe, top to bottom: sample prompts -> generate -> score -> assign credit -> update -> log.
 
 It calls the math in `credit/` and `objectives/`; it never re-implements it. Every piece is chosen by
-name from the config (see `llmrl presets` for the named compositions).
+name from the config (see `llmrl presets` for the named compositions). Under torchrun each rank runs this
+same recipe on its share of the prompts; the `dist.*` and `parallel` calls make its statistics global and
+are the identity in one process (`train/distributed.py`, `train/parallel.py`).
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ from llmrl.rollout.collect import collect_rollout, encode_prompt
 from llmrl.rollout.episodes import collect_episodes
 from llmrl.rollout.tools import demonstration, resolve_tools, system_prompt as tools_system_prompt
 from llmrl.train import checkpoint
+from llmrl.train import distributed as dist
 from llmrl.train.evaluate import evaluate
 from llmrl.train.metrics import MetricsLog, sample_records
+from llmrl.train.parallel import check_parallel, full_params, wrap_policy
 from llmrl.train.runs import save_checkpoint, start_run
 from llmrl.train.schedules import lr_multiplier
 from llmrl.train.sinks import open_metrics
@@ -53,6 +57,9 @@ def check_prompts_fit(tokenizer, model, examples, *, max_new_tokens: int, chat_t
                              f"of {limit} tokens: {ex.prompt[:80]!r}...")
 
 
+# metrics that add up over ranks under torchrun (the others are per-row means, averaged; time_* the slowest rank's)
+SUMMED_METRICS = ("reward_failures", "update_rows", "tokens_per_s", "step_reward_failures", "steps_scored",
+                  "mc_boundaries", "mc_continuations")
 NEEDS_VALUES = {"value_baseline", "gae", "vineppo"}      # estimators that read V(s_t)
 NO_RETURNS = {"process", "vineppo"}                     # estimators that give no regression targets for a critic
 NEEDS_STEPS = {"process", "vineppo"}
@@ -96,8 +103,11 @@ def rollout_collector(cfg: TrainConfig, demo: list[dict] | None = None):
 def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
     """Run one RL training job described by `cfg`. Returns a summary with held-out accuracy before and after."""
     # ------------------------------------------------------------------ setup
+    dist.init()                     # joins torchrun's process group; nothing in one process
     check_credit_sources(cfg)
-    resume_from = checkpoint.resume_point(cfg)             # a checkpoint to continue from (run.resume), or None
+    with dist.main_first():         # rank 0 sweeps or removes old checkpoints before the others look
+        resume_from = checkpoint.resume_point(cfg)         # a checkpoint to continue from (run.resume), or None
+    check_parallel(cfg, resume_from)
     tools, system_prompt = cfg.rollout.tools, cfg.model.system_prompt
     if tools and system_prompt is None:                     # with tools, teach the call format
         system_prompt = tools_system_prompt(tools)
@@ -116,7 +126,8 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
     if not heldout or not first:
         raise ValueError(f"task {cfg.task.name!r} produced no examples")
 
-    model, tokenizer = load_model(cfg.model.name, dtype=getattr(torch, cfg.model.dtype))
+    with dist.main_first():         # rank 0 builds a cached model folder (bundled / tiny) before the others read it
+        model, tokenizer = load_model(cfg.model.name, dtype=getattr(torch, cfg.model.dtype))
     check_prompts_fit(tokenizer, model, heldout + first, max_new_tokens=max(cfg.rollout.max_new_tokens, eval_tokens),
                       demo=demo, **prompt_kw)
     if cfg.model.gradient_checkpointing:
@@ -128,10 +139,6 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
         reference = AdapterDisabledReference(model)       # the base weights: no second copy
     else:
         reference = load_reference(cfg.model.name, dtype=getattr(torch, cfg.model.dtype))   # same numerics as the policy
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
-        lr_multiplier, schedule=cfg.optim.schedule, warmup=cfg.optim.warmup_steps, total=cfg.run.steps))
     estimator = partial(CREDIT.get(cfg.credit.estimator), **cfg.credit.options)
     critic = critic_optimizer = value_objective = None
     if cfg.credit.values == "critic":
@@ -140,6 +147,11 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
                                              eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
         value_objective = partial(clipped_value_loss, clip=cfg.critic.value_clip, coef=cfg.critic.coef,
                                   aggregation=cfg.objective.aggregation)
+    policy = wrap_policy(model, cfg.run.parallel)   # DDP / FSDP2 under torchrun (after the critic's copy); else model
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
+        lr_multiplier, schedule=cfg.optim.schedule, warmup=cfg.optim.warmup_steps, total=cfg.run.steps))
     o = cfg.objective
     base_objective = partial(OBJECTIVES.get(o.name), clip_low=o.clip_low, clip_high=o.clip_high,
                              kl_estimator=o.kl_estimator, entropy_coef=o.entropy_coef, aggregation=o.aggregation,
@@ -149,13 +161,15 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
     terms = cfg.reward.terms
     state = checkpoint.TrainingState(model, optimizer, scheduler, gen, beta, critic, critic_optimizer)
     start, evals = checkpoint.restore(resume_from, state, run_dir) if resume_from else (0, [])   # last: sets RNGs
-    metrics_log = open_metrics(cfg, run_dir, start=start)
-    samples_log = MetricsLog(run_dir / "samples.jsonl", "a" if start else "w")
+    metrics_log = open_metrics(cfg, run_dir, start=start, enabled=dist.is_main())
+    samples_log = MetricsLog(run_dir / "samples.jsonl", "a" if start else "w", enabled=dist.is_main())
 
     def run_eval(step: int) -> dict:
         t = time.perf_counter()
-        ev = evaluate(model, tokenizer, heldout, max_new_tokens=eval_tokens, autocast_dtype=amp,
-                      reference=reference, collect=collect, **prompt_kw)
+        with full_params(policy):       # under torchrun: each rank evaluates a share, the results are combined
+            ev = dist.evaluate_split(lambda examples: evaluate(
+                model, tokenizer, examples, max_new_tokens=eval_tokens, autocast_dtype=amp, reference=reference,
+                collect=collect, **prompt_kw), heldout)
         rec = {"step": step, "heldout_accuracy": ev["accuracy"], "heldout_response_length": ev["response_length"],
                "heldout_kl_to_ref": ev.get("kl_to_ref"), "time_eval": time.perf_counter() - t}
         if "tool_calls" in ev:
@@ -168,25 +182,28 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
     evals = evals or [run_eval(0)]
     before = evals[0]
     show = cfg.run.progress if progress is None else progress
-    bar = _progress(cfg.run.steps, show, start)
+    bar = _progress(cfg.run.steps, show and dist.is_main(), start)
     stream = itertools.chain([first], _batches(stream, cfg.rollout.prompts_per_step))
     stream = itertools.islice(stream, start, None)          # resumed: the batches of steps 1..start were drawn
     step, interrupted = start, False
     deadline = time.perf_counter() + 60 * cfg.run.time_limit_minutes if cfg.run.time_limit_minutes else None
     try:
         for step in range(start + 1, cfg.run.steps + 1):
-            if deadline is not None and time.perf_counter() > deadline:
+            if deadline is not None and dist.any_rank(time.perf_counter() > deadline):   # all ranks stop together
                 step -= 1
                 log.info("run.time_limit_minutes reached after %d steps", step)
                 break
             t0 = time.perf_counter()
-            # 1. generate (multi-turn with tools: tool outputs are in the response with response_mask 0)
-            rollout = collect(model, tokenizer, next(stream), group_size=cfg.rollout.group_size,
-                              max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-                              top_p=cfg.rollout.top_p, autocast_dtype=amp, generator=gen, **prompt_kw)
+            # 1. generate (under torchrun: this rank's share of the prompts; with tools, multi-turn episodes whose
+            #    tool outputs sit in the response with response_mask 0)
+            with full_params(policy):
+                rollout = collect(model, tokenizer, dist.split_prompts(next(stream)),
+                                  group_size=cfg.rollout.group_size, max_new_tokens=cfg.rollout.max_new_tokens,
+                                  temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                  autocast_dtype=amp, generator=gen, **prompt_kw)
             t1 = time.perf_counter()
             # 2. score
-            rewards = score(rollout.completions, rollout.examples, terms)
+            rewards = dist.global_rewards(score(rollout.completions, rollout.examples, terms), terms)
             t2 = time.perf_counter()
             # 3. reference log-probs, when the objective uses them
             if beta.value > 0:
@@ -207,22 +224,24 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
                 stage_stats |= {"step_reward": float(scored.mean()) if scored.numel() else None,
                              "step_reward_failures": step_failures, "steps_scored": int(scored.numel())}
             if cfg.credit.values == "monte_carlo":
-                values, mc = monte_carlo_values(
-                    model, tokenizer, rollout, rollout.step_ids, terms, samples=cfg.credit.mc_samples,
-                    max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-                    top_p=cfg.rollout.top_p, autocast_dtype=amp, generator=gen)
+                with full_params(policy):
+                    values, mc = monte_carlo_values(
+                        model, tokenizer, rollout, rollout.step_ids, terms, samples=cfg.credit.mc_samples,
+                        max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                        top_p=cfg.rollout.top_p, autocast_dtype=amp, generator=gen)
                 rollout = rollout.with_(values=values)
                 stage_stats |= mc
             if critic is not None:
                 rollout = rollout.with_(values=batched_values(critic, rollout, micro_batch_size=cfg.optim.micro_batch_size,
                                                               autocast_dtype=amp))
             t3 = time.perf_counter()
-            # 5. credit (with the KL penalty as a per-token reward when it is placed in the reward)
+            # 5. credit (with the KL penalty as a per-token reward when it is placed in the reward), on the
+            #    global batch under torchrun
             token_rewards = (kl_in_reward(rollout.logp_old, rollout.logp_ref, rollout.response_mask, beta.value)
                              if o.kl_placement == "reward" and beta.value > 0 else None)
-            credit = estimator(CreditInputs(scores=rewards.total, response_mask=rollout.response_mask,
-                                            group_ids=rollout.group_ids, token_rewards=token_rewards,
-                                            values=rollout.values, step_ids=rollout.step_ids, step_scores=step_scores))
+            credit = dist.global_credit(estimator, CreditInputs(
+                scores=rewards.total, response_mask=rollout.response_mask, group_ids=rollout.group_ids,
+                token_rewards=token_rewards, values=rollout.values, step_ids=rollout.step_ids, step_scores=step_scores))
             # 6. update
             kl_in_loss = beta.value if o.kl_placement == "loss" else 0.0
             objective = partial(base_objective, kl_coef=kl_in_loss)
@@ -235,7 +254,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
                                          micro_batch_size=cfg.optim.micro_batch_size, max_len=cfg.rollout.max_new_tokens,
                                          max_grad_norm=cfg.optim.max_grad_norm, autocast_dtype=amp)
             else:
-                upd = policy_update(model, optimizer, rollout, credit.advantages, objective,
+                upd = policy_update(policy, optimizer, rollout, credit.advantages, objective,
                                     epochs=o.epochs, minibatches=o.minibatches, micro_batch_size=cfg.optim.micro_batch_size,
                                     max_grad_norm=cfg.optim.max_grad_norm, temperature=cfg.rollout.temperature or 1.0,
                                     autocast_dtype=amp, max_len=cfg.rollout.max_new_tokens, generator=gen,
@@ -243,12 +262,12 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
                                     critic=critic, critic_optimizer=critic_optimizer, returns=credit.returns,
                                     value_objective=value_objective, early_stop_kl=o.early_stop_kl)
             if critic is not None:
-                upd["value_explained_variance"] = float(explained_variance(rollout.values, credit.returns,
-                                                                           rollout.response_mask))
+                upd["value_explained_variance"] = float(explained_variance(*map(dist.gather_rows, (
+                    rollout.values, credit.returns, rollout.response_mask))))
             if o.update == "gradient":   # TRPO sets its own step size; the optimizer and its schedule are idle
                 scheduler.step()
             if rollout.logp_ref is not None:   # sampled k1 KL per sequence (logp_old: the sampler's), which beta steers
-                kl_seq = float(((rollout.logp_old - rollout.logp_ref) * rollout.response_mask).sum(-1).mean())
+                kl_seq = dist.mean(float(((rollout.logp_old - rollout.logp_ref) * rollout.response_mask).sum(-1).mean()))
                 upd.update(kl_sampled_per_seq=kl_seq, kl_beta=beta.value)
                 beta.update(kl_seq, 1)
             t4 = time.perf_counter()
@@ -264,6 +283,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
                    "lr": scheduler.get_last_lr()[0], **upd, **stage_stats,
                    "tokens_per_s": n_tokens / (t1 - t0), "time_rollout": t1 - t0, "time_reward": t2 - t1,
                    "time_ref_values": t3 - t2, "time_update": t4 - t3, "time_step": t4 - t0}
+            rec = dist.reduce_metrics(rec, sums=SUMMED_METRICS, weights={"step_reward": "steps_scored"})
             metrics_log.write(rec)
             if cfg.run.samples_every and (step % cfg.run.samples_every == 0 or step == 1):
                 for row in sample_records(step, rollout, credit.advantages, rewards, tokenizer):
@@ -293,7 +313,8 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
                "before": {k: v for k, v in before.items() if k != "samples"},
                "after": {k: v for k, v in after.items() if k != "samples"},
                "samples_after": after["samples"]}
-    (run_dir / "summary.yaml").write_text(yaml.safe_dump(summary, sort_keys=False))
+    if dist.is_main():
+        (run_dir / "summary.yaml").write_text(yaml.safe_dump(summary, sort_keys=False))
     return summary
 
 

@@ -11,6 +11,7 @@ import yaml
 from llmrl.config import config_to_dict
 from llmrl.models import save_pretrained_model
 from llmrl.models.lora import merged_copy
+from llmrl.train import distributed as D
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -20,21 +21,30 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def start_run(cfg) -> tuple[Path, str, torch.Generator]:
-    """Threads, seeds, the run folder `run.output_dir/run.name` with its config.yaml.
-    Returns (run_dir, the resolved config as YAML, a seeded torch generator)."""
+    """Threads, seeds, the run folder `run.output_dir/run.name` with its config.yaml (written by rank 0).
+    Returns (run_dir, the resolved config as YAML, a seeded torch generator: under torchrun seeded per rank,
+    so that ranks draw different samples; the global seeds, and so any initialisation, are the same)."""
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     generator = seed_everything(cfg.run.seed)
+    if D.rank():
+        generator.manual_seed(cfg.run.seed + D.rank())
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
-    run_dir.mkdir(parents=True, exist_ok=True)
     config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    (run_dir / "config.yaml").write_text(config_yaml)
+    if D.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_yaml)
     return run_dir, config_yaml, generator
 
 
 def save_checkpoint(model, tokenizer, path: Path, config_yaml: str) -> Path:
     """save_pretrained (written atomically: a temporary folder, then renamed; a LoRA adapter merged in) plus the
-    resolved config beside it."""
+    resolved config beside it. Under torchrun every rank calls it and rank 0 writes (FSDP: gathered weights)."""
+    from llmrl.train.parallel import full_model
+
+    model = full_model(model)
+    if model is None:
+        return path
     save_pretrained_model(merged_copy(model), tokenizer, path)
     (path / "llmrl_config.yaml").write_text(config_yaml)
     return path

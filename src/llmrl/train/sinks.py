@@ -80,10 +80,13 @@ class WandbSink:
         self.run.finish()
 
 
-def open_metrics(cfg, run_dir: Path, *, start: int = 0) -> MetricsLog:
+def open_metrics(cfg, run_dir: Path, *, start: int = 0, enabled: bool = True) -> MetricsLog:
     """RUN_DIR/metrics.jsonl with the sinks `cfg.run` asks for; `start` > 0: a run resumed after that step
-    (the file is appended to; its earlier records were put back by `checkpoint.restore`)."""
+    (the file is appended to; its earlier records were put back by `checkpoint.restore`). enabled=False: a log
+    that writes nothing and opens no sink (the ranks other than 0 under torchrun)."""
     run, run_dir = cfg.run, Path(run_dir)
+    if not enabled:
+        return MetricsLog(run_dir / "metrics.jsonl", enabled=False)
     sinks = []
     if run.tensorboard or (run.tensorboard is None and importlib.util.find_spec("tensorboard") is not None):
         sinks.append(TensorBoardSink(run_dir / "tensorboard", purge_step=start + 1 if start else None))

@@ -4,6 +4,11 @@ critic when there is one).
 
 Micro-batching never changes the loss: every aggregation divides by counts of the whole minibatch
 (`BatchCounts`), so the sum of micro-batch losses equals the minibatch loss.
+
+Under torchrun (`train/distributed.py`, `train/parallel.py`) each rank holds its rows of the global batch and
+`model` is the wrapped policy: the minibatch split is drawn once (rank 0) over the global rows, the counts are
+the global minibatch's, and the wrapper's gradient sync sums the ranks' gradients, so the step equals the
+single-process step on the global batch. In one process all of this is the identity.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import torch
 from llmrl.objectives.logprobs import response_logprobs
 from llmrl.objectives.policy import BatchCounts, ObjectiveOutput
 from llmrl.rollout.types import Rollout
+from llmrl.train import distributed as D
+from llmrl.train.parallel import average_gradients, grad_sync, loss_scale, policy_logprobs
 
 
 def trim(rollout: Rollout) -> Rollout:
@@ -43,8 +50,8 @@ def batched_logprobs(model, rollout: Rollout, *, micro_batch_size: int, temperat
     for idx in torch.arange(len(rollout.completions)).split(micro_batch_size):
         r = trim(rollout.select(idx))
         with _amp(autocast_dtype):
-            lp, _ = response_logprobs(model, r.input_ids, r.attention_mask, r.response_mask.shape[1],
-                                      temperature=temperature, with_entropy=False)
+            lp, _ = policy_logprobs(model, r.input_ids, r.attention_mask, r.response_mask.shape[1],
+                                    temperature=temperature, with_entropy=False)
         out.append(torch.nn.functional.pad(lp.float(), (0, T - lp.shape[1])))
     return torch.cat(out) * rollout.response_mask
 
@@ -84,8 +91,9 @@ def policy_update(
     value_objective: Callable[..., ObjectiveOutput] | None = None,
     early_stop_kl: float | None = None,   # stop the epochs once a minibatch's approx KL(old || new) exceeds this
 ) -> dict[str, float]:
-    """Run the update; returns metrics averaged over the optimizer steps taken."""
-    N = advantages.shape[0]
+    """Run the update; returns metrics averaged over the optimizer steps taken (`update_rows`: this rank's)."""
+    N = advantages.shape[0]                   # this rank's rows; under torchrun rank r holds global rows r*N ..
+    W, offset = D.world(), D.rank() * N
     sums: dict[str, float] = defaultdict(float)
     reuse_detached = epochs == 1 and minibatches == 1    # on-policy, one pass: old policy == current policy
     logp_old = None if reuse_detached else batched_logprobs(
@@ -95,23 +103,28 @@ def policy_update(
     for _ in range(epochs):
         if stopped:
             break
-        order = torch.randperm(N, generator=generator) if minibatches > 1 else torch.arange(N)
-        for mb in order.chunk(minibatches):
+        order = torch.randperm(N * W, generator=generator) if minibatches > 1 else torch.arange(N * W)
+        for mb in D.broadcast_from_main(order).chunk(minibatches):   # one split of the global rows, rank 0's
             if stopped:
                 break
-            counts = BatchCounts.of(rollout.response_mask[mb], max_len)
+            num_seqs = len(mb)
+            mb = mb[(mb >= offset) & (mb < offset + N)] - offset      # this rank's rows of the minibatch
+            counts = D.batch_counts(rollout.response_mask[mb], num_seqs, max_len)
             if skip_zero:   # rows with A = 0 everywhere add exactly zero gradient: skip their compute
                 mb = mb[(advantages[mb] != 0).any(-1)]
             optimizer.zero_grad(set_to_none=True)
             if critic_optimizer is not None:
                 critic_optimizer.zero_grad(set_to_none=True)
             mb_sums: dict[str, float] = defaultdict(float)
-            for idx in mb.split(micro_batch_size) if len(mb) else ():
+            micro = list(mb.split(micro_batch_size)) if len(mb) else []
+            n_micro = D.all_max(len(micro))   # every rank runs as many passes: a rank short of rows runs row 0 × 0
+            for i in range(n_micro):
+                idx, weight = (micro[i], 1.0) if i < len(micro) else (torch.tensor([0]), 0.0)
                 part = trim(rollout.select(idx))
                 T = part.response_mask.shape[1]
                 with _amp(autocast_dtype):
-                    logp, entropy = response_logprobs(model, part.input_ids, part.attention_mask, T,
-                                                      temperature=temperature)
+                    logp, entropy = policy_logprobs(model, part.input_ids, part.attention_mask, T,
+                                                    temperature=temperature)
                 logp, entropy = logp.float(), entropy.float()
                 out = objective(logp, logp.detach() if logp_old is None else logp_old[idx, :T],
                                 advantages[idx, :T], part.response_mask, counts, logp_ref=part.logp_ref,
@@ -122,17 +135,22 @@ def policy_update(
                         values = critic(part.input_ids, part.attention_mask, T)
                     vout = value_objective(values, part.values, returns[idx, :T], part.response_mask, counts)
                     loss, named = loss + vout.total, {**named, **vout.losses, **vout.metrics}
-                loss.backward()
+                with grad_sync(model, sync=i == n_micro - 1):   # DDP: all-reduce on the last pass only
+                    (loss * (weight * loss_scale())).backward()
                 for k, v in named.items():   # each is this micro-batch's share of the minibatch value
-                    mb_sums[k] += float(v.detach())
+                    mb_sums[k] += weight * float(v.detach())
             # token-mean metrics were divided by all the minibatch's tokens; rescale to the rows actually computed
-            active = float(rollout.response_mask[mb].sum()) if len(mb) else 0.0
+            mb_sums["_active"] = float(rollout.response_mask[mb].sum()) if len(mb) else 0.0
+            mb_sums = D.sum_values(mb_sums)                           # the global minibatch's values
+            active = mb_sums.pop("_active")
             for k, v in mb_sums.items():
                 sums[k] += v if k.startswith("loss_") or not active else v * counts.num_tokens / active
-            if len(mb):
-                sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
+            if n_micro:
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+                sums["grad_norm"] += float(getattr(norm, "full_tensor", lambda: norm)())   # FSDP: a DTensor
                 optimizer.step()
                 if critic_optimizer is not None:
+                    average_gradients(critic.parameters())
                     torch.nn.utils.clip_grad_norm_(critic.parameters(), max_grad_norm)
                     critic_optimizer.step()
             sums["update_rows"] += len(mb)
