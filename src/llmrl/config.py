@@ -151,6 +151,10 @@ class OptimConfig:
     eps: float = f(1e-8, "AdamW epsilon", gt=0)
     max_grad_norm: float = f(1.0, "clip the global gradient norm to this", gt=0)
     micro_batch_size: int = f(32, "sequences per forward/backward; gradients accumulate", ge=1)
+    packing: bool = f(False, "update phase: drop the padding and pack each micro-batch's rows into sequences of at most "
+                             "pack_tokens tokens (same values, fewer FLOPs when lengths vary)")
+    pack_tokens: int = f(256, "packing: tokens per packed sequence (attention cost grows with its square); "
+                              "a longer row gets a pack of its own", ge=1)
     schedule: str = f("constant", "learning-rate schedule: constant | linear | cosine | count (1/(k+1), a running mean)",
                       choices=("constant", "linear", "cosine", "count"))
     warmup_steps: int = f(0, "linear warm-up steps", ge=0)

@@ -13,11 +13,14 @@ import copy
 import torch
 from torch import nn
 
+from llmrl.objectives.logprobs import response_hidden
+
 
 class Critic(nn.Module):
-    def __init__(self, trunk: nn.Module, hidden_size: int, *, shared: bool):
+    def __init__(self, trunk: nn.Module, hidden_size: int, *, shared: bool, pack_tokens: int | None = None):
         super().__init__()
         self.shared = shared
+        self.pack_tokens = pack_tokens     # run the trunk padding-free in packs of this many tokens (packing.py)
         # a shared trunk is held outside the module tree, so `parameters()` is what the critic's optimizer
         # should hold (the head, plus the trunk unless shared) and the trunk is never saved twice
         self._trunk = [trunk] if shared else None
@@ -27,15 +30,14 @@ class Critic(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     @classmethod
-    def from_policy(cls, policy, *, shared: bool) -> "Critic":
+    def from_policy(cls, policy, *, shared: bool, pack_tokens: int | None = None) -> "Critic":
         trunk = policy.get_decoder() if shared else copy.deepcopy(policy.get_decoder())
         if not shared:
             trunk.requires_grad_(True)
-        return cls(trunk, policy.config.hidden_size, shared=shared)
+        return cls(trunk, policy.config.hidden_size, shared=shared, pack_tokens=pack_tokens)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> torch.Tensor:
         """input_ids, attention_mask [N, P+T] -> values [N, T] (fp32)."""
         trunk = self._trunk[0] if self.shared else self.trunk
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).last_hidden_state
-        return self.head(hidden[:, -response_len - 1:-1]).squeeze(-1).float()
+        hidden = response_hidden(trunk, input_ids, attention_mask, response_len, pack_tokens=self.pack_tokens)
+        return self.head(hidden).squeeze(-1).float()

@@ -1,8 +1,9 @@
 """Per-token log-probs and entropy of the response under a causal LM, computed in chunks.
 
-The backbone runs once over [N, P+T]; the LM head and the log-softmax run over the T response
-positions `chunk` at a time, each chunk under activation checkpointing when gradients are on, so the
-[N, T, V] logits tensor never exists whole (forward or backward).
+The backbone runs once over [N, P+T] (or over the rows' real tokens packed end to end, `pack_tokens`:
+see `packing.py`); the LM head and the log-softmax run over the T response positions `chunk` at a time,
+each chunk under activation checkpointing when gradients are on, so the [N, T, V] logits tensor never
+exists whole (forward or backward).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from llmrl.objectives.packing import packed_response_hidden
 
 
 def _head_logp_entropy(hidden, head_weight, targets, temperature: float):
@@ -21,6 +24,16 @@ def _head_logp_entropy(hidden, head_weight, targets, temperature: float):
     return logp, entropy
 
 
+def response_hidden(backbone, input_ids, attention_mask, response_len: int, *, pack_tokens: int | None = None):
+    """input_ids, attention_mask [N, P+T] -> hidden [N, T, H], the states that predict the T response tokens.
+    With `pack_tokens` the backbone runs padding-free on packs of at most that many tokens (same values)."""
+    if pack_tokens:
+        return packed_response_hidden(backbone, input_ids, attention_mask, response_len, pack_tokens=pack_tokens)
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).last_hidden_state
+    return hidden[:, -response_len - 1:-1]
+
+
 def response_logprobs(
     model,
     input_ids: torch.Tensor,        # [N, P+T]
@@ -30,15 +43,14 @@ def response_logprobs(
     temperature: float = 1.0,
     chunk: int = 64,
     with_entropy: bool = True,
+    pack_tokens: int | None = None,  # run the backbone on padding-free packs of at most this many tokens
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Returns (logp [N, T], entropy [N, T] or None): log pi(r_t | prompt, r_<t) at each response position."""
     T = response_len
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     backbone, head = model.get_decoder(), model.get_output_embeddings()
     if backbone is None or head is None or getattr(head, "bias", None) is not None:
         raise ValueError(f"{type(model).__name__}: needs get_decoder() and a bias-free get_output_embeddings()")
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).last_hidden_state
-    hidden = hidden[:, -T - 1:-1]                                                # [N, T, H] predicts response tokens
+    hidden = response_hidden(backbone, input_ids, attention_mask, T, pack_tokens=pack_tokens)  # [N, T, H]
     targets = input_ids[:, -T:]                                                  # [N, T]
     logps, ents = [], []
     for s in range(0, T, chunk):
@@ -53,9 +65,8 @@ def response_logprobs(
 
 
 def _response_hidden(model, input_ids, attention_mask, T):
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).last_hidden_state
-    return hidden[:, -T - 1:-1], model.get_output_embeddings().weight          # [N, T, H], [V, H]
+    hidden = response_hidden(model.get_decoder(), input_ids, attention_mask, T)
+    return hidden, model.get_output_embeddings().weight                          # [N, T, H], [V, H]
 
 
 @torch.no_grad()

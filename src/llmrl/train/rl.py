@@ -115,6 +115,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
     collect = rollout_collector(cfg, demo)
     run_dir, config_yaml, gen = start_run(cfg)
     amp = torch.bfloat16 if cfg.model.autocast == "bfloat16" else None
+    pack = cfg.optim.pack_tokens if cfg.optim.packing else None     # padding-free update-phase forwards
     prompt_kw = dict(chat_template=cfg.model.chat_template, system_prompt=system_prompt)
     eval_tokens = cfg.run.eval_max_new_tokens or cfg.rollout.max_new_tokens
 
@@ -142,7 +143,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
     estimator = partial(CREDIT.get(cfg.credit.estimator), **cfg.credit.options)
     critic = critic_optimizer = value_objective = None
     if cfg.credit.values == "critic":
-        critic = Critic.from_policy(model, shared=cfg.critic.shared_trunk)
+        critic = Critic.from_policy(model, shared=cfg.critic.shared_trunk, pack_tokens=pack)
         critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=cfg.critic.lr, betas=tuple(cfg.optim.betas),
                                              eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
         value_objective = partial(clipped_value_loss, clip=cfg.critic.value_clip, coef=cfg.critic.coef,
@@ -209,7 +210,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
             if beta.value > 0:
                 rollout = rollout.with_(logp_ref=batched_logprobs(
                     reference, rollout, micro_batch_size=cfg.optim.micro_batch_size,
-                    temperature=cfg.rollout.temperature or 1.0, autocast_dtype=amp))
+                    temperature=cfg.rollout.temperature or 1.0, autocast_dtype=amp, pack_tokens=pack))
             # 4. reasoning steps and values V(s_t), when credit uses them
             if cfg.credit.steps != "none":
                 rollout = rollout.with_(step_ids=step_ids_for_batch(
@@ -260,7 +261,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
                                     autocast_dtype=amp, max_len=cfg.rollout.max_new_tokens, generator=gen,
                                     zero_advantage_is_zero_loss=kl_in_loss == 0 and o.entropy_coef == 0,
                                     critic=critic, critic_optimizer=critic_optimizer, returns=credit.returns,
-                                    value_objective=value_objective, early_stop_kl=o.early_stop_kl)
+                                    value_objective=value_objective, early_stop_kl=o.early_stop_kl, pack_tokens=pack)
             if critic is not None:
                 upd["value_explained_variance"] = float(explained_variance(*map(dist.gather_rows, (
                     rollout.values, credit.returns, rollout.response_mask))))

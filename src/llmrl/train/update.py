@@ -43,15 +43,17 @@ def _amp(dtype):
 
 
 @torch.no_grad()
-def batched_logprobs(model, rollout: Rollout, *, micro_batch_size: int, temperature: float, autocast_dtype) -> torch.Tensor:
-    """logp [N, T] of every response under `model`, without gradient, micro-batch by micro-batch."""
+def batched_logprobs(model, rollout: Rollout, *, micro_batch_size: int, temperature: float, autocast_dtype,
+                     pack_tokens: int | None = None) -> torch.Tensor:
+    """logp [N, T] of every response under `model`, without gradient, micro-batch by micro-batch
+    (padding-free in packs of at most `pack_tokens` tokens when given: objectives/packing.py)."""
     T = rollout.response_mask.shape[1]
     out = []
     for idx in torch.arange(len(rollout.completions)).split(micro_batch_size):
         r = trim(rollout.select(idx))
         with _amp(autocast_dtype):
             lp, _ = policy_logprobs(model, r.input_ids, r.attention_mask, r.response_mask.shape[1],
-                                    temperature=temperature, with_entropy=False)
+                                    temperature=temperature, with_entropy=False, pack_tokens=pack_tokens)
         out.append(torch.nn.functional.pad(lp.float(), (0, T - lp.shape[1])))
     return torch.cat(out) * rollout.response_mask
 
@@ -90,6 +92,7 @@ def policy_update(
     returns: torch.Tensor | None = None,  # [N, T]
     value_objective: Callable[..., ObjectiveOutput] | None = None,
     early_stop_kl: float | None = None,   # stop the epochs once a minibatch's approx KL(old || new) exceeds this
+    pack_tokens: int | None = None,       # padding-free forward in packs of at most this many tokens (packing.py)
 ) -> dict[str, float]:
     """Run the update; returns metrics averaged over the optimizer steps taken (`update_rows`: this rank's)."""
     N = advantages.shape[0]                   # this rank's rows; under torchrun rank r holds global rows r*N ..
@@ -97,7 +100,8 @@ def policy_update(
     sums: dict[str, float] = defaultdict(float)
     reuse_detached = epochs == 1 and minibatches == 1    # on-policy, one pass: old policy == current policy
     logp_old = None if reuse_detached else batched_logprobs(
-        model, rollout, micro_batch_size=micro_batch_size, temperature=temperature, autocast_dtype=autocast_dtype)
+        model, rollout, micro_batch_size=micro_batch_size, temperature=temperature, autocast_dtype=autocast_dtype,
+        pack_tokens=pack_tokens)
     skip_zero = zero_advantage_is_zero_loss and critic is None
     passes, stopped = 0, False
     for _ in range(epochs):
@@ -124,7 +128,7 @@ def policy_update(
                 T = part.response_mask.shape[1]
                 with _amp(autocast_dtype):
                     logp, entropy = policy_logprobs(model, part.input_ids, part.attention_mask, T,
-                                                    temperature=temperature)
+                                                    temperature=temperature, pack_tokens=pack_tokens)
                 logp, entropy = logp.float(), entropy.float()
                 out = objective(logp, logp.detach() if logp_old is None else logp_old[idx, :T],
                                 advantages[idx, :T], part.response_mask, counts, logp_ref=part.logp_ref,

@@ -1,0 +1,132 @@
+"""Padding-free packing: the packed backbone gives the padded path's log-probs, entropies and gradients."""
+
+import copy
+from functools import partial
+
+import pytest
+import torch
+
+from llmrl.config import ConfigError, load_config
+from llmrl.models.lora import AdapterDisabledReference, add_lora
+from llmrl.models.value import Critic
+from llmrl.objectives.logprobs import response_logprobs
+from llmrl.objectives.packing import first_fit_decreasing, pack_layout
+from llmrl.objectives.policy import ppo_clip_objective
+from llmrl.rollout.types import Rollout
+from llmrl.train.update import batched_logprobs, policy_update
+
+PAD = 3
+
+
+def rows(prompt_lens, response_lens, seed=0):
+    """input_ids, attention_mask [N, P+T] in the rollout layout: left-padded prompts, right-padded responses."""
+    P, T = max(prompt_lens), max(response_lens)
+    ids = torch.randint(4, 100, (len(prompt_lens), P + T), generator=torch.Generator().manual_seed(seed))
+    mask = torch.zeros_like(ids)
+    for i, (p, r) in enumerate(zip(prompt_lens, response_lens)):
+        mask[i, P - p:P + r] = 1
+    return torch.where(mask.bool(), ids, PAD), mask, mask[:, P:].float()
+
+
+# rows of very different lengths; all-equal responses (only the prompts are padded); no padding at all
+CASES = {"mixed": ([12, 3, 7, 1, 9], [20, 1, 5, 13, 2]), "prompt_padding_only": ([9, 2, 5], [6, 6, 6]),
+         "no_padding": ([4, 4], [3, 3])}
+
+
+def test_first_fit_decreasing_by_hand():
+    assert first_fit_decreasing([5, 3, 8, 2, 4], 10) == [[2, 3], [0, 4], [1]]
+    assert first_fit_decreasing([12, 3], 10) == [[0], [1]]                # too long: a pack of its own
+    bins = first_fit_decreasing([7, 1, 9, 4, 4, 2, 6, 3], 10)
+    assert sorted(i for b in bins for i in b) == list(range(8))
+    assert all(sum([7, 1, 9, 4, 4, 2, 6, 3][i] for i in b) <= 10 for b in bins) and len(bins) == 4
+
+
+def test_pack_layout_by_hand():
+    #            [. . a b c d .]  [e f g h i . .]   -> one pack of 9: a b c d e f g h i, positions restart at e
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 0, 0]])
+    source, positions, target = pack_layout(mask, 9)
+    assert source.tolist() == [[7, 8, 9, 10, 11, 2, 3, 4, 5]]             # the longer row goes first
+    assert positions.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3]]
+    assert target.tolist() == [[9, 9, 5, 6, 7, 8, 9], [0, 1, 2, 3, 4, 9, 9]]
+    source, positions, target = pack_layout(mask, 5)                       # two packs; the short one padded
+    assert source.tolist() == [[7, 8, 9, 10, 11], [2, 3, 4, 5, 0]] and positions[1].tolist() == [0, 1, 2, 3, 0]
+
+
+def logp_and_grad(model, ids, mask, rmask, **kw):
+    model.zero_grad(set_to_none=True)
+    logp, entropy = response_logprobs(model, ids, mask, rmask.shape[1], chunk=7, **kw)
+    ((logp * rmask).sum() + 0.1 * (entropy * rmask).sum()).backward()
+    grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    model.zero_grad(set_to_none=True)
+    return logp.detach() * rmask, entropy.detach() * rmask, grad
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("pack_tokens", [8, 24, 1000])
+def test_packed_equals_padded(tiny, case, pack_tokens):
+    model = copy.deepcopy(tiny[0]).train()
+    ids, mask, rmask = rows(*CASES[case])
+    want = logp_and_grad(model, ids, mask, rmask)
+    got = logp_and_grad(model, ids, mask, rmask, pack_tokens=pack_tokens)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-5), (g - w).abs().max()
+
+
+def test_packed_with_eager_attention_lora_and_gradient_checkpointing(tiny):
+    model = copy.deepcopy(tiny[0]).train()
+    model.config._attn_implementation = "eager"
+    model.gradient_checkpointing_enable()
+    model = add_lora(model, r=4, alpha=8.0, dropout=0.0, targets=["q_proj", "v_proj", "up_proj"])
+    for n, p in model.named_parameters():     # a non-zero adapter, so the adapter's gradient path is exercised
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(1))
+    ids, mask, rmask = rows(*CASES["mixed"])
+    want = logp_and_grad(model, ids, mask, rmask)
+    got = logp_and_grad(model, ids, mask, rmask, pack_tokens=24)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-5), (g - w).abs().max()
+    reference = AdapterDisabledReference(model)               # the base weights through disable_adapter()
+    with torch.no_grad():
+        ref_pad = response_logprobs(reference, ids, mask, rmask.shape[1])[0] * rmask
+        ref_pack = response_logprobs(reference, ids, mask, rmask.shape[1], pack_tokens=24)[0] * rmask
+    assert torch.allclose(ref_pack, ref_pad, atol=1e-5) and not torch.allclose(ref_pad, want[0], atol=1e-3)
+
+
+def test_packed_critic_values(tiny):
+    critic = Critic.from_policy(copy.deepcopy(tiny[0]), shared=False)
+    torch.nn.init.normal_(critic.head.weight, generator=torch.Generator().manual_seed(0))
+    ids, mask, rmask = rows(*CASES["mixed"])
+    padded = critic(ids, mask, rmask.shape[1]) * rmask
+    critic.pack_tokens = 16
+    assert torch.allclose(critic(ids, mask, rmask.shape[1]) * rmask, padded, atol=1e-5)
+
+
+def test_policy_update_with_packing_takes_the_same_step(tiny):
+    ids, mask, rmask = rows(*CASES["mixed"])
+    N, T = rmask.shape
+    rollout = Rollout(input_ids=ids, attention_mask=mask, response_mask=rmask, logp_old=torch.zeros(N, T),
+                      group_ids=torch.arange(N), completions=[""] * N, examples=[None] * N)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0])[:, None] * rmask
+
+    def step(pack_tokens):   # two minibatches: logp_old from batched_logprobs, a second step after the first
+        m = copy.deepcopy(tiny[0]).train()
+        policy_update(m, torch.optim.SGD(m.parameters(), lr=0.1), rollout, adv, partial(ppo_clip_objective, entropy_coef=0.1),
+                      epochs=1, minibatches=2, micro_batch_size=2, max_grad_norm=1e9, temperature=1.0,
+                      autocast_dtype=None, max_len=T, zero_advantage_is_zero_loss=False, pack_tokens=pack_tokens,
+                      generator=torch.Generator().manual_seed(0))
+        return torch.cat([p.detach().flatten() for p in m.parameters()])
+
+    assert torch.allclose(step(16), step(None), atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(batched_logprobs(tiny[0], rollout, micro_batch_size=3, temperature=1.0, autocast_dtype=None,
+                                               pack_tokens=16),
+                              batched_logprobs(tiny[0], rollout, micro_batch_size=3, temperature=1.0, autocast_dtype=None),
+                              atol=1e-5)
+
+
+def test_packing_config():
+    cfg = load_config(None, ["optim.packing=true", "optim.pack_tokens=128"])
+    assert cfg.optim.packing and cfg.optim.pack_tokens == 128
+    assert not load_config(None).optim.packing
+    with pytest.raises(ConfigError, match="optim.pack_tokens"):
+        load_config(None, ["optim.pack_tokens=0"])
