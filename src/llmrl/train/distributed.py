@@ -14,6 +14,7 @@ on one rank), sample and score them, and then everything that needs the whole ba
                    (reinforce_pp, batch_mean) the whole batch
     loss           every aggregation divides by the optimizer batch's global counts (`batch_counts`); the
                    gradient sync in `train/parallel.py` turns the ranks' gradients into their sum
+    KL control     the adaptive controller sees the ranks' mean sampled KL (`mean`)
     metrics        gathered and reduced (`reduce_metrics`, `evaluate_split`)
 
 In one process (no torchrun: WORLD_SIZE unset or 1) every helper is the identity and nothing is communicated.
