@@ -152,6 +152,9 @@ def test_sample_records_mark_tool_output_tokens(tiny, monkeypatch):
     json.dumps(rows)
     # row 2 ends on a call: its last token is the policy's, the observation before it is masked
     assert rows[2]["response_mask"][-1] == 1 and "".join(rows[2]["tokens"]).endswith("</tool>")
+    from llmrl.report.html import sample_tokens
+    html = sample_tokens(row0, 1.0)                          # the report greys the tool output's tokens
+    assert html.count('class="tok obs"') == row0["response_mask"].count(0) > 0
 
 
 def test_train_two_steps_with_the_calculator(tiny, monkeypatch, tmp_path):
