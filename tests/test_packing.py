@@ -61,6 +61,21 @@ def logp_and_grad(model, ids, mask, rmask, **kw):
     return logp.detach() * rmask, entropy.detach() * rmask, grad
 
 
+@pytest.mark.parametrize("pack_tokens", [None, 24])
+def test_head_runs_on_real_response_tokens_only(tiny, pack_tokens):
+    model = tiny[0]
+    ids, mask, rmask = rows(*CASES["mixed"])
+    T = rmask.shape[1]
+    with torch.no_grad():
+        full = torch.log_softmax(model(input_ids=ids, attention_mask=mask,
+                                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits.float(), -1)
+        logp, entropy = response_logprobs(model, ids, mask, T, chunk=2, pack_tokens=pack_tokens)
+    want = full[:, -T - 1:-1].gather(-1, ids[:, -T:, None])[..., 0]
+    real = rmask.bool()
+    assert torch.allclose(logp[real], want[real], atol=1e-5)
+    assert torch.all(logp[~real] == 0) and torch.all(entropy[~real] == 0)     # padding: exactly zero, no head work
+
+
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("pack_tokens", [8, 24, 1000])
 def test_packed_equals_padded(tiny, case, pack_tokens):

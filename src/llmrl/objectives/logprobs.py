@@ -1,9 +1,9 @@
 """Per-token log-probs and entropy of the response under a causal LM, computed in chunks.
 
 The backbone runs once over [N, P+T] (or over the rows' real tokens packed end to end, `pack_tokens`:
-see `packing.py`); the LM head and the log-softmax run over the T response positions `chunk` at a time,
-each chunk under activation checkpointing when gradients are on, so the [N, T, V] logits tensor never
-exists whole (forward or backward).
+see `packing.py`); the LM head and the log-softmax run only over the real response tokens (not the
+padding), `chunk` x N of them at a time, each chunk under activation checkpointing when gradients are on,
+so the [N, T, V] logits tensor never exists whole (forward or backward).
 """
 
 from __future__ import annotations
@@ -15,12 +15,14 @@ from torch.utils.checkpoint import checkpoint
 from llmrl.objectives.packing import packed_response_hidden
 
 
-def _head_logp_entropy(hidden, head_weight, targets, temperature: float):
-    """hidden [N, C, H], targets [N, C] -> (logp [N, C], entropy [N, C]) under softmax(h W^T / temperature)."""
-    logits = F.linear(hidden, head_weight).float() / temperature             # [N, C, V]
+def _head_logp_entropy(hidden, head_weight, targets, temperature: float, with_entropy: bool = True):
+    """hidden [M, H], targets [M] -> (logp [M], entropy [M] or None) under softmax(h W^T / temperature)."""
+    logits = F.linear(hidden, head_weight).float()                           # [M, V]
+    if temperature != 1.0:                                                   # (saves a pass over [M, V] when 1)
+        logits = logits / temperature
     logp_all = torch.log_softmax(logits, -1)
     logp = logp_all.gather(-1, targets[..., None])[..., 0]
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
     return logp, entropy
 
 
@@ -45,23 +47,37 @@ def response_logprobs(
     with_entropy: bool = True,
     pack_tokens: int | None = None,  # run the backbone on padding-free packs of at most this many tokens
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Returns (logp [N, T], entropy [N, T] or None): log pi(r_t | prompt, r_<t) at each response position."""
+    """Returns (logp [N, T], entropy [N, T] or None): log pi(r_t | prompt, r_<t) at each response position.
+
+    The head runs only at real response tokens (attention_mask 1), `chunk` x N of them at a time; padding
+    positions get logp = entropy = 0."""
     T = response_len
     backbone, head = model.get_decoder(), model.get_output_embeddings()
     if backbone is None or head is None or getattr(head, "bias", None) is not None:
         raise ValueError(f"{type(model).__name__}: needs get_decoder() and a bias-free get_output_embeddings()")
     hidden = response_hidden(backbone, input_ids, attention_mask, T, pack_tokens=pack_tokens)  # [N, T, H]
-    targets = input_ids[:, -T:]                                                  # [N, T]
+    real = attention_mask[:, -T:].bool()                                         # [N, T]
+    hidden, targets = hidden[real], input_ids[:, -T:][real]                      # [M, H], [M]
+    step = chunk * input_ids.shape[0]
     logps, ents = [], []
-    for s in range(0, T, chunk):
-        h, y = hidden[:, s:s + chunk], targets[:, s:s + chunk]
+    for s in range(0, len(targets), step):
+        h, y = hidden[s:s + step], targets[s:s + step]
         if torch.is_grad_enabled():
-            lp, en = checkpoint(_head_logp_entropy, h, head.weight, y, temperature, use_reentrant=False)
+            lp, en = checkpoint(_head_logp_entropy, h, head.weight, y, temperature, with_entropy, use_reentrant=False)
         else:
-            lp, en = _head_logp_entropy(h, head.weight, y, temperature)
+            lp, en = _head_logp_entropy(h, head.weight, y, temperature, with_entropy)
         logps.append(lp)
         ents.append(en)
-    return torch.cat(logps, 1), (torch.cat(ents, 1) if with_entropy else None)
+    logp = _scatter(real, logps)
+    return logp, (_scatter(real, ents) if with_entropy else None)
+
+
+def _scatter(real: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
+    """The values of the real positions (in order, in pieces) back into [N, T] fp32, zeros elsewhere."""
+    out = torch.zeros(real.shape, dtype=torch.float32, device=real.device)
+    if parts:
+        out = out.masked_scatter(real, torch.cat(parts).float())
+    return out
 
 
 def _response_hidden(model, input_ids, attention_mask, T):
