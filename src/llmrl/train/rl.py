@@ -145,12 +145,15 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
     if cfg.credit.values == "critic":
         critic = Critic.from_policy(model, shared=cfg.critic.shared_trunk, pack_tokens=pack)
         critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=cfg.critic.lr, betas=tuple(cfg.optim.betas),
-                                             eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+                                             eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay, fused=True)
         value_objective = partial(clipped_value_loss, clip=cfg.critic.value_clip, coef=cfg.critic.coef,
                                   aggregation=cfg.objective.aggregation)
     policy = wrap_policy(model, cfg.run.parallel)   # DDP / FSDP2 under torchrun (after the critic's copy); else model
+    # fused: one kernel per step instead of a dozen passes over the weights (~3x less step time on CPU);
+    # FSDP's sharded DTensor parameters keep the default implementation
+    fused = policy is model or cfg.run.parallel == "ddp"
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay, fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
         lr_multiplier, schedule=cfg.optim.schedule, warmup=cfg.optim.warmup_steps, total=cfg.run.steps))
     o = cfg.objective
