@@ -181,3 +181,33 @@ def test_concurrent_writer_and_crash_leave_a_usable_cache(tmp_path):
     assert _build_cached(target, racing) == target
     assert json.loads((target / "config.json").read_text()) == {"who": "them"}
     assert [p.name for p in target.parent.iterdir()] == ["thing"]
+
+
+def test_gradient_checkpointing_takes_effect_and_changes_nothing():
+    """from_pretrained leaves a model in eval mode, where Hugging Face silently skips checkpointing."""
+    from llmrl.models import enable_gradient_checkpointing
+    from llmrl.objectives.logprobs import response_logprobs
+
+    ids = torch.randint(4, 100, (2, 20), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+
+    def run(model):
+        saved = [0]
+
+        def count(t):
+            saved[0] += 1
+            return t
+
+        model.zero_grad(set_to_none=True)
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+            logp, _ = response_logprobs(model, ids, mask, 8, chunk=100)
+        logp.sum().backward()
+        return saved[0], logp.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    plain, _ = build_tiny(0)
+    checkpointed, _ = build_tiny(0)
+    plain.eval()
+    enable_gradient_checkpointing(checkpointed.eval())
+    (n_plain, logp, grad), (n_ckpt, logp_ckpt, grad_ckpt) = run(plain), run(checkpointed)
+    assert n_ckpt < n_plain / 2           # the layers' activations are no longer kept for backward
+    assert torch.allclose(logp_ckpt, logp, atol=1e-6) and torch.allclose(grad_ckpt, grad, atol=1e-6)

@@ -277,6 +277,20 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32
     return model, _fix_tokenizer(tok, name)
 
 
+def enable_gradient_checkpointing(model: PreTrainedModel) -> PreTrainedModel:
+    """Recompute each decoder layer in backward instead of keeping its activations.
+
+    Hugging Face checkpoints a layer only in train mode, and `from_pretrained` returns the model in eval mode,
+    so this also switches to train mode, with every dropout off (p = 0) so the log-probs stay the sampler's."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model
+
+
 def load_reference(name_or_path: str, dtype: torch.dtype = torch.bfloat16) -> PreTrainedModel:
     """A frozen copy of the model (eval mode, no grads), e.g. the reference policy for a KL penalty."""
     path = resolve_model_path(name_or_path)

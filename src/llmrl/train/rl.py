@@ -19,7 +19,7 @@ import yaml
 from llmrl.config import TrainConfig
 from llmrl.credit import CREDIT, CreditInputs, step_ids_for_batch
 from llmrl.data import make_task
-from llmrl.models import load_model, load_reference
+from llmrl.models import enable_gradient_checkpointing, load_model, load_reference
 from llmrl.models.lora import AdapterDisabledReference, add_lora
 from llmrl.models.value import Critic
 from llmrl.objectives.value import clipped_value_loss, explained_variance
@@ -132,7 +132,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
     check_prompts_fit(tokenizer, model, heldout + first, max_new_tokens=max(cfg.rollout.max_new_tokens, eval_tokens),
                       demo=demo, **prompt_kw)
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_gradient_checkpointing(model)     # train mode, dropout off: HF checkpoints only in train mode
     model.config.use_cache = False
     if cfg.model.lora_r:
         model = add_lora(model, r=cfg.model.lora_r, alpha=cfg.model.lora_alpha, dropout=cfg.model.lora_dropout,
