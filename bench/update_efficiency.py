@@ -21,8 +21,9 @@
 
 Two clocks: wall seconds (the figure that matters on an idle machine) and the process's CPU seconds, both
 for the peak and for the update. On a shared machine the wall clock also counts time the threads waited for
-a core; GFLOP per CPU-second does not, so the CPU-time fraction is the one to read under load (with one
-thread it is exact; with more it also counts threads spinning at barriers).
+a core; GFLOP per CPU-second does not, so the CPU-time fraction is the one to read under load: exact with
+`--threads 1`; with more threads set OMP_WAIT_POLICY=PASSIVE, or the CPU time also counts threads spinning at
+barriers while their partner waits for a core.
 """
 
 from __future__ import annotations
