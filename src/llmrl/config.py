@@ -70,6 +70,10 @@ class RolloutConfig:
     max_new_tokens: int = f(32, "maximum tokens generated per sample", ge=1)
     temperature: float = f(1.0, "sampling temperature (0 = greedy)", ge=0)
     top_p: float = f(1.0, "nucleus-sampling probability mass, in (0, 1]", gt=0, le=1)
+    tis_cap: float = f(2.0, "engine=vllm: cap C of the truncated importance weight min(pi / mu, C) on each token's "
+                            "policy-gradient term (Yao et al. 2025)", ge=1)
+    vllm_options: dict = f({}, "engine=vllm: keyword arguments for vllm.LLM, e.g. {max_model_len: 2048, "
+                               "kv_cache_memory_bytes: 2147483648, enforce_eager: true}")
 
 
 @dataclass

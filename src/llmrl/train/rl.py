@@ -2,6 +2,11 @@
 
 It calls the math in `credit/` and `objectives/`; it never re-implements it. Every piece is chosen by
 name from the config (see `llmrl presets` for the named compositions).
+
+With `rollout.engine=vllm` a vLLM engine in this process generates; after generation the policy's own log-probs
+of the sampled tokens are recomputed (they are pi_old of the PPO ratio), each token's policy-gradient term is
+weighted by the truncated importance weight min(pi_old / mu, C) of the policy over the engine
+(`objectives/mismatch.py`), and after each update the new weights are pushed into the engine in memory.
 """
 
 from __future__ import annotations
@@ -17,11 +22,12 @@ import yaml
 from llmrl.config import TrainConfig
 from llmrl.credit import CREDIT, CreditInputs, step_ids_for_batch
 from llmrl.data import make_task
-from llmrl.models import load_model, load_reference
+from llmrl.models import load_model, load_reference, resolve_model_path
 from llmrl.models.lora import AdapterDisabledReference, add_lora
 from llmrl.models.value import Critic
 from llmrl.objectives.value import clipped_value_loss, explained_variance
 from llmrl.objectives.kl import AdaptiveKLController, FixedKLController, kl_in_reward
+from llmrl.objectives.mismatch import mismatch_stats, truncated_is_weight
 from llmrl.objectives.policy import OBJECTIVES
 from llmrl.rewards import score
 from llmrl.rewards.process import STEP_REWARDS, score_steps, step_texts
@@ -75,10 +81,26 @@ def check_credit_sources(cfg: TrainConfig) -> None:
         raise ValueError("credit.steps=regex needs credit.step_pattern")
 
 
+def make_engine(cfg: TrainConfig):
+    """The rollout engine `rollout.engine` names: None for the native sampler, else a `VLLMEngine` on the same
+    local weights as the policy, computing in the policy's forward dtype unless `rollout.vllm_options` says."""
+    if cfg.rollout.engine == "native":
+        return None
+    from llmrl.rollout.vllm_engine import VLLMEngine
+
+    dtype = "bfloat16" if cfg.model.autocast == "bfloat16" else cfg.model.dtype
+    return VLLMEngine(resolve_model_path(cfg.model.name), dtype=dtype, seed=cfg.run.seed,
+                      options=cfg.rollout.vllm_options)
+
+
 def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
     """Run one RL training job described by `cfg`. Returns a summary with held-out accuracy before and after."""
     # ------------------------------------------------------------------ setup
     check_credit_sources(cfg)
+    if cfg.rollout.engine == "vllm":   # fail before loading anything when vLLM is missing
+        from llmrl.rollout.vllm_engine import INSTALL_HINT, vllm_available
+        if not vllm_available():
+            raise ValueError(INSTALL_HINT)
     run_dir, config_yaml, gen = start_run(cfg)
     amp = torch.bfloat16 if cfg.model.autocast == "bfloat16" else None
     prompt_kw = dict(chat_template=cfg.model.chat_template, system_prompt=cfg.model.system_prompt)
@@ -123,6 +145,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
     beta = (AdaptiveKLController(o.kl_coef, o.kl_target, o.kl_horizon) if o.kl_target and o.kl_coef > 0
             else FixedKLController(o.kl_coef))
     terms = cfg.reward.terms
+    engine = make_engine(cfg)        # None: the native sampler
     metrics_log = MetricsLog(run_dir / "metrics.jsonl")
     samples_log = MetricsLog(run_dir / "samples.jsonl")
 
@@ -149,12 +172,23 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
             # 1. generate
             rollout = collect_rollout(model, tokenizer, next(stream), group_size=cfg.rollout.group_size,
                                       max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-                                      top_p=cfg.rollout.top_p, autocast_dtype=amp, generator=gen, **prompt_kw)
+                                      top_p=cfg.rollout.top_p, autocast_dtype=amp, generator=gen, engine=engine,
+                                      **prompt_kw)
             t1 = time.perf_counter()
             # 2. score
             rewards = score(rollout.completions, rollout.examples, terms)
             t2 = time.perf_counter()
-            # 3. reference log-probs, when the objective uses them
+            # 3. the policy's log-probs of the engine's tokens (pi_old) and the TIS weight of pi_old over the engine
+            stage_stats = {}
+            if engine is not None:
+                logp_engine = rollout.logp_old
+                logp_policy = batched_logprobs(model, rollout, micro_batch_size=cfg.optim.micro_batch_size,
+                                               temperature=cfg.rollout.temperature or 1.0, autocast_dtype=amp)
+                rollout = rollout.with_(logp_old=logp_policy, is_weight=truncated_is_weight(
+                    logp_policy, logp_engine, cap=cfg.rollout.tis_cap))
+                stage_stats = {k: float(v) for k, v in mismatch_stats(logp_policy, logp_engine, rollout.response_mask,
+                                                                      cap=cfg.rollout.tis_cap).items()}
+            #    reference log-probs, when the objective uses them
             if beta.value > 0:
                 rollout = rollout.with_(logp_ref=batched_logprobs(
                     reference, rollout, micro_batch_size=cfg.optim.micro_batch_size,
@@ -164,7 +198,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
                 rollout = rollout.with_(step_ids=step_ids_for_batch(
                     tokenizer, rollout.response_ids, rollout.response_mask, mode=cfg.credit.steps,
                     pattern=cfg.credit.step_pattern))
-            step_scores, stage_stats = None, {}
+            step_scores = None
             if cfg.credit.step_reward:   # process rewards: a score per reasoning step
                 texts = step_texts(tokenizer, rollout.response_ids, rollout.step_ids)
                 step_scores, step_failures = score_steps(cfg.credit.step_reward, rollout.completions, texts,
@@ -213,7 +247,11 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
                                                                            rollout.response_mask))
             if o.update == "gradient":   # TRPO sets its own step size; the optimizer and its schedule are idle
                 scheduler.step()
-            if rollout.logp_ref is not None:   # sampled k1 KL per sequence (logp_old: the sampler's), which beta steers
+            if engine is not None:             # the engine samples from the updated policy from now on
+                t_sync = time.perf_counter()
+                engine.sync_weights(model)
+                upd["time_weight_sync"] = time.perf_counter() - t_sync
+            if rollout.logp_ref is not None:   # sampled k1 KL per sequence (logp_old: pi_old), which beta steers
                 kl_seq = float(((rollout.logp_old - rollout.logp_ref) * rollout.response_mask).sum(-1).mean())
                 upd.update(kl_sampled_per_seq=kl_seq, kl_beta=beta.value)
                 beta.update(kl_seq, 1)
@@ -243,6 +281,8 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
         log.warning("interrupted at step %d; checkpoints already written are intact", step)
     finally:
         bar.close()
+        if engine is not None:
+            engine.close()
     samples_log.close()
     if interrupted:
         metrics_log.close()
