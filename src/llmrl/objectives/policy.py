@@ -10,6 +10,7 @@ Every function returns tensors and named outputs; the trainer sums the `loss_*` 
     dual clip:    max(min(r A, clip(r) A), c A) where A < 0         (Ye et al. 2020, eq. 5)
     KL in loss:   beta * KL_est(pi || pi_ref) per token            (k1/k2/k3, Schulman 2020 "Approximating KL")
     KL in reward: -beta * log(pi_old / pi_ref) per token            (Ziegler et al. 2019; `kl.kl_in_reward`)
+    TIS weight:   w * (clipped loss) per token, w = min(pi_old / mu, C) (Yao et al. 2025; `mismatch.truncated_is_weight`)
 
 Which KL estimator gives the right gradient in which placement is worked out in `llmrl.objectives.kl`;
 `kl_estimate` and `KL_ESTIMATORS` live there and are re-exported here.
@@ -130,6 +131,7 @@ def ppo_clip_objective(
     *,
     logp_ref: torch.Tensor | None = None,   # [N, T]
     entropy: torch.Tensor | None = None,    # [N, T]
+    is_weight: torch.Tensor | None = None,  # [N, T] detached truncated IS weight of the sampling engine (None = 1)
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     dual_clip: float | None = None,
@@ -142,6 +144,8 @@ def ppo_clip_objective(
 
     With a large clip range this is plain REINFORCE with importance ratios against the sampling policy.
     `dual_clip` = c > 1 caps the loss of negative-advantage tokens at c |A| (`dual_clipped`).
+    `is_weight` multiplies each token's policy-gradient term (after the clips): the truncated importance weight
+    pi_old / mu of a rollout sampled by another engine (`llmrl.objectives.mismatch`); None leaves it unchanged.
     Metrics: `clip_fraction`, `dual_clip_fraction` (with dual_clip), `approx_kl_old` = k3 estimate of
     KL(pi_old || pi) from the sampled tokens (r - 1 - log r with r = pi / pi_old: unbiased and >= 0, unlike
     the (log r)^2 / 2 it replaces; Schulman 2020), `kl_to_ref` = k3 estimate of KL(pi || pi_ref), `entropy`.
@@ -151,6 +155,8 @@ def ppo_clip_objective(
     if dual_clip is not None:
         pg, capped = dual_clipped(pg, advantages, dual_clip=dual_clip)
         metrics["dual_clip_fraction"] = aggregate(capped.float(), mask, "token-mean", counts).detach()
+    if is_weight is not None:
+        pg = pg * is_weight.detach()
     losses = {"loss_policy": aggregate(pg, mask, aggregation, counts)}
     metrics["approx_kl_old"] = aggregate(kl_estimate(logp_old, logp.detach(), "k3"), mask, "token-mean", counts)
     if logp_ref is not None:

@@ -1,4 +1,5 @@
-"""From task examples to a `Rollout`: apply the chat template, sample G responses per prompt, decode."""
+"""From task examples to a `Rollout`: apply the chat template, sample G responses per prompt (with the native
+sampler, or with an engine such as `VLLMEngine` that returns the same `Samples`), decode."""
 
 from __future__ import annotations
 
@@ -39,18 +40,22 @@ def collect_rollout(
     system_prompt: str | None = None,
     autocast_dtype: torch.dtype | None = None,
     generator: torch.Generator | None = None,
+    engine=None,                     # None: the native sampler on `model`; else one with `generate(...) -> Samples`
 ) -> Rollout:
     """Sample `group_size` responses for each example; rows b*G .. b*G+G-1 answer example b."""
     prompts = [encode_prompt(tokenizer, ex.prompt, chat_template=chat_template, system_prompt=system_prompt)
                for ex in examples]
-    was_training = model.training
-    model.eval()
-    try:
-        s = generate(model, prompts, group_size=group_size, max_new_tokens=max_new_tokens, temperature=temperature,
-                     top_p=top_p, stop_ids=stop_ids(tokenizer), pad_id=tokenizer.pad_token_id,
-                     generator=generator, autocast_dtype=autocast_dtype)
-    finally:
-        model.train(was_training)
+    kw = dict(group_size=group_size, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+              stop_ids=stop_ids(tokenizer), pad_id=tokenizer.pad_token_id)
+    if engine is not None:   # its seed drawn from `generator`, so a seeded run repeats
+        s = engine.generate(prompts, **kw, seed=int(torch.randint(2**31 - 1, (1,), generator=generator)))
+    else:
+        was_training = model.training
+        model.eval()
+        try:
+            s = generate(model, prompts, **kw, generator=generator, autocast_dtype=autocast_dtype)
+        finally:
+            model.train(was_training)
     G = group_size
     completions = tokenizer.batch_decode(s.response_ids * s.response_mask.long()
                                          + tokenizer.pad_token_id * (1 - s.response_mask.long()),

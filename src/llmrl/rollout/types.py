@@ -56,6 +56,7 @@ class Rollout:
     logp_ref: torch.Tensor | None = None   # [N, T] float, log-prob under the frozen reference
     values: torch.Tensor | None = None     # [N, T] float, critic values
     step_ids: torch.Tensor | None = None   # [N, T] long, which reasoning step each token is in (-1: none)
+    is_weight: torch.Tensor | None = None  # [N, T] float, truncated IS weight pi_old / mu when another engine sampled
     extras: dict = field(default_factory=dict)  # anything else a stage wants to carry (not tensors the math reads)
 
     @property
@@ -87,4 +88,5 @@ class Rollout:
             response_mask=self.response_mask[idx], logp_old=self.logp_old[idx], group_ids=self.group_ids[idx],
             completions=[self.completions[i] for i in rows], examples=[self.examples[i] for i in rows],
             logp_ref=pick(self.logp_ref), values=pick(self.values), step_ids=pick(self.step_ids),
+            is_weight=pick(self.is_weight),
         )

@@ -4,6 +4,11 @@ It calls the math in `credit/` and `objectives/`; it never re-implements it. Eve
 name from the config (see `llmrl presets` for the named compositions). Under torchrun each rank runs this
 same recipe on its share of the prompts; the `dist.*` and `parallel` calls make its statistics global and
 are the identity in one process (`train/distributed.py`, `train/parallel.py`).
+
+With `rollout.engine=vllm` a vLLM engine in this process generates; after generation the policy's own log-probs
+of the sampled tokens are recomputed (they are pi_old of the PPO ratio), each token's policy-gradient term is
+weighted by the truncated importance weight min(pi_old / mu, C) of the policy over the engine
+(`objectives/mismatch.py`), and after each update the new weights are pushed into the engine in memory.
 """
 
 from __future__ import annotations
@@ -19,11 +24,12 @@ import yaml
 from llmrl.config import TrainConfig
 from llmrl.credit import CREDIT, CreditInputs, step_ids_for_batch
 from llmrl.data import make_task
-from llmrl.models import enable_gradient_checkpointing, load_model, load_reference
+from llmrl.models import enable_gradient_checkpointing, load_model, load_reference, resolve_model_path
 from llmrl.models.lora import AdapterDisabledReference, add_lora
 from llmrl.models.value import Critic
 from llmrl.objectives.value import clipped_value_loss, explained_variance
 from llmrl.objectives.kl import AdaptiveKLController, FixedKLController, kl_in_reward
+from llmrl.objectives.mismatch import mismatch_stats, truncated_is_weight
 from llmrl.objectives.policy import OBJECTIVES
 from llmrl.rewards import score
 from llmrl.rewards.process import STEP_REWARDS, score_steps, step_texts
@@ -90,14 +96,26 @@ def check_credit_sources(cfg: TrainConfig) -> None:
                          "with rollout.tools use credit.values none or critic")
 
 
-def rollout_collector(cfg: TrainConfig, demo: list[dict] | None = None):
-    """`collect_rollout`, or the multi-turn episode loop with its tools (and `demo` exchange before each prompt)
-    when `rollout.tools` names any."""
+def rollout_collector(cfg: TrainConfig, demo: list[dict] | None = None, engine=None):
+    """`collect_rollout` (on `engine` when given), or the multi-turn episode loop with its tools (and `demo`
+    exchange before each prompt) when `rollout.tools` names any."""
     r = cfg.rollout
     if not r.tools:
-        return collect_rollout
+        return partial(collect_rollout, engine=engine)
     return partial(collect_episodes, tools=resolve_tools(r.tools), max_turns=r.max_turns,
                    max_observation_tokens=r.max_observation_tokens, demo=demo)
+
+
+def make_engine(cfg: TrainConfig):
+    """The rollout engine `rollout.engine` names: None for the native sampler, else a `VLLMEngine` on the same
+    local weights as the policy, computing in the policy's forward dtype unless `rollout.vllm_options` says."""
+    if cfg.rollout.engine == "native":
+        return None
+    from llmrl.rollout.vllm_engine import VLLMEngine
+
+    dtype = "bfloat16" if cfg.model.autocast == "bfloat16" else cfg.model.dtype
+    return VLLMEngine(resolve_model_path(cfg.model.name), dtype=dtype, seed=cfg.run.seed,
+                      options=cfg.rollout.vllm_options)
 
 
 def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
@@ -112,7 +130,15 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
     if tools and system_prompt is None:                     # with tools, teach the call format
         system_prompt = tools_system_prompt(tools)
     demo = demonstration(tools) if tools and cfg.rollout.tool_demo else None
-    collect = rollout_collector(cfg, demo)
+    if cfg.rollout.engine == "vllm":   # fail before loading anything when vLLM is missing or cannot serve the run
+        from llmrl.rollout.vllm_engine import INSTALL_HINT, vllm_available
+        if tools:
+            raise ValueError("rollout.engine=vllm samples single-turn completions; multi-turn tool episodes "
+                             "(rollout.tools) run on the native sampler: set rollout.engine=native")
+        if cfg.run.parallel == "fsdp" and dist.world() > 1:
+            raise ValueError("rollout.engine=vllm is not supported with run.parallel=fsdp; use ddp")
+        if not vllm_available():
+            raise ValueError(INSTALL_HINT)
     run_dir, config_yaml, gen = start_run(cfg)
     amp = torch.bfloat16 if cfg.model.autocast == "bfloat16" else None
     pack = cfg.optim.pack_tokens if cfg.optim.packing else None     # padding-free update-phase forwards
@@ -165,6 +191,10 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
     terms = cfg.reward.terms
     state = checkpoint.TrainingState(model, optimizer, scheduler, gen, beta, critic, critic_optimizer)
     start, evals = checkpoint.restore(resume_from, state, run_dir) if resume_from else (0, [])   # last: sets RNGs
+    engine = make_engine(cfg)        # None: the native sampler
+    if engine is not None and start:
+        engine.sync_weights(model)   # resumed: the engine starts from the checkpoint's weights, not the base's
+    collect = rollout_collector(cfg, demo, engine)
     metrics_log = open_metrics(cfg, run_dir, start=start, enabled=dist.is_main())
     samples_log = MetricsLog(run_dir / "samples.jsonl", "a" if start else "w", enabled=dist.is_main())
 
@@ -209,7 +239,17 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
             # 2. score
             rewards = dist.global_rewards(score(rollout.completions, rollout.examples, terms), terms)
             t2 = time.perf_counter()
-            # 3. reference log-probs, when the objective uses them
+            # 3. the policy's log-probs of the engine's tokens (pi_old) and the TIS weight of pi_old over the engine
+            stage_stats = {}
+            if engine is not None:
+                logp_engine = rollout.logp_old
+                logp_policy = batched_logprobs(model, rollout, micro_batch_size=cfg.optim.micro_batch_size,
+                                               temperature=cfg.rollout.temperature or 1.0, autocast_dtype=amp)
+                rollout = rollout.with_(logp_old=logp_policy, is_weight=truncated_is_weight(
+                    logp_policy, logp_engine, cap=cfg.rollout.tis_cap))
+                stage_stats = {k: float(v) for k, v in mismatch_stats(logp_policy, logp_engine, rollout.response_mask,
+                                                                      cap=cfg.rollout.tis_cap).items()}
+            #    reference log-probs, when the objective uses them
             if beta.value > 0:
                 rollout = rollout.with_(logp_ref=batched_logprobs(
                     reference, rollout, micro_batch_size=cfg.optim.micro_batch_size,
@@ -219,7 +259,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
                 rollout = rollout.with_(step_ids=step_ids_for_batch(
                     tokenizer, rollout.response_ids, rollout.response_mask, mode=cfg.credit.steps,
                     pattern=cfg.credit.step_pattern))
-            step_scores, stage_stats = None, {}
+            step_scores = None
             if cfg.credit.step_reward:   # process rewards: a score per reasoning step
                 texts = step_texts(tokenizer, rollout.response_ids, rollout.step_ids)
                 step_scores, step_failures = score_steps(cfg.credit.step_reward, rollout.completions, texts,
@@ -270,6 +310,10 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
                     rollout.values, credit.returns, rollout.response_mask))))
             if o.update == "gradient":   # TRPO sets its own step size; the optimizer and its schedule are idle
                 scheduler.step()
+            if engine is not None:             # the engine samples from the updated policy from now on
+                t_sync = time.perf_counter()
+                engine.sync_weights(model)
+                upd["time_weight_sync"] = time.perf_counter() - t_sync
             if rollout.logp_ref is not None:   # sampled k1 KL per sequence (logp_old: the sampler's), which beta steers
                 kl_seq = dist.mean(float(((rollout.logp_old - rollout.logp_ref) * rollout.response_mask).sum(-1).mean()))
                 upd.update(kl_sampled_per_seq=kl_seq, kl_beta=beta.value)
@@ -303,6 +347,8 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
         log.warning("interrupted at step %d; checkpoints already written are intact", step)
     finally:
         bar.close()
+        if engine is not None:
+            engine.close()
     samples_log.close()
     if interrupted:
         metrics_log.close()

