@@ -215,8 +215,11 @@ def test_process_limit_holds_for_the_sandbox_uid():
 
 @pytest.mark.skipif(not ROOT, reason="the sweep needs the uid layer")
 def test_children_that_leave_the_process_group_are_swept():
-    code = ("import os, time\nfor _ in range(3):\n    if os.fork() == 0:\n        os.setsid()\n"
-            "        if os.fork() == 0:\n            time.sleep(60)\n        os._exit(0)\nprint('bye')")
+    # each child waits until its grandchild exists before it exits, and the parent reaps each child: so exactly
+    # three orphans (in sessions of their own) are alive when the parent ends, however loaded the machine is
+    code = ("import os, time\nfor _ in range(3):\n    r, w = os.pipe()\n    pid = os.fork()\n    if pid == 0:\n"
+            "        os.setsid()\n        if os.fork() == 0:\n            os.write(w, b'x')\n            time.sleep(60)\n"
+            "        os.read(r, 1)\n        os._exit(0)\n    os.waitpid(pid, 0)\nprint('bye')")
     res = run(code)
     assert res.status == "ok" and res.stdout == "bye\n"
     assert "killed 3 leftover process(es)" in res.reason
