@@ -10,7 +10,7 @@ from functools import partial
 from llmrl.data import Example
 from llmrl.objectives.policy import AGGREGATIONS, ppo_clip_objective
 from llmrl.rollout.collect import collect_rollout
-from llmrl.train.update import policy_update
+from llmrl.train.update import micro_batches, policy_update
 
 
 @pytest.fixture(scope="module")
@@ -21,13 +21,13 @@ def rollout(tiny):
                            generator=torch.Generator().manual_seed(0))
 
 
-def step(model, rollout, adv, *, micro, skip, aggregation="token-mean"):
+def step(model, rollout, adv, *, micro, skip, aggregation="token-mean", tokens=None):
     m = copy.deepcopy(model).train()
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     objective = partial(ppo_clip_objective, aggregation=aggregation)
     policy_update(m, opt, rollout, adv, objective, epochs=1, minibatches=1, micro_batch_size=micro,
                   max_grad_norm=1e9, temperature=1.0, autocast_dtype=None, max_len=6,
-                  zero_advantage_is_zero_loss=skip)
+                  zero_advantage_is_zero_loss=skip, micro_batch_tokens=tokens)
     return torch.cat([p.detach().flatten() for p in m.parameters()])
 
 
@@ -40,6 +40,32 @@ def test_micro_batch_size_does_not_change_the_update(tiny, rollout, aggregation)
     pieces = step(model, rollout, adv, micro=1, skip=False, aggregation=aggregation)
     assert not torch.allclose(whole, before)
     assert torch.allclose(whole, pieces, atol=1e-6)
+
+
+def test_micro_batches_keep_order_and_bound_the_padded_tokens(rollout):
+    P = rollout.prompt_len
+    prompt_len = rollout.attention_mask[:, :P].sum(-1)
+    resp_len = rollout.attention_mask[:, P:].sum(-1)
+    rows = torch.arange(len(rollout.completions))
+    longest = int(prompt_len.max() + resp_len.max())
+    for budget in (1, longest, 2 * longest, 10**6):
+        parts = micro_batches(rows, rollout, 4, budget)
+        assert torch.equal(torch.cat(parts), rows)                     # every row once, in order
+        for part in parts:
+            assert len(part) <= 4
+            padded = len(part) * int(prompt_len[part].max() + resp_len[part].max())
+            assert len(part) == 1 or padded <= budget                  # a row over the budget goes alone
+    assert all(len(p) == 1 for p in micro_batches(rows, rollout, 4, 1))
+    assert [len(p) for p in micro_batches(rows, rollout, 4, None)] == [4, 2]
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_a_token_budget_does_not_change_the_update(tiny, rollout, aggregation):
+    model, _ = tiny
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, 0.0])[:, None] * rollout.response_mask
+    whole = step(model, rollout, adv, micro=6, skip=False, aggregation=aggregation)
+    budgeted = step(model, rollout, adv, micro=6, skip=False, aggregation=aggregation, tokens=80)   # splits 2 + 2 + 2
+    assert torch.allclose(whole, budgeted, atol=1e-6)
 
 
 def test_skipping_zero_advantage_rows_is_exact(tiny, rollout):

@@ -155,6 +155,9 @@ class OptimConfig:
     eps: float = f(1e-8, "AdamW epsilon", gt=0)
     max_grad_norm: float = f(1.0, "clip the global gradient norm to this", gt=0)
     micro_batch_size: int = f(32, "sequences per forward/backward; gradients accumulate", ge=1)
+    micro_batch_tokens: int | None = f(4096, "most tokens (rows x padded length) per forward/backward: a micro-batch "
+                                              "of long sequences (multi-turn tools, code) gets fewer rows; "
+                                              "activation memory grows with it (RL; null: rows only)", ge=1)
     packing: bool = f(False, "update phase: drop the padding and pack each micro-batch's rows into sequences of at most "
                              "pack_tokens tokens (same values, fewer FLOPs when lengths vary)")
     pack_tokens: int = f(256, "packing: tokens per packed sequence (attention cost grows with its square); "

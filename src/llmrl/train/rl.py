@@ -142,6 +142,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
     run_dir, config_yaml, gen = start_run(cfg)
     amp = torch.bfloat16 if cfg.model.autocast == "bfloat16" else None
     pack = cfg.optim.pack_tokens if cfg.optim.packing else None     # padding-free update-phase forwards
+    micro = dict(micro_batch_size=cfg.optim.micro_batch_size, micro_batch_tokens=cfg.optim.micro_batch_tokens)
     prompt_kw = dict(chat_template=cfg.model.chat_template, system_prompt=system_prompt)
     eval_tokens = cfg.run.eval_max_new_tokens or cfg.rollout.max_new_tokens
 
@@ -243,8 +244,8 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
             stage_stats = {}
             if engine is not None:
                 logp_engine = rollout.logp_old
-                logp_policy = batched_logprobs(model, rollout, micro_batch_size=cfg.optim.micro_batch_size,
-                                               temperature=cfg.rollout.temperature or 1.0, autocast_dtype=amp)
+                logp_policy = batched_logprobs(model, rollout, **micro, temperature=cfg.rollout.temperature or 1.0,
+                                               autocast_dtype=amp, pack_tokens=pack)
                 rollout = rollout.with_(logp_old=logp_policy, is_weight=truncated_is_weight(
                     logp_policy, logp_engine, cap=cfg.rollout.tis_cap))
                 stage_stats = {k: float(v) for k, v in mismatch_stats(logp_policy, logp_engine, rollout.response_mask,
@@ -252,7 +253,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
             #    reference log-probs, when the objective uses them
             if beta.value > 0:
                 rollout = rollout.with_(logp_ref=batched_logprobs(
-                    reference, rollout, micro_batch_size=cfg.optim.micro_batch_size,
+                    reference, rollout, **micro,
                     temperature=cfg.rollout.temperature or 1.0, autocast_dtype=amp, pack_tokens=pack))
             # 4. reasoning steps and values V(s_t), when credit uses them
             if cfg.credit.steps != "none":
@@ -276,8 +277,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
                 rollout = rollout.with_(values=values)
                 stage_stats |= mc
             if critic is not None:
-                rollout = rollout.with_(values=batched_values(critic, rollout, micro_batch_size=cfg.optim.micro_batch_size,
-                                                              autocast_dtype=amp))
+                rollout = rollout.with_(values=batched_values(critic, rollout, **micro, autocast_dtype=amp))
             t3 = time.perf_counter()
             # 5. credit (with the KL penalty as a per-token reward when it is placed in the reward), on the
             #    global batch under torchrun
@@ -295,11 +295,11 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
                                   generator=gen)
                 if critic is not None:
                     upd |= critic_update(critic, critic_optimizer, rollout, credit.returns, value_objective,
-                                         micro_batch_size=cfg.optim.micro_batch_size, max_len=cfg.rollout.max_new_tokens,
+                                         **micro, max_len=cfg.rollout.max_new_tokens,
                                          max_grad_norm=cfg.optim.max_grad_norm, autocast_dtype=amp)
             else:
                 upd = policy_update(policy, optimizer, rollout, credit.advantages, objective,
-                                    epochs=o.epochs, minibatches=o.minibatches, micro_batch_size=cfg.optim.micro_batch_size,
+                                    epochs=o.epochs, minibatches=o.minibatches, **micro,
                                     max_grad_norm=cfg.optim.max_grad_norm, temperature=cfg.rollout.temperature or 1.0,
                                     autocast_dtype=amp, max_len=cfg.rollout.max_new_tokens, generator=gen,
                                     zero_advantage_is_zero_loss=kl_in_loss == 0 and o.entropy_coef == 0,

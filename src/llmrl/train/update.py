@@ -39,18 +39,40 @@ def trim(rollout: Rollout) -> Rollout:
     )
 
 
+def micro_batches(rows: torch.Tensor, rollout: Rollout, max_rows: int, max_tokens: int | None) -> list[torch.Tensor]:
+    """Split `rows` [n] (in order) into micro-batches of at most `max_rows` rows whose trimmed forward,
+    rows x (longest prompt + longest response), stays within `max_tokens` (None: no token bound). A row longer
+    than `max_tokens` goes alone. Activation memory grows with those tokens, not with the row count: long
+    multi-turn prompts need fewer rows per pass than short ones."""
+    if max_tokens is None:
+        return list(rows.split(max_rows))
+    P = rollout.prompt_len
+    prompt_len = rollout.attention_mask[rows, :P].sum(-1).tolist()     # [n] real prompt tokens
+    resp_len = rollout.attention_mask[rows, P:].sum(-1).tolist()       # [n] response (and observation) tokens
+    out, start, p_max, r_max = [], 0, 0, 0
+    for i in range(len(rows)):
+        p, r = max(p_max, prompt_len[i]), max(r_max, resp_len[i])
+        if i > start and ((i - start + 1) * (p + r) > max_tokens or i - start == max_rows):
+            out.append(rows[start:i])
+            start, p, r = i, prompt_len[i], resp_len[i]
+        p_max, r_max = p, r
+    if len(rows):
+        out.append(rows[start:])
+    return out
+
+
 def _amp(dtype):
     return torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 @torch.no_grad()
 def batched_logprobs(model, rollout: Rollout, *, micro_batch_size: int, temperature: float, autocast_dtype,
-                     pack_tokens: int | None = None) -> torch.Tensor:
+                     pack_tokens: int | None = None, micro_batch_tokens: int | None = None) -> torch.Tensor:
     """logp [N, T] of every response under `model`, without gradient, micro-batch by micro-batch
     (padding-free in packs of at most `pack_tokens` tokens when given: objectives/packing.py)."""
     T = rollout.response_mask.shape[1]
     out = []
-    for idx in torch.arange(len(rollout.completions)).split(micro_batch_size):
+    for idx in micro_batches(torch.arange(len(rollout.completions)), rollout, micro_batch_size, micro_batch_tokens):
         r = trim(rollout.select(idx))
         with _amp(autocast_dtype):
             lp, _ = policy_logprobs(model, r.input_ids, r.attention_mask, r.response_mask.shape[1],
@@ -60,11 +82,12 @@ def batched_logprobs(model, rollout: Rollout, *, micro_batch_size: int, temperat
 
 
 @torch.no_grad()
-def batched_values(critic, rollout: Rollout, *, micro_batch_size: int, autocast_dtype) -> torch.Tensor:
+def batched_values(critic, rollout: Rollout, *, micro_batch_size: int, autocast_dtype,
+                   micro_batch_tokens: int | None = None) -> torch.Tensor:
     """V(s_t) [N, T] of every response position under `critic`, without gradient."""
     T = rollout.response_mask.shape[1]
     out = []
-    for idx in torch.arange(len(rollout.completions)).split(micro_batch_size):
+    for idx in micro_batches(torch.arange(len(rollout.completions)), rollout, micro_batch_size, micro_batch_tokens):
         r = trim(rollout.select(idx))
         with _amp(autocast_dtype):
             v = critic(r.input_ids, r.attention_mask, r.response_mask.shape[1])
@@ -94,6 +117,7 @@ def policy_update(
     value_objective: Callable[..., ObjectiveOutput] | None = None,
     early_stop_kl: float | None = None,   # stop the epochs once a minibatch's approx KL(old || new) exceeds this
     pack_tokens: int | None = None,       # padding-free forward in packs of at most this many tokens (packing.py)
+    micro_batch_tokens: int | None = None,   # at most this many (padded) tokens per forward/backward
 ) -> dict[str, float]:
     """Run the update; returns metrics averaged over the optimizer steps taken (`update_rows`: this rank's)."""
     N = advantages.shape[0]                   # this rank's rows; under torchrun rank r holds global rows r*N ..
@@ -102,7 +126,7 @@ def policy_update(
     reuse_detached = epochs == 1 and minibatches == 1    # on-policy, one pass: old policy == current policy
     logp_old = None if reuse_detached else batched_logprobs(
         model, rollout, micro_batch_size=micro_batch_size, temperature=temperature, autocast_dtype=autocast_dtype,
-        pack_tokens=pack_tokens)
+        pack_tokens=pack_tokens, micro_batch_tokens=micro_batch_tokens)
     skip_zero = zero_advantage_is_zero_loss and critic is None
     passes, stopped = 0, False
     for _ in range(epochs):
@@ -121,7 +145,7 @@ def policy_update(
             if critic_optimizer is not None:
                 critic_optimizer.zero_grad(set_to_none=True)
             mb_sums: dict[str, float] = defaultdict(float)
-            micro = list(mb.split(micro_batch_size)) if len(mb) else []
+            micro = micro_batches(mb, rollout, micro_batch_size, micro_batch_tokens) if len(mb) else []
             n_micro = D.all_max(len(micro))   # every rank runs as many passes: a rank short of rows runs row 0 × 0
             for i in range(n_micro):
                 idx, weight = (micro[i], 1.0) if i < len(micro) else (torch.tensor([0]), 0.0)
@@ -169,12 +193,13 @@ def policy_update(
 
 
 def critic_update(critic, critic_optimizer, rollout: Rollout, returns: torch.Tensor, value_objective, *,
-                  micro_batch_size: int, max_len: int, max_grad_norm: float, autocast_dtype) -> dict[str, float]:
+                  micro_batch_size: int, max_len: int, max_grad_norm: float, autocast_dtype,
+                  micro_batch_tokens: int | None = None) -> dict[str, float]:
     """One optimizer step of the critic alone on `returns` [N, T] (used when the policy moves by TRPO)."""
     counts = BatchCounts.of(rollout.response_mask, max_len)
     critic_optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = defaultdict(float)
-    for idx in torch.arange(returns.shape[0]).split(micro_batch_size):
+    for idx in micro_batches(torch.arange(returns.shape[0]), rollout, micro_batch_size, micro_batch_tokens):
         part = trim(rollout.select(idx))
         T = part.response_mask.shape[1]
         with _amp(autocast_dtype):
