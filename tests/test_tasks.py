@@ -53,6 +53,13 @@ def test_arithmetic_ops_and_answers():
         assert ex.check(ex.answer, ex) == 1.0 and ex.check(str(int(ex.answer) + 1), ex) == 0.0
 
 
+def test_arithmetic_answer_must_be_the_number_not_the_question_restated():
+    ex = make_task("arithmetic", seed=0, options={"digits": 3, "ops": ["+", "*"]}).heldout(1)[0]
+    assert ex.check(ex.answer, ex) == 1.0 and ex.check(f"{int(ex.answer):,}.", ex) == 1.0
+    assert ex.check(ex.meta["expression"], ex) == 0.0          # math_verify alone evaluates it and says equal
+    assert ex.check(f"{ex.meta['expression']} = {ex.answer}", ex) == 0.0
+
+
 def test_arithmetic_train_never_produces_heldout():
     task = make_task("arithmetic")   # 2-digit a + b: 8,100 problems, so 5,000 draws cover most of them
     held = {ex.prompt for ex in task.heldout(200)}

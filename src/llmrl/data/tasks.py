@@ -65,6 +65,14 @@ def math_check(pred: str, ex: "Example") -> float:
         return 0.0
 
 
+def number_check(pred: str, ex: "Example") -> float:
+    """`math_check` for a task that asks for a computed number: the answer must be a number itself, so
+    restating the question ("141 + 365" for 506), which math_verify would evaluate and accept, scores 0."""
+    if not _NUMBER.fullmatch(pred.strip().strip("$").strip().rstrip(".").strip()):
+        return 0.0
+    return math_check(pred, ex)
+
+
 @dataclass(frozen=True)
 class Example:
     prompt: str                 # the user message (the chat template is applied later, by the model side)
@@ -157,7 +165,7 @@ class ArithmeticTask:
 
     def _example(self, nums: list[int], ops: list[str]) -> Example:
         expr = " ".join(itertools.chain.from_iterable(zip(map(str, nums), ops))) + f" {nums[-1]}"
-        return Example(_ARITH_PROMPT.format(expr), str(_evaluate(nums, ops)), {"expression": expr})
+        return Example(_ARITH_PROMPT.format(expr), str(_evaluate(nums, ops)), {"expression": expr}, check=number_check)
 
     def _examples(self, seed, split: str) -> Iterator[Example | None]:
         """Random problems: an Example if it falls in `split`, else None."""
