@@ -83,6 +83,10 @@ class VLLMEngine:
     def __init__(self, model_path: str, *, dtype: str = "bfloat16", seed: int = 0, options: dict | None = None):
         if not vllm_available():
             raise ImportError(INSTALL_HINT)
+        if int((options or {}).get("tensor_parallel_size", 1)) > 1 or int((options or {}).get("pipeline_parallel_size", 1)) > 1:
+            raise ValueError("rollout.vllm_options: tensor/pipeline parallelism is not supported: the engine runs in "
+                             "this process and takes the policy's weights by reference; vLLM's parallel workers run "
+                             "in other processes (see README, Multi-process and multi-node)")
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"    # the engine core in this process: weights by reference
         threads, set_threads = torch.get_num_threads(), torch.set_num_threads
         from vllm import LLM
