@@ -83,7 +83,8 @@ class VLLMEngine:
     def __init__(self, model_path: str, *, dtype: str = "bfloat16", seed: int = 0, options: dict | None = None):
         if not vllm_available():
             raise ImportError(INSTALL_HINT)
-        if int((options or {}).get("tensor_parallel_size", 1)) > 1 or int((options or {}).get("pipeline_parallel_size", 1)) > 1:
+        opts = options or {}
+        if int(opts.get("tensor_parallel_size", 1)) > 1 or int(opts.get("pipeline_parallel_size", 1)) > 1:
             raise ValueError("rollout.vllm_options: tensor/pipeline parallelism is not supported: the engine runs in "
                              "this process and takes the policy's weights by reference; vLLM's parallel workers run "
                              "in other processes (see README, Multi-process and multi-node)")
