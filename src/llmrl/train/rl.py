@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+import warnings
 from functools import partial
 
 import torch
@@ -309,7 +310,9 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
                 upd["value_explained_variance"] = float(explained_variance(*map(dist.gather_rows, (
                     rollout.values, credit.returns, rollout.response_mask))))
             if o.update == "gradient":   # TRPO sets its own step size; the optimizer and its schedule are idle
-                scheduler.step()
+                with warnings.catch_warnings():   # a step whose advantages were all 0 took no optimizer step;
+                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+                    scheduler.step()              # the schedule counts training steps all the same
             if engine is not None:             # the engine samples from the updated policy from now on
                 t_sync = time.perf_counter()
                 engine.sync_weights(model)
