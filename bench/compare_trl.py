@@ -3,8 +3,9 @@
 Settings (the issue's): SmolLM2-135M-Instruct, 2 prompts x 8 completions of 2-digit addition, at most 64 new
 tokens, temperature 1, beta = 0.04 (k3 KL in the loss, so a reference model runs), learning rate 1e-6, token-mean
 loss (TRL's default "dapo"), one update per rollout, torch on 2 threads. TRL runs as its users run it on a CPU:
-fp32 weights (`use_cpu=True`, no bf16). llmrl runs with its defaults (fp32 master weights, bf16 autocast), and
-once more in plain fp32 so the precision's share of the gap is visible.
+fp32 weights (`use_cpu=True`, no bf16). llmrl runs with its defaults (fp32 master weights, bf16 autocast, packed
+update), once more with gradient checkpointing (`llmrl_ckpt`: the memory-lean setting), and once in plain fp32 so
+the precision's share of the gap is visible.
 
 Each framework runs in its own subprocess (so peak RSS is its own): seconds per step is the median over the steps
 after the first (warm-up), completion tokens per second = completion tokens / step time over those steps.
@@ -27,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 PROMPTS, GROUP, MAX_NEW, BETA, LR, THREADS = 2, 8, 64, 0.04, 1e-6, 2
+LLMRL_WORKERS = ("llmrl_bf16", "llmrl_ckpt", "llmrl_fp32")
 
 
 def peak_rss_mib() -> float:
@@ -40,7 +42,7 @@ def summarise(step_s: list[float], tokens: list[float]) -> dict:
             "peak_rss_mib": peak_rss_mib()}
 
 
-def worker_llmrl(steps: int, precision: str, out_dir: str) -> dict:
+def worker_llmrl(steps: int, variant: str, out_dir: str) -> dict:
     from llmrl.config import load_config
     from llmrl.presets import PRESETS
     from llmrl.train.metrics import read_metrics
@@ -52,8 +54,9 @@ def worker_llmrl(steps: int, precision: str, out_dir: str) -> dict:
         "objective.kl_estimator=k3", "objective.aggregation=token-mean", f"optim.lr={LR}",
         f"optim.micro_batch_size={PROMPTS * GROUP}", f"run.steps={steps}", "run.eval_every=0", "run.samples_every=0",
         "task.heldout_size=1", "run.eval_max_new_tokens=1", f"run.threads={THREADS}", "run.progress=false",
-        f"run.output_dir={out_dir}", f"run.name=llmrl_{precision}",
-        *([] if precision == "bf16" else ["model.autocast=none"])], presets=PRESETS)
+        f"run.output_dir={out_dir}", f"run.name=llmrl_{variant}",
+        *{"bf16": [], "ckpt": ["model.gradient_checkpointing=true"], "fp32": ["model.autocast=none"]}[variant]],
+        presets=PRESETS)
     summary = train(cfg)
     rows = [r for r in read_metrics(Path(summary["run_dir"]) / "metrics.jsonl") if r["kind"] == "train"]
     return summarise([r["time_step"] for r in rows], [r["response_length"] * PROMPTS * GROUP for r in rows])
@@ -121,7 +124,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=7, help="steps per framework (the first is warm-up)")
     p.add_argument("--out-dir", default="runs/bench_trl")
-    p.add_argument("--worker", choices=["trl", "llmrl_bf16", "llmrl_fp32"])
+    p.add_argument("--worker", choices=["trl", *LLMRL_WORKERS])
     p.add_argument("--no-write", action="store_true", help="print the table only")
     args = p.parse_args()
     if args.worker:
@@ -132,7 +135,7 @@ def main() -> None:
 
     from common import markdown_table, write_section
 
-    res = {name: run_worker(name, args.steps, args.out_dir) for name in ("trl", "llmrl_bf16", "llmrl_fp32")}
+    res = {name: run_worker(name, args.steps, args.out_dir) for name in ("trl", *LLMRL_WORKERS)}
     trl = res["trl"]
     rows = [[name, f"{r['step_s']:.2f}", f"{r['tokens_per_s']:.1f}", f"{r['peak_rss_mib']:.0f}",
              f"{trl['step_s'] / r['step_s']:.2f}x", f"{r['peak_rss_mib'] / trl['peak_rss_mib']:.2f}x"]
@@ -141,7 +144,8 @@ def main() -> None:
             f"{PROMPTS} prompts x {GROUP} completions of 2-digit addition, at most {MAX_NEW} new tokens, temperature 1, "
             f"beta {BETA} (k3, a reference model runs), lr {LR}, token-mean loss, one update per rollout, "
             f"{THREADS} torch threads. Seconds per step: median of {args.steps - 1} steps after a warm-up step. "
-            "TRL runs fp32 (its CPU path); llmrl_bf16 is llmrl's default (fp32 master weights, bf16 autocast), "
+            "TRL runs fp32 (its CPU path); llmrl_bf16 is llmrl's default (fp32 master weights, bf16 autocast, "
+            "packed update phase), llmrl_ckpt adds gradient checkpointing (less memory, one more forward), "
             "llmrl_fp32 turns autocast off. Speed-up = TRL s/step / llmrl s/step; RSS ratio = llmrl / TRL.\n\n")
     body += markdown_table(["framework", "s/step", "completion tokens/s", "peak RSS MiB", "speed-up vs TRL",
                             "RSS vs TRL"], rows)
