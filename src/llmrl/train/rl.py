@@ -348,18 +348,24 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
     except KeyboardInterrupt:
         interrupted = True
         log.warning("interrupted at step %d; checkpoints already written are intact", step)
-    finally:
-        bar.close()
+    except BaseException:
         if engine is not None:
             engine.close()
+        raise
+    finally:
+        bar.close()
     samples_log.close()
     if interrupted:
         metrics_log.close()
+        if engine is not None:
+            engine.close()
         return {"run_dir": str(run_dir), "interrupted": True, "step": step, "before": before, "evals": evals}
 
     # ------------------------------------------------------------------ finish
-    after = run_eval(step)
+    after = run_eval(step)             # with rollout.engine=vllm the engine generates it too
     evals.append(after)
+    if engine is not None:
+        engine.close()
     final = save_checkpoint(model, tokenizer, run_dir / "final", config_yaml)
     metrics_log.close()
     summary = {"run_dir": str(run_dir), "checkpoint": str(final), "steps": step,
