@@ -58,9 +58,10 @@ class StandInEngine:
     shift = 0.1
 
     def __init__(self):
-        self.model, self.syncs = load_model("tiny")[0].eval(), 0
+        self.model, self.syncs, self.closed = load_model("tiny")[0].eval(), 0, False
 
     def generate(self, prompts, *, seed, **kw):
+        assert not self.closed, "generate on a closed engine"
         s = generate(self.model, prompts, **kw, generator=torch.Generator().manual_seed(seed))
         return s.__class__(**{**s.__dict__, "logp": (s.logp - self.shift) * s.response_mask})
 
@@ -69,7 +70,7 @@ class StandInEngine:
         self.syncs += 1
 
     def close(self):
-        pass
+        self.closed = True
 
 
 @pytest.mark.parametrize("cap, truncated", [(2.0, 0.0), (1.05, 1.0)])   # pi / mu = e^0.1 = 1.105
@@ -92,6 +93,7 @@ def test_recipe_with_an_engine_logs_the_mismatch_and_syncs(tmp_path, monkeypatch
                  f"rollout.tis_cap={cap}", "reward.terms=[test_vowels]"]) == 0
     rows = [r for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if r["kind"] == "train"]
     assert engines[0].syncs == 2 and all(r["time_weight_sync"] >= 0 for r in rows)
+    assert engines[0].closed                           # closed once the final evaluation has run on it
     for r in rows:   # the policy is recomputed in fp32 (autocast none): the gap is the engine's shift, exactly
         assert r["mismatch_logp_abs_mean"] == pytest.approx(0.1, abs=1e-4)
         assert r["mismatch_logp_abs_max"] == pytest.approx(0.1, abs=1e-4)
