@@ -2,10 +2,11 @@
 
 Settings (the issue's): SmolLM2-135M-Instruct, 2 prompts x 8 completions of 2-digit addition, at most 64 new
 tokens, temperature 1, beta = 0.04 (k3 KL in the loss, so a reference model runs), learning rate 1e-6, token-mean
-loss (TRL's default "dapo"), one update per rollout, torch on 2 threads. TRL runs as its users run it on a CPU:
-fp32 weights (`use_cpu=True`, no bf16). llmrl runs with its defaults (fp32 master weights, bf16 autocast, packed
-update), once more with gradient checkpointing (`llmrl_ckpt`: the memory-lean setting), and once in plain fp32 so
-the precision's share of the gap is visible.
+loss (TRL's default "dapo"), one update per rollout, torch on 2 threads; TRL's AdamW takes llmrl's betas, eps and
+constant schedule (bench/common.py builds both). TRL runs as its users run it on a CPU: fp32 weights
+(`use_cpu=True`, no bf16). llmrl runs with its defaults (fp32 master weights, bf16 autocast, packed update), once
+more with gradient checkpointing (`llmrl_ckpt`: the memory-lean setting), and once in plain fp32 so the
+precision's share of the gap is visible.
 
 Each framework runs in its own subprocess (so peak RSS is its own): seconds per step is the median over the steps
 after the first (warm-up), completion tokens per second = completion tokens / step time over those steps.
@@ -17,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,12 +26,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-PROMPTS, GROUP, MAX_NEW, BETA, LR, THREADS = 2, 8, 64, 0.04, 1e-6, 2
-LLMRL_WORKERS = ("llmrl_bf16", "llmrl_ckpt", "llmrl_fp32")
+from common import (BETA, GROUP, MAX_NEW, PROMPTS, THREADS, grpo_config, peak_rss_mib, run_worker,  # noqa: E402
+                    trl_grpo_trainer)
 
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+LR = 1e-6
+LLMRL_WORKERS = {"llmrl_bf16": [], "llmrl_ckpt": ["model.gradient_checkpointing=true"],
+                 "llmrl_fp32": ["model.autocast=none"]}
 
 
 def summarise(step_s: list[float], tokens: list[float]) -> dict:
@@ -42,45 +41,23 @@ def summarise(step_s: list[float], tokens: list[float]) -> dict:
             "peak_rss_mib": peak_rss_mib()}
 
 
-def worker_llmrl(steps: int, variant: str, out_dir: str) -> dict:
-    from llmrl.config import load_config
-    from llmrl.presets import PRESETS
+def config(steps: int, name: str, *extra: str):
+    return grpo_config(LR, [f"run.steps={steps}", "run.eval_every=0", "task.heldout_size=1",
+                            "run.eval_max_new_tokens=1", f"run.name={name}", *extra])
+
+
+def worker_llmrl(steps: int, name: str, out_dir: str) -> dict:
     from llmrl.train.metrics import read_metrics
     from llmrl.train.rl import train
 
-    cfg = load_config(ROOT / "examples/arithmetic_base.yaml", [
-        "preset=grpo", f"rollout.prompts_per_step={PROMPTS}", f"rollout.group_size={GROUP}",
-        f"rollout.max_new_tokens={MAX_NEW}", "rollout.temperature=1.0", f"objective.kl_coef={BETA}",
-        "objective.kl_estimator=k3", "objective.aggregation=token-mean", f"optim.lr={LR}",
-        f"optim.micro_batch_size={PROMPTS * GROUP}", f"run.steps={steps}", "run.eval_every=0", "run.samples_every=0",
-        "task.heldout_size=1", "run.eval_max_new_tokens=1", f"run.threads={THREADS}", "run.progress=false",
-        f"run.output_dir={out_dir}", f"run.name=llmrl_{variant}",
-        *{"bf16": [], "ckpt": ["model.gradient_checkpointing=true"], "fp32": ["model.autocast=none"]}[variant]],
-        presets=PRESETS)
+    cfg = config(steps, name, f"run.output_dir={out_dir}", *LLMRL_WORKERS[name])
     summary = train(cfg)
     rows = [r for r in read_metrics(Path(summary["run_dir"]) / "metrics.jsonl") if r["kind"] == "train"]
     return summarise([r["time_step"] for r in rows], [r["response_length"] * PROMPTS * GROUP for r in rows])
 
 
 def worker_trl(steps: int, out_dir: str) -> dict:
-    import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
-
-    from llmrl.data import make_task
-    from llmrl.models.loading import resolve_model_path
-    from llmrl.rewards import score
-
-    torch.set_num_threads(THREADS)
-    task = make_task("arithmetic", seed=0, options={"digits": 2, "ops": ["+"]})
-    examples = [ex for ex, _ in zip(task.train_stream(0), range(PROMPTS * (steps + 2)))]
-    by_prompt = {ex.prompt: ex for ex in examples}
-    data = Dataset.from_list([{"prompt": [{"role": "user", "content": ex.prompt}]} for ex in examples])
-
-    def correct(prompts, completions, **_):
-        exs = [by_prompt[p[-1]["content"]] for p in prompts]
-        return score([c[0]["content"] for c in completions], exs, [("correct", 1.0, {})]).total.tolist()
+    from transformers import TrainerCallback
 
     class Clock(TrainerCallback):
         def __init__(self):
@@ -96,28 +73,11 @@ def worker_trl(steps: int, out_dir: str) -> dict:
             if logs and "completions/mean_length" in logs:
                 self.tokens.append(float(logs["completions/mean_length"]) * PROMPTS * GROUP)
 
-    path = resolve_model_path("smollm2-135m-instruct")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    args = GRPOConfig(
-        output_dir=str(Path(out_dir) / "trl"), per_device_train_batch_size=PROMPTS * GROUP, num_generations=GROUP,
-        gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1, max_completion_length=MAX_NEW,
-        temperature=1.0, beta=BETA, learning_rate=LR, max_steps=steps, logging_steps=1, save_strategy="no",
-        report_to=[], use_cpu=True, bf16=False, seed=0, disable_tqdm=True)
     clock = Clock()
-    trainer = GRPOTrainer(model=model, reward_funcs=correct, args=args, train_dataset=data,
-                          processing_class=tokenizer, callbacks=[clock])
+    trainer = trl_grpo_trainer(config(steps, "trl"), max_steps=steps, n_prompts=PROMPTS * (steps + 2),
+                               out_dir=out_dir, callbacks=[clock])
     trainer.train()
     return summarise(clock.step_s, clock.tokens)
-
-
-def run_worker(name: str, steps: int, out_dir: str) -> dict:
-    out = Path(out_dir) / f"{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, __file__, "--worker", name, "--steps", str(steps), "--out-dir", out_dir]
-    print("running", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
-    return json.loads(out.read_text())
 
 
 def main() -> None:
@@ -129,13 +89,14 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         res = (worker_trl(args.steps, args.out_dir) if args.worker == "trl"
-               else worker_llmrl(args.steps, args.worker.split("_")[1], args.out_dir))
+               else worker_llmrl(args.steps, args.worker, args.out_dir))
         (Path(args.out_dir) / f"{args.worker}.json").write_text(json.dumps(res))
         return
 
     from common import markdown_table, write_section
 
-    res = {name: run_worker(name, args.steps, args.out_dir) for name in ("trl", *LLMRL_WORKERS)}
+    res = {name: run_worker(__file__, name, ["--steps", str(args.steps)], args.out_dir)
+           for name in ("trl", *LLMRL_WORKERS)}
     trl = res["trl"]
     rows = [[name, f"{r['step_s']:.2f}", f"{r['tokens_per_s']:.1f}", f"{r['peak_rss_mib']:.0f}",
              f"{trl['step_s'] / r['step_s']:.2f}x", f"{r['peak_rss_mib'] / trl['peak_rss_mib']:.2f}x"]

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -160,3 +161,26 @@ def test_time_limit_stops_training_then_evaluates_and_saves(tmp_path):
     assert [r for r in rows if r["kind"] == "train"] == []            # the limit had passed before step 1
     assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 0]  # before, and after at the step reached
     assert (tmp_path / "r" / "final" / "llmrl_config.yaml").exists()
+
+
+def test_time_limit_does_not_count_held_out_evaluations(tmp_path, monkeypatch):
+    """Each held-out evaluation takes 2 minutes of a fake clock against a 1-minute limit: all 3 steps still run,
+    because the limit counts training time only. Counting the evaluations would stop the run after step 1."""
+    import types
+
+    from llmrl.train import rl
+
+    offset = [0.0]
+    real_evaluate = rl.evaluate
+
+    def slow_evaluate(*a, **kw):
+        offset[0] += 120.0
+        return real_evaluate(*a, **kw)
+
+    monkeypatch.setattr(rl, "time", types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + offset[0]))
+    monkeypatch.setattr(rl, "evaluate", slow_evaluate)
+    assert run(tmp_path, "run.time_limit_minutes=1", "run.eval_every=1", steps=3) == 0
+    rows = read_metrics(tmp_path / "r" / "metrics.jsonl")
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3]
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 1, 2, 3]
+    assert all(r["time_eval"] >= 120 for r in rows if r["kind"] == "eval")

@@ -184,8 +184,9 @@ class RunConfig:
     samples_every: int = f(5, "write 2 groups of sampled completions with per-token advantages to samples.jsonl every N steps (0 = never)", ge=0)
     threads: int | None = f(None, "torch threads (null = leave as is)", ge=1)
     progress: bool = f(True, "show a progress bar")
-    time_limit_minutes: float | None = f(None, "stop training after this many minutes, then evaluate and save as "
-                                         "after the last step (null = run all steps)", gt=0)
+    time_limit_minutes: float | None = f(None, "stop training after this many minutes (held-out evaluations during "
+                                         "the run not counted), then evaluate and save as after the last step "
+                                         "(null = run all steps)", gt=0)
     tensorboard: bool | None = f(None, "also write metrics as TensorBoard events to RUN_DIR/tensorboard "
                                        "(null = when the tensorboard package is installed)")
     wandb_project: str | None = f(None, "also log metrics to this Weights & Biases project (needs wandb; "

@@ -343,6 +343,8 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
             bar.update(1)
             if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < cfg.run.steps:
                 evals.append(run_eval(step))
+                if deadline is not None:     # the time limit counts training, not held-out evaluation
+                    deadline += evals[-1]["time_eval"]
             if cfg.run.save_every and step % cfg.run.save_every == 0:
                 checkpoint.save(run_dir, step, state, evals, keep=cfg.run.keep_checkpoints)
     except KeyboardInterrupt:
