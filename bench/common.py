@@ -119,15 +119,15 @@ def trl_grpo_trainer(cfg, *, max_steps: int, n_prompts: int, out_dir: str, callb
                        processing_class=tokenizer, callbacks=callbacks)
 
 
-def run_worker(script: str, name: str, argv: list[str], out_dir: str) -> dict:
-    """Run `script --worker name *argv` in a subprocess (so its peak RSS and threads are its own); it writes its
-    result to OUT_DIR/NAME.json, returned here."""
+def run_worker(script: str, name: str, argv: list[str], out_dir: str, python: str | None = None) -> dict:
+    """Run `script --worker name *argv` in a subprocess (so its peak RSS and threads are its own), under
+    `python` (default: this interpreter); it writes its result to OUT_DIR/NAME.json, returned here."""
     import json
     import subprocess
 
     out = Path(out_dir) / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, script, "--worker", name, *argv, "--out-dir", out_dir]
+    cmd = [python or sys.executable, script, "--worker", name, *argv, "--out-dir", out_dir]
     print("running", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     return json.loads(out.read_text())

