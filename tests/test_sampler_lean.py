@@ -58,12 +58,13 @@ def test_recorded_logp_equals_a_full_forward(tiny, temperature):
     assert torch.allclose(s.logp, full_logp(model, s, temperature), atol=1e-5)
 
 
-def test_rows_dropped_mid_batch_keep_their_positions(tiny):
-    """Many stop ids end rows at different steps, so the batch is compacted several times."""
+@pytest.mark.parametrize("lean", [True, False])
+def test_rows_dropped_mid_batch_keep_their_positions(tiny, lean):
+    """Many stop ids end rows at different steps, so the batch is compacted several times (both decoders)."""
     model, tok = tiny
     stops = tuple(range(0, len(tok), 3))
     s = generate(model, prompts(tok, TEXTS), group_size=6, max_new_tokens=16, temperature=1.0, stop_ids=stops,
-                 pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(3))
+                 pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(3), lean=lean)
     lengths = s.response_mask.sum(1)
     assert len(set(lengths.tolist())) >= 4 and lengths.max() >= 6          # rows stopped at many different steps
     assert torch.allclose(s.logp, full_logp(model, s, 1.0), atol=1e-5)

@@ -46,23 +46,44 @@ def _has_dropout(cfg) -> bool:
 
 
 def _rms(h: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:      # fp32 in, fp32 out, as HF's RMSNorm
-    return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps))
+    return F.rms_norm(h, w.shape, w, eps)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:   # x [n, h, S, D], cos [n, 1, S, D]
-    x1, x2 = x.float().chunk(2, -1)
-    return x.float() * cos + torch.cat([-x2, x1], -1) * sin
+    x = x.float()
+    x1, x2 = x.chunk(2, -1)
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+def _packs() -> bool:
+    """Whether oneDNN's pre-packed bf16 linear is available: same results as F.linear, ~1.6x faster at 16 rows."""
+    mkldnn = getattr(torch.ops, "mkldnn", None)
+    return (torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_reorder_linear_weight")
+            and hasattr(mkldnn, "_linear_pointwise") and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+class _Linear:
+    """y = x W^T + b; a bf16 CPU weight is re-laid out once into oneDNN's blocked format."""
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor | None = None, packed: bool = False):
+        self.packed = packed and w.device.type == "cpu" and w.dtype == torch.bfloat16
+        self.w = torch.ops.mkldnn._reorder_linear_weight(w, 16) if self.packed else w
+        self.b = b
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.w, self.b, "none", [], "")
+        return F.linear(x, self.w, self.b)
 
 
 @dataclass
 class _Layer:
     norm1: torch.Tensor          # [hidden] fp32
-    wqkv: torch.Tensor           # [(H + 2K) D, hidden]
-    bqkv: torch.Tensor | None    # [(H + 2K) D] (qwen2)
-    wo: torch.Tensor             # [hidden, H D]
+    qkv: _Linear                 # [(H + 2K) D, hidden], a bias for qwen2
+    o: _Linear                   # [hidden, H D]
     norm2: torch.Tensor          # [hidden] fp32
-    wgu: torch.Tensor            # [2 I, hidden]: gate rows then up rows
-    wdown: torch.Tensor          # [hidden, I]
+    gate_up: _Linear             # [2 I, hidden]: gate rows then up rows
+    down: _Linear                # [hidden, I]
 
 
 class LeanDecoder:
@@ -75,28 +96,29 @@ class LeanDecoder:
         cfg = base.config
         sd = dict(policy_weights(model))
         self.dtype = dtype or sd["model.embed_tokens.weight"].dtype
-        cast = lambda name: sd[name].to(self.dtype)                                          # noqa: E731
+        packed = _packs()
+        cast = lambda *names: torch.cat([sd[x] for x in names]).to(self.dtype)               # noqa: E731
         fp32 = lambda name: sd[name].float()                                                 # noqa: E731
         self.H, self.K = cfg.num_attention_heads, cfg.num_key_value_heads
         self.D = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.H
         self.eps = cfg.rms_norm_eps
         self.embed = sd["model.embed_tokens.weight"]                                         # [V, hidden]
-        self.lm_head = cast("lm_head.weight" if "lm_head.weight" in sd else "model.embed_tokens.weight")
+        self.lm_head = _Linear(cast("lm_head.weight" if "lm_head.weight" in sd else "model.embed_tokens.weight"),
+                               packed=packed)
         self.norm = fp32("model.norm.weight")
         self.rotary = base.model.rotary_emb
         self.layers = []
         for i in range(cfg.num_hidden_layers):
             p = f"model.layers.{i}."
             attn = [f"{p}self_attn.{x}_proj" for x in "qkv"]
-            bias = f"{attn[0]}.bias" in sd
+            bias = cast(*(a + ".bias" for a in attn)) if attn[0] + ".bias" in sd else None
             self.layers.append(_Layer(
                 norm1=fp32(p + "input_layernorm.weight"),
-                wqkv=torch.cat([sd[a + ".weight"] for a in attn]).to(self.dtype),
-                bqkv=torch.cat([sd[a + ".bias"] for a in attn]).to(self.dtype) if bias else None,
-                wo=cast(p + "self_attn.o_proj.weight"),
+                qkv=_Linear(cast(*(a + ".weight" for a in attn)), bias, packed),
+                o=_Linear(cast(p + "self_attn.o_proj.weight"), packed=packed),
                 norm2=fp32(p + "post_attention_layernorm.weight"),
-                wgu=torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]]).to(self.dtype),
-                wdown=cast(p + "mlp.down_proj.weight"),
+                gate_up=_Linear(cast(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"), packed=packed),
+                down=_Linear(cast(p + "mlp.down_proj.weight"), packed=packed),
             ))
         self.cos = self.sin = None
 
@@ -128,14 +150,14 @@ class LeanDecoder:
         h = self.embed[ids].float()                                                          # [n, S, hidden]
         for i, lay in enumerate(self.layers):
             x = _rms(h, lay.norm1, self.eps).to(self.dtype)
-            qkv = F.linear(x, lay.wqkv, lay.bqkv).view(n, S, H + 2 * K, D).transpose(1, 2)  # [n, H+2K, S, D]
-            q, k, v = qkv.split([H, K, K], 1)
-            cache[i, 0, :, :, start:end] = _rope(k, cos, sin)
-            cache[i, 1, :, :, start:end] = v
-            q = _rope(q, cos, sin).to(self.dtype).reshape(n, K, rep * S, D)
+            qkv = lay.qkv(x).view(n, S, H + 2 * K, D).transpose(1, 2)                       # [n, H+2K, S, D]
+            qk = _rope(qkv[:, :H + K], cos, sin).to(self.dtype)                              # [n, H+K, S, D]
+            cache[i, 0, :, :, start:end] = qk[:, H:]
+            cache[i, 1, :, :, start:end] = qkv[:, H + K:]
+            q = qk[:, :H].reshape(n, K, rep * S, D)
             a = F.scaled_dot_product_attention(q, cache[i, 0, :, :, :end], cache[i, 1, :, :, :end], attn_mask=mask)
             a = a.reshape(n, H, S, D).transpose(1, 2).reshape(n, S, H * D)                      # [n, S, H D]
-            h = h + F.linear(a, lay.wo).float()
-            gate, up = F.linear(_rms(h, lay.norm2, self.eps).to(self.dtype), lay.wgu).chunk(2, -1)
-            h = h + F.linear(F.silu(gate) * up, lay.wdown).float()
-        return F.linear(_rms(h[:, -1], self.norm, self.eps).to(self.dtype), self.lm_head)   # [n, V]
+            h.add_(lay.o(a))                                                                 # fp32 += bf16
+            gate, up = lay.gate_up(_rms(h, lay.norm2, self.eps).to(self.dtype)).chunk(2, -1)
+            h.add_(lay.down(F.silu(gate) * up))
+        return self.lm_head(_rms(h[:, -1], self.norm, self.eps).to(self.dtype))              # [n, V]
