@@ -18,14 +18,18 @@ from llmrl.rollout.tools import resolve_tools
 from llmrl.train.metrics import read_metrics, sample_records
 
 
-def forced_sample_next(scripts):
-    """sample_next emitting scripts[row][step], with the real model's log-prob of that token (so drift is measurable)."""
-    step = {"t": 0}
+def forced_sample_next(scripts, stopped):
+    """sample_next emitting scripts[row][step], with the real model's log-prob of that token (so drift is measurable).
+    The sampler drops stopped rows from its batch: `stopped(script, t)` says whether a row ended at step t."""
+    step = {"t": 0, "rows": list(range(len(scripts)))}
 
     def sample_next(logits, temperature, top_p, generator=None):
         t = step["t"]
         step["t"] += 1
-        token = torch.tensor([s[min(t, len(s) - 1)] for s in scripts])
+        if logits.shape[0] < len(step["rows"]):           # the batch was compacted to the rows still running
+            step["rows"] = [r for r in step["rows"] if not any(stopped(scripts[r], u) for u in range(t))]
+        assert logits.shape[0] == len(step["rows"])
+        token = torch.tensor([scripts[r][min(t, len(scripts[r]) - 1)] for r in step["rows"]])
         logp_all = torch.log_softmax(logits.float() / (temperature or 1.0), -1)
         return token, logp_all.gather(-1, token[:, None])[:, 0]
     return sample_next
@@ -39,7 +43,9 @@ def script_policy(monkeypatch, tok, respond):
         contexts = [tok.decode(p) for p in prompts for _ in range(group_size)]
         texts = [respond(c, k) for k, c in enumerate(contexts)]
         scripts = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
-        monkeypatch.setattr(sampler, "sample_next", forced_sample_next(scripts))
+        def stopped(script, t):                            # EOS, or the text so far completes a tool call
+            return script[min(t, len(script) - 1)] == tok.eos_token_id or episodes.CALL_END in tok.decode(script[:t + 1])
+        monkeypatch.setattr(sampler, "sample_next", forced_sample_next(scripts, stopped))
         return real(model, prompts, group_size=group_size, **kw)
     monkeypatch.setattr(episodes, "generate", generate)
 

@@ -129,14 +129,17 @@ def test_system_prompt_and_demonstration_teach_the_format_for_each_tool(tiny):
 
 # ---------------------------------------------------------------- stop strings in the sampler
 
-def forced_sample_next(scripts):
-    """A sample_next that emits scripts[row][step] (EOS-free), recording the real model's log-prob of that token."""
-    step = {"t": 0}
+def forced_sample_next(scripts, stopped=lambda script, t: False):
+    """A sample_next that emits scripts[row][step] (EOS-free), recording the real model's log-prob of that token.
+    The sampler drops stopped rows from its batch: `stopped(script, t)` says whether a row ended at step t."""
+    step = {"t": 0, "rows": list(range(len(scripts)))}
 
     def sample_next(logits, temperature, top_p, generator=None):
         t = step["t"]
         step["t"] += 1
-        token = torch.tensor([s[t] if t < len(s) else s[-1] for s in scripts])
+        if logits.shape[0] < len(step["rows"]):           # the batch was compacted to the rows still running
+            step["rows"] = [r for r in step["rows"] if not any(stopped(scripts[r], u) for u in range(t))]
+        token = torch.tensor([scripts[r][t] if t < len(scripts[r]) else scripts[r][-1] for r in step["rows"]])
         logp_all = torch.log_softmax(logits.float() / (temperature or 1.0), -1)
         return token, logp_all.gather(-1, token[:, None])[:, 0]
     return sample_next
@@ -146,7 +149,8 @@ def test_generate_stops_a_row_at_a_stop_string(tiny, monkeypatch):
     model, tok = tiny
     texts = ["ab <tool>calculator: 1+1</tool> never", "no call here at all, just text"]
     scripts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    monkeypatch.setattr(sampler, "sample_next", forced_sample_next(scripts))
+    monkeypatch.setattr(sampler, "sample_next",
+                        forced_sample_next(scripts, lambda script, t: "</tool>" in tok.decode(script[:t + 1])))
     prompt = tok("Q:", add_special_tokens=False)["input_ids"]
     s = generate(model, [prompt, prompt], max_new_tokens=40, temperature=1.0, stop_ids=(tok.eos_token_id,),
                  pad_id=tok.pad_token_id, stop_strings=("</tool>",), tokenizer=tok)

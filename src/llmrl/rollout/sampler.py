@@ -9,9 +9,12 @@ log-prob is taken at temperature 1.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
+
+from .lean_decoder import LeanDecoder, lean_supported
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,68 @@ class StopStrings:
         return torch.tensor([any(s in t for s in self.strings) for t in texts], device=recent.device)
 
 
+class HFRunner:
+    """Any causal LM through its HF forward: a DynamicCache, the 2D mask grown by a column each step, all under one
+    autocast region (entered by `generate`, so the weights are cast to bf16 once per call, not once per step)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def prefill(self, prompt_ids, prompt_mask, positions, group_size: int, max_new_tokens: int):  # -> [N, V]
+        from transformers import DynamicCache
+
+        out = self.model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
+                         past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+        self.cache = out.past_key_values
+        if group_size > 1:
+            self.cache.batch_repeat_interleave(group_size)
+        self.mask = prompt_mask.repeat_interleave(group_size, 0)                                # [N, P]
+        return out.logits[:, -1].repeat_interleave(group_size, 0)
+
+    def keep(self, rows: torch.Tensor) -> None:                    # drop the rows not in `rows` from the batch
+        self.cache.batch_select_indices(rows)
+        self.mask = self.mask[rows]
+
+    def decode(self, token, positions):                            # token, positions [n] -> logits [n, V]
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], 1)
+        out = self.model(input_ids=token[:, None], attention_mask=self.mask, position_ids=positions[:, None],
+                         past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        return out.logits[:, -1]
+
+
+class LeanRunner:
+    """Llama-family models through `LeanDecoder`: weights cast once, a pre-allocated KV cache [.., N, K, P+T, D] and
+    key mask [N, P+T], written in place; `keep` compacts both when rows stop."""
+
+    def __init__(self, model, dtype):
+        self.lean = LeanDecoder(model, dtype)
+
+    def prefill(self, prompt_ids, prompt_mask, positions, group_size: int, max_new_tokens: int):
+        B, P = prompt_ids.shape
+        valid = prompt_mask.bool()
+        causal = torch.ones(P, P, dtype=torch.bool, device=valid.device).tril()
+        eye = torch.eye(P, dtype=torch.bool, device=valid.device)          # a pad query sees itself: no NaN rows
+        allowed = causal & valid[:, None, :] | eye                                               # [B, P, P]
+        cache = self.lean.new_cache(B, P)
+        logits = self.lean.forward(prompt_ids, positions, cache, 0, allowed)                     # [B, V]
+        self.cache = self.lean.new_cache(B * group_size, P + max_new_tokens)
+        self.cache[:, :, :, :, :P] = cache.repeat_interleave(group_size, 2)
+        self.keys = torch.zeros(B * group_size, P + max_new_tokens, dtype=torch.bool, device=valid.device)
+        self.keys[:, :P] = valid.repeat_interleave(group_size, 0)                                # [N, P+T]
+        self.length = P
+        return logits.repeat_interleave(group_size, 0)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.cache, self.keys = self.cache[:, :, rows], self.keys[rows]
+
+    def decode(self, token, positions):
+        start, self.length = self.length, self.length + 1
+        self.keys[:, start] = True
+        return self.lean.forward(token[:, None], positions[:, None], self.cache, start,
+                                 self.keys[:, None, :start + 1])
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -88,62 +153,61 @@ def generate(
     autocast_dtype: torch.dtype | None = None,
     stop_strings: tuple[str, ...] = (),
     tokenizer=None,                # decodes the tails checked against stop_strings
+    lean: bool = True,             # the lean Llama-family decoder where it applies (else HF's forward)
 ) -> Samples:
     """Sample `group_size` responses per prompt. Returns rows grouped: prompt b's samples are rows b*G .. b*G+G-1.
-    A row ends after a stop id, after a token that completes one of `stop_strings`, or at max_new_tokens."""
+    A row ends after a stop id, after a token that completes one of `stop_strings`, or at max_new_tokens.
+    Rows that have stopped are dropped from the batch once they are at least half of it."""
     if stop_strings and tokenizer is None:
         raise ValueError("generate: stop_strings need a tokenizer to decode with")
     stop_text = StopStrings(tokenizer, stop_strings) if stop_strings else None
-    from transformers import DynamicCache
-
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)                          # [B, P]
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-    B, G = len(prompts), group_size
+    B, G, T = len(prompts), group_size, max_new_tokens
     N = B * G
-    amp = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    if lean and lean_supported(model, prompt_ids.shape[1] + T):
+        runner, amp = LeanRunner(model, autocast_dtype), contextlib.nullcontext()
+    else:
+        runner = HFRunner(model)
+        amp = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
 
-    # --- prefill: B prompts once, then share the cache across each prompt's G samples
-    cache = DynamicCache()
-    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    with amp:
-        out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
-    if G > 1:
-        cache.batch_repeat_interleave(G)
-    logits = out.logits[:, -1].repeat_interleave(G, 0)                          # [N, V]
-    mask = prompt_mask.repeat_interleave(G, 0)                                   # [N, P]
-    next_pos = positions[:, -1:].repeat_interleave(G, 0) + 1                    # [N, 1]
-
+    response_ids = torch.full((N, T), pad_id, dtype=torch.long, device=device)
+    response_mask = torch.zeros(N, T, device=device)
+    logps = torch.zeros(N, T, device=device)
+    truncated = torch.zeros(N, dtype=torch.bool, device=device)
     stop = torch.tensor(list(stop_ids) or [-1], device=device)
-    tokens, logps, alive_cols = [], [], []
-    alive = torch.ones(N, dtype=torch.bool, device=device)
-    for _ in range(max_new_tokens):
-        token, logp = sample_next(logits, temperature, top_p, generator)
-        token = torch.where(alive, token, torch.full_like(token, pad_id))
-        tokens.append(token)
-        logps.append(torch.where(alive, logp, torch.zeros_like(logp)))
-        alive_cols.append(alive.clone())
-        alive = alive & ~torch.isin(token, stop)
-        if stop_text is not None and alive.any():
-            rows = alive.nonzero()[:, 0]
-            recent = torch.stack(tokens[-stop_text.window:], 1)[rows]            # [alive, W]
-            alive[rows] = ~stop_text(recent)
-        if not alive.any():
-            break
-        mask = torch.cat([mask, torch.ones(N, 1, dtype=mask.dtype, device=device)], 1)
-        with amp:
-            out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos,
-                        past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        logits = out.logits[:, -1]
-        next_pos = next_pos + 1
+    rows = torch.arange(N, device=device)                                        # batch row -> output row, [n]
+    alive = torch.ones(N, dtype=torch.bool, device=device)                       # [n]
+    steps = 0
+    with amp:
+        # --- prefill: B prompts once, the cache shared across each prompt's G samples
+        positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)                    # [B, P]
+        logits = runner.prefill(prompt_ids, prompt_mask, positions, G, T)        # [N, V]
+        next_pos = positions[:, -1].repeat_interleave(G, 0) + 1                  # [N]
+        for t in range(T):
+            token, logp = sample_next(logits, temperature, top_p, generator)
+            live = rows[alive]
+            response_ids[live, t], logps[live, t], response_mask[live, t] = token[alive], logp[alive], 1.0
+            steps = t + 1
+            alive = alive & ~torch.isin(token, stop)
+            if stop_text is not None and alive.any():
+                idx = alive.nonzero()[:, 0]
+                alive[idx] = ~stop_text(response_ids[rows[idx], max(0, steps - stop_text.window):steps])
+            if not alive.any():
+                break
+            if t == T - 1:
+                truncated[rows[alive]] = True
+                break
+            if 2 * int(alive.sum()) <= len(rows):                                # compact: drop stopped rows
+                idx = alive.nonzero()[:, 0]
+                runner.keep(idx)
+                rows, alive, token, next_pos = rows[idx], alive[idx], token[idx], next_pos[idx]
+            logits = runner.decode(token, next_pos)
+            next_pos = next_pos + 1
 
-    response_ids = torch.stack(tokens, 1)                                        # [N, T]
-    response_mask = torch.stack(alive_cols, 1).float()                           # [N, T]
     return Samples(
         prompt_ids=prompt_ids.repeat_interleave(G, 0), prompt_mask=prompt_mask.repeat_interleave(G, 0),
-        response_ids=response_ids, response_mask=response_mask,
-        logp=torch.stack(logps, 1), truncated=alive,
+        response_ids=response_ids[:, :steps], response_mask=response_mask[:, :steps],
+        logp=logps[:, :steps], truncated=truncated,
     )
