@@ -32,6 +32,8 @@ def lean_supported(model, max_len: int) -> bool:
     base = _base(model)
     if type(base).__name__ not in SUPPORTED or (base.training and _has_dropout(base.config)):
         return False
+    if any(type(m).__name__.startswith("FSDP") for m in base.modules()):   # FSDP2 (fully_shard): its state_dict
+        return False                                                          # holds shards; the HF forward gathers
     cfg = base.config
     rope = getattr(getattr(base.model, "rotary_emb", None), "rope_type", None)
     window = getattr(cfg, "sliding_window", None)
