@@ -16,23 +16,7 @@ from llmrl.rollout import episodes, sampler
 from llmrl.rollout.episodes import collect_episodes, encode_observation
 from llmrl.rollout.tools import resolve_tools
 from llmrl.train.metrics import read_metrics, sample_records
-
-
-def forced_sample_next(scripts, stopped):
-    """sample_next emitting scripts[row][step], with the real model's log-prob of that token (so drift is measurable).
-    The sampler drops stopped rows from its batch: `stopped(script, t)` says whether a row ended at step t."""
-    step = {"t": 0, "rows": list(range(len(scripts)))}
-
-    def sample_next(logits, temperature, top_p, generator=None):
-        t = step["t"]
-        step["t"] += 1
-        if logits.shape[0] < len(step["rows"]):           # the batch was compacted to the rows still running
-            step["rows"] = [r for r in step["rows"] if not any(stopped(scripts[r], u) for u in range(t))]
-        assert logits.shape[0] == len(step["rows"])
-        token = torch.tensor([scripts[r][min(t, len(scripts[r]) - 1)] for r in step["rows"]])
-        logp_all = torch.log_softmax(logits.float() / (temperature or 1.0), -1)
-        return token, logp_all.gather(-1, token[:, None])[:, 0]
-    return sample_next
+from scripted import forced_sample_next
 
 
 def script_policy(monkeypatch, tok, respond):

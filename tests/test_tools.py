@@ -12,6 +12,7 @@ from llmrl.rollout.collect import encode_prompt
 from llmrl.rollout.tools import (TOOLS, calculator, demonstration, observation_text, parse_call, resolve_tools,
                                  run_call, system_prompt)
 from llmrl.rollout.types import Episode
+from scripted import forced_sample_next
 
 
 # ---------------------------------------------------------------- calculator
@@ -128,22 +129,6 @@ def test_system_prompt_and_demonstration_teach_the_format_for_each_tool(tiny):
 
 
 # ---------------------------------------------------------------- stop strings in the sampler
-
-def forced_sample_next(scripts, stopped=lambda script, t: False):
-    """A sample_next that emits scripts[row][step] (EOS-free), recording the real model's log-prob of that token.
-    The sampler drops stopped rows from its batch: `stopped(script, t)` says whether a row ended at step t."""
-    step = {"t": 0, "rows": list(range(len(scripts)))}
-
-    def sample_next(logits, temperature, top_p, generator=None):
-        t = step["t"]
-        step["t"] += 1
-        if logits.shape[0] < len(step["rows"]):           # the batch was compacted to the rows still running
-            step["rows"] = [r for r in step["rows"] if not any(stopped(scripts[r], u) for u in range(t))]
-        token = torch.tensor([scripts[r][t] if t < len(scripts[r]) else scripts[r][-1] for r in step["rows"]])
-        logp_all = torch.log_softmax(logits.float() / (temperature or 1.0), -1)
-        return token, logp_all.gather(-1, token[:, None])[:, 0]
-    return sample_next
-
 
 def test_generate_stops_a_row_at_a_stop_string(tiny, monkeypatch):
     model, tok = tiny
