@@ -44,12 +44,36 @@ def test_first_fit_decreasing_by_hand():
 def test_pack_layout_by_hand():
     #            [. . a b c d .]  [e f g h i . .]   -> one pack of 9: a b c d e f g h i, positions restart at e
     mask = torch.tensor([[0, 0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 0, 0]])
-    source, positions, target = pack_layout(mask, 9)
-    assert source.tolist() == [[7, 8, 9, 10, 11, 2, 3, 4, 5]]             # the longer row goes first
-    assert positions.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3]]
-    assert target.tolist() == [[9, 9, 5, 6, 7, 8, 9], [0, 1, 2, 3, 4, 9, 9]]
-    source, positions, target = pack_layout(mask, 5)                       # two packs; the short one padded
-    assert source.tolist() == [[7, 8, 9, 10, 11], [2, 3, 4, 5, 0]] and positions[1].tolist() == [0, 1, 2, 3, 0]
+    lay = pack_layout(mask, 9)
+    assert lay.source.tolist() == [[7, 8, 9, 10, 11, 2, 3, 4, 5]]             # the longer row goes first
+    assert lay.positions.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3]]
+    assert lay.target.tolist() == [[9, 9, 5, 6, 7, 8, 9], [0, 1, 2, 3, 4, 9, 9]]
+    assert not lay.shared
+    lay = pack_layout(mask, 5)                                                 # two packs; the short one padded
+    assert lay.source.tolist() == [[7, 8, 9, 10, 11], [2, 3, 4, 5, 0]] and lay.positions[1].tolist() == [0, 1, 2, 3, 0]
+
+
+def test_shared_prompt_layout_by_hand():
+    # rows 0 and 2 share the prompt "5 6" (row 2 left-padded more); row 1's prompt differs. P = 3, T = 3.
+    ids = torch.tensor([[9, 5, 6, 20, 21, 0], [7, 8, 9, 30, 0, 0], [0, 5, 6, 40, 41, 42]])
+    mask = torch.tensor([[0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1]])
+    lay = pack_layout(mask, 16, prompt_len=3, input_ids=ids)
+    K, L = lay.source.shape
+    assert (K, L) == (1, 11) and lay.shared
+    # segment 0: prompt 5 6 (row 0's), row 0's 20 21, row 2's 40 41 42; segment 1: row 1's 7 8 9 30
+    assert ids.flatten()[lay.source[0]].tolist() == [5, 6, 20, 21, 40, 41, 42, 7, 8, 9, 30]
+    assert lay.positions[0].tolist() == [0, 1, 2, 3, 2, 3, 4, 0, 1, 2, 3]     # responses continue from the prompt
+    assert lay.owner[0].tolist() == [-1, -1, 0, 0, 2, 2, 2, -1, -1, -1, 1]
+    assert lay.target[0, 1:3].tolist() == lay.target[2, 1:3].tolist() == [0, 1]   # one copy of the prompt
+    m = lay.attention_mask()[0, 0]
+    assert m[4].tolist() == [True, True, False, False, True] + [False] * 6      # row 2's first token: prompt + itself
+    assert m[3].tolist() == [True, True, True, True] + [False] * 7              # row 0's second token
+    assert not m[7, :7].any() and m[10, 7:].all()                              # row 1 sees only its own segment
+    add = lay.attention_mask(torch.float32)[0, 0]
+    assert torch.equal(add == 0, m) and (add[~m] == torch.finfo(torch.float32).min).all()
+    # a small pack splits the group: each part carries its own copy of the prompt
+    lay = pack_layout(mask, 5, prompt_len=3, input_ids=ids)
+    assert not lay.shared and lay.source.shape[0] == 3
 
 
 def logp_and_grad(model, ids, mask, rmask, **kw):
@@ -85,6 +109,54 @@ def test_packed_equals_padded(tiny, case, pack_tokens):
     got = logp_and_grad(model, ids, mask, rmask, pack_tokens=pack_tokens)
     for g, w in zip(got, want):
         assert torch.allclose(g, w, atol=1e-5), (g - w).abs().max()
+
+
+def grouped_rows(prompt_lens, group, response_lens, seed=0):
+    """Like `rows`, with each prompt repeated for `group` consecutive rows (a GRPO group) and its own responses."""
+    ids, mask, rmask = rows([p for p in prompt_lens for _ in range(group)], response_lens, seed)
+    P = max(prompt_lens)
+    ids[:, :P] = ids[::group, :P].repeat_interleave(group, 0)
+    return ids, mask, rmask
+
+
+GROUPED = ([7, 3], 4, [5, 1, 9, 3, 2, 8, 8, 4])      # 2 prompts x 4 responses
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("pack_tokens", [12, 24, 1000])
+def test_shared_prompt_packing_equals_padded(tiny, attn, pack_tokens):
+    model = copy.deepcopy(tiny[0]).train()
+    model.config._attn_implementation = attn
+    ids, mask, rmask = grouped_rows(*GROUPED)
+    lay = pack_layout(mask, pack_tokens, prompt_len=mask.shape[1] - rmask.shape[1], input_ids=ids)
+    assert lay.shared and (lay.source.shape[0] == 1) == (pack_tokens == 1000)
+    assert int((lay.owner == -1).logical_and(lay.segment >= 0).sum()) < 4 * (7 + 3)   # fewer prompt copies than rows
+    want = logp_and_grad(model, ids, mask, rmask)
+    got = logp_and_grad(model, ids, mask, rmask, pack_tokens=pack_tokens)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-5), (g - w).abs().max()
+
+
+def test_shared_prompt_packing_critic_and_update(tiny):
+    ids, mask, rmask = grouped_rows(*GROUPED)
+    N, T = rmask.shape
+    critic = Critic.from_policy(copy.deepcopy(tiny[0]), shared=False)
+    torch.nn.init.normal_(critic.head.weight, generator=torch.Generator().manual_seed(0))
+    padded = critic(ids, mask, T) * rmask
+    critic.pack_tokens = 1000
+    assert torch.allclose(critic(ids, mask, T) * rmask, padded, atol=1e-5)
+    rollout = Rollout(input_ids=ids, attention_mask=mask, response_mask=rmask, logp_old=torch.zeros(N, T),
+                      group_ids=torch.arange(N) // 4, completions=[""] * N, examples=[None] * N)
+    adv = torch.linspace(-1, 1, N)[:, None] * rmask
+
+    def step(pack_tokens):
+        m = copy.deepcopy(tiny[0]).train()
+        policy_update(m, torch.optim.SGD(m.parameters(), lr=0.1), rollout, adv, ppo_clip_objective,
+                      epochs=1, minibatches=1, micro_batch_size=N, max_grad_norm=1e9, temperature=1.0,
+                      autocast_dtype=None, max_len=T, zero_advantage_is_zero_loss=False, pack_tokens=pack_tokens)
+        return torch.cat([p.detach().flatten() for p in m.parameters()])
+
+    assert torch.allclose(step(1000), step(None), atol=1e-6)
 
 
 def test_packed_with_eager_attention_lora_and_gradient_checkpointing(tiny):
@@ -142,6 +214,6 @@ def test_policy_update_with_packing_takes_the_same_step(tiny):
 def test_packing_config():
     cfg = load_config(None, ["optim.packing=true", "optim.pack_tokens=128"])
     assert cfg.optim.packing and cfg.optim.pack_tokens == 128
-    assert not load_config(None).optim.packing
+    assert load_config(None).optim.packing and load_config(None).optim.pack_tokens == 384   # on by default
     with pytest.raises(ConfigError, match="optim.pack_tokens"):
         load_config(None, ["optim.pack_tokens=0"])

@@ -5,7 +5,7 @@ import torch
 
 from llmrl.objectives.logprobs import response_logprobs
 from llmrl.rollout.collect import collect_rollout, encode_prompt
-from llmrl.rollout.sampler import generate, left_pad, sample_next
+from llmrl.rollout.sampler import categorical, generate, left_pad, sample_next
 from llmrl.data import Example
 
 
@@ -65,6 +65,17 @@ def test_top_p_keeps_only_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     seen = {int(sample_next(logits, 1.0, 0.7, torch.Generator().manual_seed(i))[0]) for i in range(200)}
     assert seen == {0, 1}
+
+
+def test_categorical_draws_each_token_at_its_probability():
+    probs = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0, 2.0], [1e-3, 0.0, 0.0, 0.999, 0.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([categorical(probs, g) for _ in range(20_000)])             # [20000, 3]
+    freq = torch.stack([(draws == v).float().mean(0) for v in range(5)], -1)        # [3, 5]
+    want = probs / probs.sum(-1, keepdim=True)
+    assert torch.all(freq[want == 0] == 0)                                          # a zero is never drawn
+    assert torch.allclose(freq, want, atol=0.012), freq                            # ~3.5 sigma at p = 0.5
+    assert 5 <= int((draws[:, 2] == 0).sum()) <= 40                                # the 1e-3 token: ~20 of 20000
 
 
 def test_group_rows_share_their_prompt(tiny):

@@ -108,7 +108,7 @@ def test_bf16_autocast_matches_fp32_loss_and_gradient(tiny):
                         generator=torch.Generator().manual_seed(0))
     reference, _ = build_tiny(1)
     r = r.with_(logp_ref=batched_logprobs(reference, r, micro_batch_size=6, temperature=1.0, autocast_dtype=None))
-    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])[:, None] * r.response_mask
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -1.5])[:, None] * r.response_mask    # sums to != 0
 
     def update(amp):   # SGD with lr 1 and no clipping: the step is minus the gradient
         m = copy.deepcopy(model).train()

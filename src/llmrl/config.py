@@ -145,9 +145,10 @@ class OptimConfig:
     micro_batch_tokens: int | None = f(4096, "most tokens (rows x padded length) per forward/backward: a micro-batch "
                                               "of long sequences (multi-turn tools, code) gets fewer rows; "
                                               "activation memory grows with it (RL; null: rows only)", ge=1)
-    packing: bool = f(False, "update phase: drop the padding and pack each micro-batch's rows into sequences of at most "
-                             "pack_tokens tokens (same values, fewer FLOPs when lengths vary)")
-    pack_tokens: int = f(256, "packing: tokens per packed sequence (attention cost grows with its square); "
+    packing: bool = f(True, "log-probs and update: drop the padding and pack each micro-batch's rows into sequences "
+                            "of at most pack_tokens tokens, rows with the same prompt sharing one copy of it (same "
+                            "values, fewer FLOPs; objectives/packing.py)")
+    pack_tokens: int = f(384, "packing: tokens per packed sequence (attention cost grows with its square); "
                               "a longer row gets a pack of its own", ge=1)
     schedule: str = f("constant", "learning-rate schedule: constant | linear | cosine | count (1/(k+1), a running mean)",
                       choices=("constant", "linear", "cosine", "count"))

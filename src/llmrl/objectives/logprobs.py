@@ -2,21 +2,22 @@
 
 The backbone runs once over [N, P+T] (or over the rows' real tokens packed end to end, `pack_tokens`:
 see `packing.py`); the LM head and the log-softmax run only over the real response tokens (not the
-padding), `chunk` x N of them at a time, each chunk under activation checkpointing when gradients are on,
-so the [N, T, V] logits tensor never exists whole (forward or backward).
+padding), `chunk` of them at a time (`ChunkedHead`), the backward recomputing each chunk's logits, so no
+[N, T, V] (or [M, V]) logits tensor ever exists whole, forward or backward. Chunks of ~100 tokens keep
+each fp32 [chunk, V] buffer in the tens of MB (the allocator reuses them: no page faults on fresh memory).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from llmrl.objectives.packing import packed_response_hidden
 
 
 def _head_logp_entropy(hidden, head_weight, targets, temperature: float, with_entropy: bool = True):
-    """hidden [M, H], targets [M] -> (logp [M], entropy [M] or None) under softmax(h W^T / temperature)."""
+    """hidden [M, H], targets [M] -> (logp [M], entropy [M] or None) under softmax(h W^T / temperature),
+    through plain differentiable ops (the reference, and the path of a second derivative)."""
     logits = F.linear(hidden, head_weight).float()                           # [M, V]
     if temperature != 1.0:                                                   # (saves a pass over [M, V] when 1)
         logits = logits / temperature
@@ -24,6 +25,96 @@ def _head_logp_entropy(hidden, head_weight, targets, temperature: float, with_en
     logp = logp_all.gather(-1, targets[..., None])[..., 0]
     entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
     return logp, entropy
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    kind = t.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else t.dtype
+
+
+class ChunkedHead(torch.autograd.Function):
+    """(logp [M], entropy [M]) of `targets` [M] under softmax(hidden [M, H] W[V, H]^T / temperature), `chunk`
+    tokens at a time, so no [M, V] tensor ever exists: the forward keeps only the log-normaliser and the
+    entropy per token; the backward recomputes the logits a block of the vocabulary at a time (as many
+    elements as a forward chunk) and writes their gradient in place (z: logits / tau, p = softmax(z),
+    H = -sum p log p):
+
+        d logp / dz = onehot(y) - p          d H / dz = -p (log p + H)
+
+    so dz = g_logp onehot(y) - p (g_logp + g_H (log p + H)), then dh = dz W / tau and dW = dz^T h / tau. The
+    matmuls run in the autocast dtype when autocast is on (as F.linear would), the softmax in fp32. A second
+    derivative (TRPO's Fisher-vector products) goes through `_head_logp_entropy` instead."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature: float, chunk: int, with_entropy: bool):
+        dt = _compute_dtype(hidden)
+        w = weight.to(dt)
+        M = len(targets)
+        lse = hidden.new_empty(M, dtype=torch.float32)
+        logp = hidden.new_empty(M, dtype=torch.float32)
+        entropy = hidden.new_empty(M, dtype=torch.float32) if with_entropy else None
+        for s in range(0, M, chunk):
+            z = _chunk_logits(hidden[s:s + chunk], w, temperature)                  # [c, V] fp32
+            lse[s:s + chunk] = c_lse = torch.logsumexp(z, -1)                         # [c]
+            logp[s:s + chunk] = z.gather(-1, targets[s:s + chunk, None])[:, 0] - c_lse
+            if with_entropy:                  # H = lse - sum_v p_v z_v
+                p = (z - c_lse[:, None]).exp_()
+                entropy[s:s + chunk] = c_lse - torch.linalg.vecdot(p, z)
+        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
+        ctx.temperature, ctx.chunk, ctx.with_entropy, ctx.dtype = temperature, chunk, with_entropy, dt
+        ctx.set_materialize_grads(False)      # an output the loss does not use gets None, and no work
+        return (logp, entropy) if with_entropy else (logp,)
+
+    @staticmethod
+    def backward(ctx, g_logp, g_entropy=None):
+        hidden, weight, targets, lse, entropy = ctx.saved_tensors
+        tau, chunk = ctx.temperature, ctx.chunk
+        if torch.is_grad_enabled():           # create_graph: differentiate the plain ops instead
+            with torch.autocast(hidden.device.type, dtype=ctx.dtype, enabled=ctx.dtype != hidden.dtype):
+                outs = _head_logp_entropy(hidden, weight, targets, tau, ctx.with_entropy)
+            pairs = [(o, g) for o, g in zip(outs, (g_logp, g_entropy)) if o is not None and g is not None]
+            wrt = [t for t, need in zip((hidden, weight), ctx.needs_input_grad) if need]   # LoRA: W is frozen
+            got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], create_graph=True,
+                                           allow_unused=True))
+            return *(next(got) if need else None for need in ctx.needs_input_grad[:2]), None, None, None, None
+        # the backward runs over blocks of the vocabulary, all M tokens at once: each block's dW rows are
+        # final when written (no [V, H] sums across chunks), and a block's [M, B] holds as many logits as a
+        # forward chunk's [chunk, V]
+        dt, (V, H), M = ctx.dtype, weight.shape, len(targets)
+        B = min(V, max(256, chunk * V // max(M, 1)))
+        h = hidden.to(dt)
+        dh = torch.zeros(M, H, dtype=torch.float32, device=hidden.device) if ctx.needs_input_grad[0] else None
+        dw = torch.empty_like(weight) if ctx.needs_input_grad[1] else None           # None: frozen (LoRA)
+        gl = None if g_logp is None else g_logp[:, None]                                  # [M, 1]
+        rows = torch.arange(M, device=targets.device)
+        for v0 in range(0, V, B):
+            wb = weight[v0:v0 + B].to(dt)                                                 # [B, H]
+            z = _chunk_logits(h, wb, tau).sub_(lse[:, None])                              # [M, B] log p
+            p = z.exp()
+            if g_entropy is not None:         # z <- g_logp + g_H (log p + H)
+                z.add_(entropy[:, None]).mul_(g_entropy[:, None])
+                if gl is not None:
+                    z.add_(gl)
+            else:
+                z.copy_(gl.expand_as(z))
+            dz = z.mul_(p).neg_()                                                         # -p (...)
+            if gl is not None:                                                            # + g_logp onehot(y)
+                hit = (targets >= v0) & (targets < v0 + B)
+                dz.index_put_((rows[hit], targets[hit] - v0), g_logp[hit], accumulate=True)
+            if tau != 1.0:
+                dz.div_(tau)
+            dz = dz.to(dt)
+            if dh is not None:
+                dh += dz @ wb
+            if dw is not None:
+                dw[v0:v0 + B] = dz.T @ h
+        return (dh.to(hidden.dtype) if dh is not None else None), dw, None, None, None, None
+
+
+def _chunk_logits(h: torch.Tensor, w: torch.Tensor, temperature: float) -> torch.Tensor:
+    """h [c, H] @ w[V, H]^T in w's dtype -> fp32 [c, V], divided by the temperature."""
+    z = (h.to(w.dtype) @ w.T).float()
+    return z.div_(temperature) if temperature != 1.0 else z
 
 
 def response_hidden(backbone, input_ids, attention_mask, response_len: int, *, pack_tokens: int | None = None):
@@ -43,13 +134,13 @@ def response_logprobs(
     response_len: int,              # T
     *,
     temperature: float = 1.0,
-    chunk: int = 64,
+    chunk: int = 128,               # response tokens per head chunk
     with_entropy: bool = True,
     pack_tokens: int | None = None,  # run the backbone on padding-free packs of at most this many tokens
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Returns (logp [N, T], entropy [N, T] or None): log pi(r_t | prompt, r_<t) at each response position.
 
-    The head runs only at real response tokens (attention_mask 1), `chunk` x N of them at a time; padding
+    The head runs only at real response tokens (attention_mask 1), `chunk` of them at a time; padding
     positions get logp = entropy = 0."""
     T = response_len
     backbone, head = model.get_decoder(), model.get_output_embeddings()
@@ -58,26 +149,14 @@ def response_logprobs(
     hidden = response_hidden(backbone, input_ids, attention_mask, T, pack_tokens=pack_tokens)  # [N, T, H]
     real = attention_mask[:, -T:].bool()                                         # [N, T]
     hidden, targets = hidden[real], input_ids[:, -T:][real]                      # [M, H], [M]
-    step = chunk * input_ids.shape[0]
-    logps, ents = [], []
-    for s in range(0, len(targets), step):
-        h, y = hidden[s:s + step], targets[s:s + step]
-        if torch.is_grad_enabled():
-            lp, en = checkpoint(_head_logp_entropy, h, head.weight, y, temperature, with_entropy, use_reentrant=False)
-        else:
-            lp, en = _head_logp_entropy(h, head.weight, y, temperature, with_entropy)
-        logps.append(lp)
-        ents.append(en)
-    logp = _scatter(real, logps)
-    return logp, (_scatter(real, ents) if with_entropy else None)
+    outs = ChunkedHead.apply(hidden, head.weight, targets, temperature, chunk, with_entropy)
+    logp = _scatter(real, outs[0])
+    return logp, (_scatter(real, outs[1]) if with_entropy else None)
 
 
-def _scatter(real: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
-    """The values of the real positions (in order, in pieces) back into [N, T] fp32, zeros elsewhere."""
-    out = torch.zeros(real.shape, dtype=torch.float32, device=real.device)
-    if parts:
-        out = out.masked_scatter(real, torch.cat(parts).float())
-    return out
+def _scatter(real: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The values of the real positions (in order) back into [N, T] fp32, zeros elsewhere."""
+    return torch.zeros(real.shape, dtype=torch.float32, device=real.device).masked_scatter(real, values.float())
 
 
 def _response_hidden(model, input_ids, attention_mask, T):

@@ -39,6 +39,16 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
+def categorical(probs: torch.Tensor, generator=None) -> torch.Tensor:
+    """probs [N, V] (rows need not sum to 1; zeros are never drawn) -> token [N], by inverting each row's CDF at
+    one uniform draw. The CDF is summed in fp64, so every token keeps its probability to ~1e-16. `torch.multinomial`
+    draws an exponential per vocabulary entry instead: ~15 ms a step for 16 x 49k on this CPU, a quarter of a
+    135M model's decode."""
+    cdf = probs.double().cumsum(-1)                                               # [N, V]
+    u = torch.rand(len(probs), 1, dtype=torch.float64, generator=generator, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)   # first cdf > u
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None):
     """logits [N, V] -> (token [N], logp of token under softmax(logits / temperature) [N])."""
     logits = logits.float()
@@ -50,11 +60,9 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     if top_p < 1.0:
         sorted_p, order = probs.sort(-1, descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < top_p                            # always keeps the top token
-        sorted_p = sorted_p * keep
-        choice = torch.multinomial(sorted_p, 1, generator=generator)            # [N, 1]
-        token = order.gather(-1, choice)[:, 0]
+        token = order.gather(-1, categorical(sorted_p * keep, generator)[:, None])[:, 0]
     else:
-        token = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        token = categorical(probs, generator)
     return token, logp_all.gather(-1, token[:, None])[:, 0]
 
 
