@@ -74,7 +74,8 @@ class StandInEngine:
 
 
 @pytest.mark.parametrize("cap, truncated", [(2.0, 0.0), (1.05, 1.0)])   # pi / mu = e^0.1 = 1.105
-def test_recipe_with_an_engine_logs_the_mismatch_and_syncs(tmp_path, monkeypatch, cap, truncated):
+@pytest.mark.parametrize("epochs", [1, 2])   # 1: the update's forward gives pi_old and w; 2: a forward before it
+def test_recipe_with_an_engine_logs_the_mismatch_and_syncs(tmp_path, monkeypatch, cap, truncated, epochs):
     import llmrl.rollout.vllm_engine as vllm_engine
     import llmrl.train.rl as rl
 
@@ -90,7 +91,7 @@ def test_recipe_with_an_engine_logs_the_mismatch_and_syncs(tmp_path, monkeypatch
     monkeypatch.setattr(rl, "make_engine", lambda cfg: engines.append(StandInEngine()) or engines[-1])
     monkeypatch.setattr(rl, "policy_update", update_spy)
     assert main(["train", *TINY, f"run.output_dir={tmp_path}", "run.name=r", "run.steps=2", "rollout.engine=vllm",
-                 f"rollout.tis_cap={cap}", "reward.terms=[test_vowels]"]) == 0
+                 f"rollout.tis_cap={cap}", "reward.terms=[test_vowels]", f"objective.epochs={epochs}"]) == 0
     rows = [r for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if r["kind"] == "train"]
     assert engines[0].syncs == 2 and all(r["time_weight_sync"] >= 0 for r in rows)
     assert engines[0].closed                           # closed once the final evaluation has run on it

@@ -126,3 +126,32 @@ def test_bf16_autocast_matches_fp32_loss_and_gradient(tiny):
     assert torch.nn.functional.cosine_similarity(g16, g32, 0) > 0.9999
     assert (g16 - g32).norm() < 1.5e-2 * g32.norm()
     assert not torch.equal(g16, g32)            # autocast did run in bf16
+
+
+def test_engine_tis_in_the_update_equals_a_forward_before_it(tiny, rollout):
+    """engine_tis_cap: pi_old and the TIS weight from the update's own forward give the step that a separate
+    forward over the rollout (logp_old = pi, is_weight = min(pi / mu, cap)) gives, and the mismatch stats."""
+    from llmrl.objectives.mismatch import truncated_is_weight
+    from llmrl.train.update import batched_logprobs
+
+    model, _ = tiny
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -1.5])[:, None] * rollout.response_mask
+    pi = batched_logprobs(model, rollout, micro_batch_size=6, temperature=1.0, autocast_dtype=None)
+    mu = (pi - 0.3 * torch.linspace(-1, 1, 6)[:, None]) * rollout.response_mask    # engine: off by -0.3 .. +0.3
+
+    def run(r, **kw):
+        m = copy.deepcopy(model).train()
+        out = policy_update(m, torch.optim.SGD(m.parameters(), lr=0.1), r, adv, ppo_clip_objective, epochs=1,
+                            minibatches=1, micro_batch_size=2, max_grad_norm=1e9, temperature=1.0,
+                            autocast_dtype=None, max_len=6, zero_advantage_is_zero_loss=False, **kw)
+        return out, torch.cat([p.detach().flatten() for p in m.parameters()])
+
+    out, got = run(rollout.with_(logp_old=mu), engine_tis_cap=1.2)
+    _, want = run(rollout.with_(logp_old=pi, is_weight=truncated_is_weight(pi, mu, cap=1.2)))
+    assert torch.allclose(got, want, atol=1e-6)
+    assert out["mismatch_logp_abs_max"] == pytest.approx(0.3, abs=1e-4)
+    assert 0 < out["tis_truncated_fraction"] < 1          # exp(0.3) > 1.2 > exp(0.1): some rows are truncated
+    with pytest.raises(ValueError, match="one on-policy"):
+        policy_update(model, None, rollout, adv, ppo_clip_objective, epochs=2, minibatches=1, micro_batch_size=2,
+                      max_grad_norm=1.0, temperature=1.0, autocast_dtype=None, max_len=6,
+                      zero_advantage_is_zero_loss=False, engine_tis_cap=1.2)

@@ -243,7 +243,10 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
             t2 = time.perf_counter()
             # 3. the policy's log-probs of the engine's tokens (pi_old) and the TIS weight of pi_old over the engine
             stage_stats = {}
-            if engine is not None:
+            # one on-policy pass with the KL in the loss: the update's own forward gives pi_old and the TIS weight
+            tis_in_update = (engine is not None and o.update == "gradient" and o.epochs == 1 and o.minibatches == 1
+                             and not (o.kl_placement == "reward" and beta.value > 0))
+            if engine is not None and not tis_in_update:
                 logp_engine = rollout.logp_old
                 logp_policy = batched_logprobs(model, rollout, **micro, temperature=cfg.rollout.temperature or 1.0,
                                                autocast_dtype=amp, pack_tokens=pack)
@@ -305,7 +308,8 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
                                     autocast_dtype=amp, max_len=cfg.rollout.max_new_tokens, generator=gen,
                                     zero_advantage_is_zero_loss=kl_in_loss == 0 and o.entropy_coef == 0,
                                     critic=critic, critic_optimizer=critic_optimizer, returns=credit.returns,
-                                    value_objective=value_objective, early_stop_kl=o.early_stop_kl, pack_tokens=pack)
+                                    value_objective=value_objective, early_stop_kl=o.early_stop_kl, pack_tokens=pack,
+                                    engine_tis_cap=cfg.rollout.tis_cap if tis_in_update else None)
             if critic is not None:
                 upd["value_explained_variance"] = float(explained_variance(*map(dist.gather_rows, (
                     rollout.values, credit.returns, rollout.response_mask))))

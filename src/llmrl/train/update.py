@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from llmrl.objectives.logprobs import response_logprobs
+from llmrl.objectives.mismatch import mismatch_stats, truncated_is_weight
 from llmrl.objectives.policy import BatchCounts, ObjectiveOutput
 from llmrl.rollout.types import Rollout
 from llmrl.train import distributed as D
@@ -118,12 +119,22 @@ def policy_update(
     early_stop_kl: float | None = None,   # stop the epochs once a minibatch's approx KL(old || new) exceeds this
     pack_tokens: int | None = None,       # padding-free forward in packs of at most this many tokens (packing.py)
     micro_batch_tokens: int | None = None,   # at most this many (padded) tokens per forward/backward
+    engine_tis_cap: float | None = None,  # rollout.logp_old is the sampling engine's: TIS weight from this forward
 ) -> dict[str, float]:
-    """Run the update; returns metrics averaged over the optimizer steps taken (`update_rows`: this rank's)."""
+    """Run the update; returns metrics averaged over the optimizer steps taken (`update_rows`: this rank's).
+
+    `engine_tis_cap` (one on-policy pass only): the rollout's `logp_old` holds the log-probs of the engine that
+    sampled it (vLLM), and each micro-batch's own forward supplies pi_old = logp.detach() and the truncated IS
+    weight min(pi_old / mu, cap) (objectives/mismatch.py), with no separate forward over the rollout first. The
+    mismatch statistics are then over the rows the update computed."""
     N = advantages.shape[0]                   # this rank's rows; under torchrun rank r holds global rows r*N ..
     W, offset = D.world(), D.rank() * N
     sums: dict[str, float] = defaultdict(float)
     reuse_detached = epochs == 1 and minibatches == 1    # on-policy, one pass: old policy == current policy
+    if engine_tis_cap is not None and not reuse_detached:
+        raise ValueError("engine_tis_cap: the TIS weight comes from the update's forward only with one on-policy "
+                         "pass (epochs = minibatches = 1)")
+    gaps: list[torch.Tensor] = []             # engine_tis_cap: logp_policy - logp_engine at the chosen tokens
     logp_old = None if reuse_detached else batched_logprobs(
         model, rollout, micro_batch_size=micro_batch_size, temperature=temperature, autocast_dtype=autocast_dtype,
         pack_tokens=pack_tokens, micro_batch_tokens=micro_batch_tokens)
@@ -155,9 +166,13 @@ def policy_update(
                     logp, entropy = policy_logprobs(model, part.input_ids, part.attention_mask, T,
                                                     temperature=temperature, pack_tokens=pack_tokens)
                 logp, entropy = logp.float(), entropy.float()
+                is_weight = part.is_weight
+                if engine_tis_cap is not None:
+                    is_weight = truncated_is_weight(logp.detach(), part.logp_old, cap=engine_tis_cap)
+                    gaps.append((logp.detach() - part.logp_old)[part.response_mask.bool()])
                 out = objective(logp, logp.detach() if logp_old is None else logp_old[idx, :T],
                                 advantages[idx, :T], part.response_mask, counts, logp_ref=part.logp_ref,
-                                entropy=entropy, is_weight=part.is_weight)
+                                entropy=entropy, is_weight=is_weight)
                 loss, named = out.total, {**out.losses, **out.metrics}
                 if critic is not None:
                     with _amp(autocast_dtype):
@@ -189,6 +204,10 @@ def policy_update(
                 stopped = True
     out = {k: v / max(1, passes) for k, v in sums.items()}
     out["update_passes"], out["early_stopped"] = float(passes), float(stopped)
+    if engine_tis_cap is not None:
+        gap = torch.cat(gaps) if gaps else torch.zeros(0)
+        out |= {k: float(v) for k, v in mismatch_stats(gap, torch.zeros_like(gap), torch.ones_like(gap),
+                                                         cap=engine_tis_cap).items()}
     return out
 
 
