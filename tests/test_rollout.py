@@ -76,6 +76,13 @@ def test_categorical_draws_each_token_at_its_probability():
     assert torch.all(freq[want == 0] == 0)                                          # a zero is never drawn
     assert torch.allclose(freq, want, atol=0.012), freq                            # ~3.5 sigma at p = 0.5
     assert 5 <= int((draws[:, 2] == 0).sum()) <= 40                                # the 1e-3 token: ~20 of 20000
+    wide = torch.zeros(2, 700)                          # three blocks of 256 (the last one partial)
+    wide[0, [3, 255, 256, 699]] = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    wide[1, 511] = 5.0
+    draws = torch.stack([categorical(wide, g) for _ in range(20_000)])
+    assert set(draws[:, 1].tolist()) == {511} and set(draws[:, 0].tolist()) == {3, 255, 256, 699}
+    freq = torch.tensor([(draws[:, 0] == v).float().mean() for v in (3, 255, 256, 699)])
+    assert torch.allclose(freq, torch.tensor([0.1, 0.2, 0.3, 0.4]), atol=0.012), freq
 
 
 def test_group_rows_share_their_prompt(tiny):

@@ -148,7 +148,7 @@ class VLLMEngine:
             if not self.repack_plan and method == "repack":
                 raise ValueError("this model has modules the repack sync does not know; use method='reload'")
         if method != "reload" and self.repack_plan:
-            self.llm.apply_model(lambda m: _repack(self.repack_plan, dict(weights())))
+            self.llm.apply_model(lambda m: _repack(self.repack_plan, dict(policy_weights(model)), self.dtype))
             used = "repack"
         else:
             self.llm.collective_rpc("reload_weights",
@@ -215,15 +215,26 @@ def _repack_plan(vllm_model, names: set[str]) -> list:
     return plan
 
 
-def _repack(plan: list, weights: dict[str, torch.Tensor]) -> None:
-    """Write `weights` (transformers names) into the vLLM modules of `plan`, fusing q/k/v and gate/up by
-    concatenation (the layout of a single-rank engine), and re-run each layer's post-load processing."""
+def _repack(plan: list, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Write `weights` (transformers names, any float dtype) into the vLLM modules of `plan` in `dtype`, fusing
+    q/k/v and gate/up by concatenation (the layout of a single-rank engine), and re-run each layer's post-load
+    processing. Each part is cast straight into its rows of the fused tensor: one pass over the policy's weights."""
     for module, kind, parts, params in plan:
         for p in params:
-            new = torch.cat([weights[f"{part}.{p}"] for part in parts])       # one part: a copy, fine
+            srcs = [weights[f"{part}.{p}"] for part in parts]
             if kind in LINEAR and p == "weight":        # packed and dropped at load: give it a plain weight again
-                module.weight = torch.nn.Parameter(new.contiguous(), requires_grad=False)
+                new = torch.empty((sum(len(t) for t in srcs), *srcs[0].shape[1:]), dtype=dtype)
+                module.weight = torch.nn.Parameter(_write_rows(srcs, new), requires_grad=False)
             else:                                        # kept as is: write in place (a padded vocab keeps its tail)
-                getattr(module, p).data[: new.shape[0]].copy_(new)
+                _write_rows(srcs, getattr(module, p).data)
         if kind != "RMSNorm":
             module.quant_method.process_weights_after_loading(module)   # on CPU: pack the weight for oneDNN
+
+
+def _write_rows(srcs: list[torch.Tensor], dst: torch.Tensor) -> torch.Tensor:
+    """The tensors of `srcs`, one after another along dim 0, cast into the first rows of `dst`."""
+    row = 0
+    for t in srcs:
+        dst[row:row + len(t)].copy_(t)
+        row += len(t)
+    return dst
