@@ -65,9 +65,19 @@ def test_shared_prompt_layout_by_hand():
     assert lay.positions[0].tolist() == [0, 1, 2, 3, 2, 3, 4, 0, 1, 2, 3]     # responses continue from the prompt
     assert lay.owner[0].tolist() == [-1, -1, 0, 0, 2, 2, 2, -1, -1, -1, 1]
     assert lay.target[0, 1:3].tolist() == lay.target[2, 1:3].tolist() == [0, 1]   # one copy of the prompt
-    m = lay.attention_mask()[0, 0]
+    plan = lay.segment_plan()
+    pad = K * L                                  # the zero slot padding reads and writes
+    assert plan.prompt_q.tolist() == [[0, 1, pad], [7, 8, 9]]                    # segment 0's prompt is 2 long
+    assert plan.prompt_mask[0, 0, :2].tolist() == [[True, False, False], [True, True, False]]
+    assert plan.resp_q.tolist() == [[2, 3, pad], [4, 5, 6], [10, pad, pad]]
+    assert plan.resp_k.tolist() == [[0, 1, pad, 2, 3, pad], [0, 1, pad, 4, 5, 6], [7, 8, 9, 10, pad, pad]]
+    m = plan.resp_mask[:, 0]
+    assert m[1, 0].tolist() == [True, True, False, True, False, False]     # row 2's first token: prompt + itself
+    assert m[1, 2].tolist() == [True, True, False, True, True, True]
+    assert m[2, 0].tolist() == [True, True, True, True, False, False]      # row 1 sees only its own prompt
+    assert all(m.any(-1).flatten())                                          # no empty softmax row, padding too
+    m = lay.attention_mask()[0, 0]                                             # the block mask (checkpointing)
     assert m[4].tolist() == [True, True, False, False, True] + [False] * 6      # row 2's first token: prompt + itself
-    assert m[3].tolist() == [True, True, True, True] + [False] * 7              # row 0's second token
     assert not m[7, :7].any() and m[10, 7:].all()                              # row 1 sees only its own segment
     add = lay.attention_mask(torch.float32)[0, 0]
     assert torch.equal(add == 0, m) and (add[~m] == torch.finfo(torch.float32).min).all()
@@ -124,9 +134,12 @@ GROUPED = ([7, 3], 4, [5, 1, 9, 3, 2, 8, 8, 4])      # 2 prompts x 4 responses
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("pack_tokens", [12, 24, 1000])
-def test_shared_prompt_packing_equals_padded(tiny, attn, pack_tokens):
+@pytest.mark.parametrize("checkpointing", [False, True])   # True: the explicit block mask, recomputed in backward
+def test_shared_prompt_packing_equals_padded(tiny, attn, pack_tokens, checkpointing):
     model = copy.deepcopy(tiny[0]).train()
     model.config._attn_implementation = attn
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ids, mask, rmask = grouped_rows(*GROUPED)
     lay = pack_layout(mask, pack_tokens, prompt_len=mask.shape[1] - rmask.shape[1], input_ids=ids)
     assert lay.shared and (lay.source.shape[0] == 1) == (pack_tokens == 1000)

@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 MASKED_ATTENTION = ("sdpa", "eager")    # attention implementations that take a custom 4D mask
 
@@ -66,15 +67,105 @@ class PackLayout:
         Slots past a pack's end see only themselves. bool (True: attend), or additive in `dtype` (eager)."""
         L = self.segment.shape[1]
         seg, own = self.segment, self.owner
-        causal = torch.ones(L, L, dtype=torch.bool).tril()
         same = seg[:, :, None] == seg[:, None, :]                                       # [K, L, L]
         visible = (own[:, None, :] == -1) | (own[:, :, None] == own[:, None, :])
-        mask = same & visible & causal
-        mask |= torch.eye(L, dtype=torch.bool)                                          # padding slots: themselves
+        mask = (same & visible & torch.ones(L, L, dtype=torch.bool).tril()) | torch.eye(L, dtype=torch.bool)
         mask = mask[:, None]
         if dtype is None:
             return mask
         return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+
+    def segment_plan(self) -> "SegmentPlan":
+        """The index blocks `segment_attention` runs on (see SegmentPlan)."""
+        return SegmentPlan.of(self)
+
+
+@dataclass
+class SegmentPlan:
+    """Attention of shared-prompt packs as two batched blocks over the flat slots [K * L] (index K * L: a zero
+    slot that padding reads and writes), so a query is compared only with keys it may see:
+
+        prompts    queries [S, p]  the prompt slots of each of S segments   keys: the same, causal
+        responses  queries [R, r]  each of R responses' slots               keys: its segment's prompt, then its
+                                                                             own slots (causal)
+
+    p, r: the longest prompt and response, shorter ones padded. masks [., 1, queries, keys] bool, True: attend;
+    padding queries write to the zero slot, and one that would see no key sees the first (no empty softmax row)."""
+    prompt_q: torch.Tensor       # [S, p]
+    prompt_mask: torch.Tensor    # [S, 1, p, p]
+    resp_q: torch.Tensor         # [R, r]
+    resp_k: torch.Tensor         # [R, p + r]
+    resp_mask: torch.Tensor      # [R, 1, r, p + r]
+
+    @classmethod
+    def of(cls, layout: PackLayout) -> "SegmentPlan":
+        flat_seg, flat_own = layout.segment.flatten(), layout.owner.flatten()
+        pad = flat_seg.numel()
+        prompts, responses = [], []          # slot lists: per segment; per response (with its segment's prompt)
+        for s in flat_seg.unique().tolist():
+            if s < 0:
+                continue
+            slots = (flat_seg == s).nonzero()[:, 0]
+            owners = flat_own[slots]
+            prompt = slots[owners == -1]
+            prompts.append(prompt)
+            for i in owners[owners >= 0].unique().tolist():
+                responses.append((prompt, slots[owners == i]))
+        p = max(1, max(len(x) for x in prompts))
+        r = max(1, max(len(x) for _, x in responses))
+        padded = lambda xs, n: torch.stack([F.pad(x, (0, n - len(x)), value=pad) for x in xs])   # noqa: E731
+        prompt_q = padded(prompts, p)                                                     # [S, p]
+        causal = torch.ones(p, p, dtype=torch.bool).tril()
+        prompt_mask = causal & (prompt_q != pad)[:, None, :]                              # [S, p, p]
+        resp_q = padded([x for _, x in responses], r)                                     # [R, r]
+        resp_k = torch.cat([padded([pr for pr, _ in responses], p), resp_q], 1)           # [R, p + r]
+        own = torch.ones(r, r, dtype=torch.bool).tril() & (resp_q != pad)[:, None, :]     # [R, r, r]
+        seen = (resp_k[:, :p] != pad)[:, None, :].expand(-1, r, -1)                       # [R, r, p]
+        resp_mask = torch.cat([seen, own], -1)                                             # [R, r, p + r]
+        for q, mask in ((prompt_q, prompt_mask), (resp_q, resp_mask)):
+            empty = ~mask.any(-1)                                                         # padding queries
+            mask[..., 0] |= empty
+        return cls(prompt_q, prompt_mask[:, None], resp_q, resp_k, resp_mask[:, None])
+
+    def to(self, device) -> "SegmentPlan":
+        return SegmentPlan(*(t.to(device) for t in (self.prompt_q, self.prompt_mask, self.resp_q, self.resp_k,
+                                                    self.resp_mask)))
+
+
+def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *,
+                      llmrl_segments: SegmentPlan, **kwargs):
+    """transformers' attention interface (registered as "llmrl_segments"): query [B, H, L, D], key, value
+    [B, Kh, L, D] of the packed slots -> [B, L, H, D], each query attending only to the keys `llmrl_segments`
+    gives it. The same values as the block mask over the whole pack, without the pairs it would mask out."""
+    B, H, L, D = query.shape
+    rep = H // key.shape[1]
+    flat = lambda x: torch.cat([x.transpose(1, 2).flatten(0, 1), x.new_zeros(1, x.shape[1], D)])   # noqa: E731
+    q, k, v = flat(query), flat(key), flat(value)                                          # [B L + 1, ., D]
+    plan = llmrl_segments
+    scale = D ** -0.5 if scaling is None else scaling
+    drop = dropout if module.training else 0.0
+    out = value.new_zeros(B * L + 1, H, D)
+    with torch.autocast(query.device.type, enabled=False):     # the blocks are small: fp32 scores, plain matmuls
+        for qi, ki, mask in ((plan.prompt_q, plan.prompt_q, plan.prompt_mask),
+                             (plan.resp_q, plan.resp_k, plan.resp_mask)):
+            kb = k[ki].transpose(1, 2).float()                                            # [n, Kh, keys, D]
+            vb = v[ki].transpose(1, 2).float()
+            qb = q[qi].transpose(1, 2).float().unflatten(1, (-1, rep))                    # [n, Kh, rep, queries, D]
+            scores = (qb @ kb[:, :, None].transpose(-1, -2)) * scale                      # [n, Kh, rep, queries, keys]
+            probs = scores.masked_fill(~mask[:, :, None], float("-inf")).softmax(-1)
+            if drop:
+                probs = F.dropout(probs, drop)
+            ob = (probs @ vb[:, :, None]).flatten(1, 2)                                   # [n, H, queries, D]
+            out = out.index_put((qi.flatten(),), ob.transpose(1, 2).flatten(0, 1).to(out.dtype))
+    return out[:B * L].view(B, L, H, D), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    AttentionInterface.register("llmrl_segments", segment_attention)
+
+
+_register()
 
 
 def pack_layout(attention_mask: torch.Tensor, pack_tokens: int, *, prompt_len: int = 0,
@@ -133,19 +224,38 @@ def pack_layout(attention_mask: torch.Tensor, pack_tokens: int, *, prompt_len: i
 def packed_response_hidden(backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int, *,
                            pack_tokens: int, share_prompts: bool = True) -> torch.Tensor:
     """input_ids, attention_mask [N, P+T] -> hidden [N, T, H] at the positions that predict the T response
-    tokens, from one backbone pass over the packed real tokens (rows with the same prompt sharing one copy,
-    when `share_prompts` and the attention takes a mask). Padding positions get zeros."""
+    tokens, from one backbone pass over the packed real tokens. Padding positions get zeros.
+
+    With `share_prompts` (and "sdpa" or "eager" attention) rows with the same prompt share one copy of it:
+    - all in one pack, through `segment_attention` (which costs what the segments need, whatever the pack's
+      length);
+    - or, where the layers will be recomputed in backward (gradient checkpointing: the recomputation runs after
+      this call, under the model's own attention), in packs of at most `pack_tokens` with an explicit block mask.
+    Otherwise the rows are packed unshared in packs of at most `pack_tokens`, positions restarting at 0."""
     T, S = response_len, input_ids.shape[1]
-    attn = getattr(getattr(backbone, "config", None), "_attn_implementation", None)
-    share = share_prompts and attn in MASKED_ATTENTION
-    layout = pack_layout(attention_mask.cpu(), pack_tokens, prompt_len=S - T,
-                         input_ids=input_ids.cpu() if share else None)
+    config = getattr(backbone, "config", None)
+    attn = getattr(config, "_attn_implementation", None)
+    recomputed = torch.is_grad_enabled() and backbone.training and any(
+        getattr(m, "gradient_checkpointing", False) for m in backbone.modules())
+    layout = None
+    if share_prompts and attn in MASKED_ATTENTION:
+        capacity = pack_tokens if recomputed else int(attention_mask.sum())
+        layout = pack_layout(attention_mask.cpu(), capacity, prompt_len=S - T, input_ids=input_ids.cpu())
+    if layout is None or not layout.shared:
+        layout = pack_layout(attention_mask.cpu(), pack_tokens)
     device = input_ids.device
-    mask = None
-    if layout.shared:   # otherwise the position restarts mark the rows (and the flash kernels need no mask)
-        mask = layout.attention_mask(None if attn == "sdpa" else torch.float32).to(device)
-    packed_ids = input_ids.flatten()[layout.source.to(device)]                             # [K, L]
-    hidden = backbone(input_ids=packed_ids, position_ids=layout.positions.to(device), attention_mask=mask,
-                      use_cache=False).last_hidden_state                                   # [K, L, H]
+    kwargs = {"attention_mask": None}     # unshared: position restarts mark the rows (transformers' packed mask)
+    segments = layout.shared and not recomputed
+    if layout.shared and recomputed:
+        kwargs["attention_mask"] = layout.attention_mask(None if attn == "sdpa" else torch.float32).to(device)
+    elif segments:
+        kwargs["llmrl_segments"] = layout.segment_plan().to(device)
+        config._attn_implementation = "llmrl_segments"
+    try:
+        hidden = backbone(input_ids=input_ids.flatten()[layout.source.to(device)],                  # [K, L]
+                          position_ids=layout.positions.to(device), use_cache=False, **kwargs).last_hidden_state
+    finally:
+        if segments:
+            config._attn_implementation = attn
     flat = torch.cat([hidden.flatten(0, 1), hidden.new_zeros(1, hidden.shape[-1])])        # [K * L + 1, H]
     return flat[layout.target[:, S - T - 1:S - 1].to(device)]                              # [N, T, H]
