@@ -107,7 +107,7 @@ def main() -> None:
     p.add_argument("--sizes", default="2048,3072,4096", help="matmul sizes n for the peak")
     p.add_argument("--rows", type=int, default=16)
     p.add_argument("--micro-batch-size", type=int, default=16)
-    p.add_argument("--pack-tokens", type=int, default=256)
+    p.add_argument("--pack-tokens", type=int, default=384)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of one packed update")
     p.add_argument("--write", action="store_true", help="rewrite the update_efficiency section of docs/benchmarks.md")
