@@ -148,8 +148,9 @@ class OptimConfig:
     packing: bool = f(True, "log-probs and update: drop the padding and pack each micro-batch's rows into sequences "
                             "of at most pack_tokens tokens, rows with the same prompt sharing one copy of it (same "
                             "values, fewer FLOPs; objectives/packing.py)")
-    pack_tokens: int = f(384, "packing: tokens per packed sequence (attention cost grows with its square); "
-                              "a longer row gets a pack of its own", ge=1)
+    pack_tokens: int = f(384, "packing: tokens per packed sequence where the attention sees the whole pack (its "
+                              "cost grows with the square): rows that share no prompt, and shared prompts under "
+                              "gradient checkpointing; a longer row gets a pack of its own", ge=1)
     schedule: str = f("constant", "learning-rate schedule: constant | linear | cosine | count (1/(k+1), a running mean)",
                       choices=("constant", "linear", "cosine", "count"))
     warmup_steps: int = f(0, "linear warm-up steps", ge=0)

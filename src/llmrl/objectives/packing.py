@@ -1,4 +1,4 @@
-"""Padding-free (packed) backbone forward for the update phase, with one copy of each shared prompt.
+"""Padding-free (packed) backbone forward for log-probs and the update, with one copy of each shared prompt.
 
 A micro-batch's rows [N, P+T] carry left padding before the prompt and right padding after the response
 (`rollout/types.py`). Packing drops every padding token and lays the real tokens end to end in K sequences
@@ -16,14 +16,18 @@ of a segment reads the shared state of the last prompt token for its first respo
 the gather sums their gradients into it.
 
 Cost: the matmuls see each prompt once per segment. With a 51-token chat prompt and ~30-token answers (2-digit
-addition, 8 completions a prompt) that is ~45% of the unshared tokens. Attention over a pack of L tokens costs
-L^2: the mask blocks the pairs that must not see each other, but the CPU attention kernel still computes them,
-so packs are kept short (`optim.pack_tokens`, default 256). A segment longer than a pack is split into several,
-each with its own copy of the prompt.
-
-Sharing needs an explicit attention mask, which transformers' "sdpa" and "eager" attention take; with another
-attention (flash, flex) the rows are packed unshared, positions restarting at 0 for each row and no mask, which
-transformers (>= 4.53, `masking_utils.find_packed_sequence_indices`) reads as sequence boundaries.
+addition, 8 completions a prompt) that is ~45% of the unshared tokens. Attention:
+- shared prompts go in one pack through `segment_attention` (registered with transformers as "llmrl_segments"):
+  a prompt block and a block of responses, each response against its prompt and itself, so no pair the mask would
+  block is computed and the pack's length costs nothing;
+- under gradient checkpointing the layers are recomputed in backward, after this call, under the model's own
+  attention, so the shared layout runs with an explicit block mask (`PackLayout.attention_mask`, which
+  transformers' "sdpa" and "eager" take) over packs of at most `optim.pack_tokens`. The CPU kernel computes the
+  masked pairs too (L^2 a pack), so packs stay short; a segment longer than a pack is split, each part with its
+  own copy of the prompt;
+- rows that share no prompt, or a model with another attention (flash, flex), are packed unshared: positions
+  restart at 0 for each row, with no mask, and transformers (>= 4.53,
+  `masking_utils.find_packed_sequence_indices`) reads the restarts as sequence boundaries.
 """
 
 from __future__ import annotations
