@@ -55,7 +55,8 @@ def test_second_derivative_goes_through_the_plain_ops():
         hidden, weight, targets = inputs(1)
         logp = fn(hidden, weight, targets)[0]
         (g,) = torch.autograd.grad((logp * torch.linspace(0, 1, M)).sum(), weight, create_graph=True)
-        (hv,) = torch.autograd.grad((g * torch.randn(g.shape, generator=torch.Generator().manual_seed(2))).sum(), weight)
+        v = torch.randn(g.shape, generator=torch.Generator().manual_seed(2))
+        (hv,) = torch.autograd.grad((g * v).sum(), weight)
         return hv
 
     want = hvp(lambda h, w, y: _head_logp_entropy(h, w, y, 1.0, with_entropy=False))

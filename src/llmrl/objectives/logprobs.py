@@ -2,9 +2,9 @@
 
 The backbone runs once over [N, P+T] (or over the rows' real tokens packed end to end, `pack_tokens`:
 see `packing.py`); the LM head and the log-softmax run only over the real response tokens (not the
-padding), `chunk` of them at a time (`ChunkedHead`), the backward recomputing each chunk's logits, so no
-[N, T, V] (or [M, V]) logits tensor ever exists whole, forward or backward. Chunks of ~100 tokens keep
-each fp32 [chunk, V] buffer in the tens of MB (the allocator reuses them: no page faults on fresh memory).
+padding), `chunk` of them at a time (`ChunkedHead`), the backward recomputing the logits a vocabulary block
+at a time, so no [N, T, V] (or [M, V]) logits tensor ever exists whole, forward or backward. Chunks of ~100
+tokens keep each fp32 buffer in the tens of MB (the allocator reuses them: no page faults on fresh memory).
 """
 
 from __future__ import annotations

@@ -81,6 +81,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     else:
         token = categorical(weights, generator)
     return token, z.gather(-1, token[:, None])[:, 0] - lse
+
+
 class StopStrings:
     """Ends a row once the text of its last few sampled tokens contains one of `strings` (a tool call's end).
 
