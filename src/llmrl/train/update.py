@@ -204,8 +204,8 @@ def policy_update(
                 stopped = True
     out = {k: v / max(1, passes) for k, v in sums.items()}
     out["update_passes"], out["early_stopped"] = float(passes), float(stopped)
-    if engine_tis_cap is not None:
-        gap = torch.cat(gaps) if gaps else torch.zeros(0)
+    if gaps:              # (a step whose rows were all skipped measured no mismatch: no keys rather than zeros)
+        gap = torch.cat(gaps)
         out |= {k: float(v) for k, v in mismatch_stats(gap, torch.zeros_like(gap), torch.ones_like(gap),
                                                          cap=engine_tis_cap).items()}
     return out
