@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from llmrl.rewards import sandbox
+from llmrl.rewards import sandbox, sandbox_procs
 from llmrl.rewards.sandbox import LAYERS, run_python
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the sandbox uses Linux namespaces and /proc")
@@ -70,7 +70,7 @@ def machine_unharmed():
     os.kill(os.getpid(), 0)  # alive
     assert _children() == before, "a sandboxed process outlived its run"
     for uid in _uids:
-        assert sandbox._pids_of(uid) == [], f"processes of sandbox uid {uid} survived"
+        assert sandbox_procs.pids_of(uid) == [], f"processes of sandbox uid {uid} survived"
 
 
 def lines(res) -> list:

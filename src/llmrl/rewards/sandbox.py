@@ -36,7 +36,8 @@ the run's processes without touching anyone else's. The child is a small runner 
 with `-s -S -B`, which applies the layers, drops to the uid and `exec`s the code as `__main__` from `main.py`
 in its work directory; it needs an interpreter that an unprivileged user can read (`_interpreter`: ours if
 so, else the system's python3; override with LLMRL_SANDBOX_PYTHON). No `preexec_fn`, so calling this from
-several threads of a multithreaded trainer is safe.
+several threads of a multithreaded trainer is safe. The parent's side of the processes (the bounded pipes, the
+group kill, the uid sweep) is in `sandbox_procs.py`.
 
 Not covered: there is no PID namespace, so other processes' command lines in /proc are visible (a PID
 namespace with a fresh /proc is the natural next layer: it would also confine kill(-1) without the uid layer);
@@ -53,7 +54,6 @@ import logging
 import math
 import os
 import random
-import selectors
 import shutil
 import signal
 import subprocess
@@ -62,6 +62,8 @@ import tempfile
 import time
 from collections.abc import Collection
 from pathlib import Path
+
+from llmrl.rewards.sandbox_procs import communicate, kill_group, sweep
 
 log = logging.getLogger("llmrl.rewards.sandbox")
 
@@ -158,46 +160,6 @@ def _hideable(paths: Collection[str], needed: list[str]) -> list[str]:
     return [p for p in out if not any(p.startswith(q.rstrip("/") + "/") for q in out)]
 
 
-# ---------------------------------------------------------------- stray processes
-
-def _pids_of(uid: int) -> list[int]:
-    """Live processes whose real or effective uid is `uid` (read from /proc/*/status: /proc/<pid> itself is
-    owned by root for non-dumpable processes, which a process can make itself)."""
-    pids = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/status", "rb") as f:
-                head = f.read(1024)
-        except OSError:
-            continue  # exited meanwhile
-        fields = dict(line.split(b":", 1) for line in head.splitlines() if b":" in line)
-        uids = fields.get(b"Uid", b"").split()
-        if uids[:2] and uid in (int(uids[0]), int(uids[1])) and not fields.get(b"State", b"").strip().startswith(b"Z"):
-            pids.append(int(entry.name))
-    return pids
-
-
-def _sweep(uid: int, interpreter: str) -> tuple[int, list[int]]:
-    """Kill every process of `uid`: (how many there were, those still alive after). kill(-1) from a helper
-    running as `uid` signals all of them under the kernel's task-list lock, so a fork bomb cannot outrun it."""
-    strays = _pids_of(uid)
-    left = strays
-    for _ in range(3):
-        if not left:
-            break
-        try:
-            subprocess.run([interpreter, "-s", "-S", "-B", "-c", "import os; os.kill(-1, 9)"], user=uid, group=uid,
-                           extra_groups=[], cwd="/", env={}, close_fds=True, timeout=30, capture_output=True)
-        except (OSError, subprocess.SubprocessError) as e:
-            log.error("sandbox: could not run the kill helper as uid %d: %s", uid, e)
-        deadline = time.monotonic() + 1.0
-        while (left := _pids_of(uid)) and time.monotonic() < deadline:
-            time.sleep(0.01)
-    return len(strays), left
-
-
 # ---------------------------------------------------------------- running
 
 def _describe_exit(rc: int, stderr: str, cpu_used: float, cpu_s: float, memory_mb: int) -> tuple[str, str]:
@@ -292,7 +254,7 @@ def _run(code, stdin, timeout_s, cpu_s, memory_mb, max_procs, max_output_bytes, 
         finally:
             os.close(info_w)
         cap = sys.maxsize if "output_cap" in disable else max_output_bytes
-        out, err, killed_for = _communicate(proc, stdin.encode("utf-8", "replace"), start + timeout_s, cap,
+        out, err, killed_for = communicate(proc, stdin.encode("utf-8", "replace"), start + timeout_s, cap,
                                             "process_group" not in disable)
         os.set_blocking(info_r, False)
         try:
@@ -300,16 +262,16 @@ def _run(code, stdin, timeout_s, cpu_s, memory_mb, max_procs, max_output_bytes, 
         except BlockingIOError:
             info = ""
         os.close(info_r)
-        _kill_group(proc, "process_group" not in disable)
+        kill_group(proc, "process_group" not in disable)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = rc = os.waitstatus_to_exitcode(status)
     finally:
         if proc is not None and proc.returncode is None:  # an error of ours midway: leave nothing running
-            _kill_group(proc, True)
+            kill_group(proc, True)
             proc.wait()
         strays, left = (0, [])
         if uid is not None and "uid_sweep" not in disable:
-            strays, left = _sweep(uid, interpreter)
+            strays, left = sweep(uid, interpreter)
         shutil.rmtree(workdir, ignore_errors=True)
 
     layers = [line for line in info.splitlines() if line and not line.startswith("-")]
@@ -345,95 +307,3 @@ def _run(code, stdin, timeout_s, cpu_s, memory_mb, max_procs, max_output_bytes, 
             log.warning("sandbox: running model code with containment layers missing: %s", text)
     return SandboxResult(status, rc, stdout, stderr, time.monotonic() - start, "; ".join(notes), tuple(layers),
                          uid)
-
-
-def _kill_group(proc: subprocess.Popen, enabled: bool) -> None:
-    """SIGKILL the session's process group (its id is the child's pid, not yet reaped so not reusable)."""
-    try:
-        if enabled:
-            os.killpg(proc.pid, signal.SIGKILL)
-        else:
-            os.kill(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _communicate(proc, data: bytes, deadline: float, max_output: int, group: bool) -> tuple[bytes, bytes, str]:
-    """Feed stdin and read stdout/stderr as they come until both close: (stdout, stderr, killed_for), where
-    killed_for is "timeout", "output" or "". When the child exits, its leftover children are killed at once
-    (they would hold the pipes open)."""
-    out, err, total = bytearray(), bytearray(), 0
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ, out)
-    sel.register(proc.stderr, selectors.EVENT_READ, err)
-    if data:
-        os.set_blocking(proc.stdin.fileno(), False)
-        sel.register(proc.stdin, selectors.EVENT_WRITE, None)
-    else:
-        proc.stdin.close()
-    pidfd = None
-    if hasattr(os, "pidfd_open"):
-        try:
-            pidfd = os.pidfd_open(proc.pid)
-            sel.register(pidfd, selectors.EVENT_READ, "exit")
-        except OSError:
-            pidfd = None
-    offset, killed_for, exited = 0, "", False
-    try:
-        while len(sel.get_map()) > (1 if pidfd is not None and not exited else 0):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                killed_for = "" if exited else "timeout"  # exited: a stray that left the group holds the pipes
-                break
-            events = sel.select(left if pidfd is not None else min(left, 0.02))
-            if pidfd is None and not exited and _exited(proc.pid):
-                events = events + [(None, None)]
-            for key, _ in events:
-                if key is None or key.data == "exit":
-                    if key is not None:
-                        sel.unregister(pidfd)
-                    exited = True
-                    _kill_group(proc, group)  # leftovers of the group; the main process is already gone
-                    deadline = min(deadline, time.monotonic() + 0.5)
-                elif key.data is None:  # stdin
-                    try:
-                        offset += os.write(key.fd, data[offset:offset + 65536])
-                    except BlockingIOError:
-                        pass
-                    except BrokenPipeError:  # it stopped reading: fine
-                        offset = len(data)
-                    if offset >= len(data):
-                        sel.unregister(proc.stdin)
-                        proc.stdin.close()
-                else:
-                    chunk = os.read(key.fd, 65536)
-                    if not chunk:
-                        sel.unregister(key.fileobj)
-                        continue
-                    take = max(0, min(len(chunk), max_output - total))
-                    key.data.extend(chunk[:take])
-                    total += len(chunk)
-                    if total > max_output:
-                        killed_for = "output"
-                        break
-            if killed_for:
-                break
-    finally:
-        sel.close()
-        if pidfd is not None:
-            os.close(pidfd)
-        for f in (proc.stdin, proc.stdout, proc.stderr):
-            if f and not f.closed:
-                try:
-                    f.close()
-                except OSError:
-                    pass
-    return bytes(out), bytes(err), killed_for
-
-
-def _exited(pid: int) -> bool:
-    """Has pid exited? Without reaping it (so its pid, the group id, cannot be reused yet)."""
-    try:
-        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:
-        return True
