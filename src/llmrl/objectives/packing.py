@@ -172,6 +172,16 @@ def _register() -> None:
 _register()
 
 
+def prompt_groups(attention_mask: torch.Tensor, prompt_len: int, input_ids: torch.Tensor | None) -> list[list[int]]:
+    """Rows [N, S] grouped by the real tokens of their first `prompt_len` columns (None: a group per row)."""
+    groups: dict = {}
+    for i in range(len(attention_mask)):
+        real = attention_mask[i, :prompt_len].bool()
+        key = i if input_ids is None else tuple(input_ids[i, :prompt_len][real].tolist())
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
 def pack_layout(attention_mask: torch.Tensor, pack_tokens: int, *, prompt_len: int = 0,
                 input_ids: torch.Tensor | None = None) -> PackLayout:
     """attention_mask [N, S] -> the slots of K packs of at most `pack_tokens` tokens (a longer segment: a pack
@@ -181,13 +191,10 @@ def pack_layout(attention_mask: torch.Tensor, pack_tokens: int, *, prompt_len: i
     real = attention_mask.bool()
     cols = [real[i].nonzero()[:, 0] for i in range(N)]                    # each row's real tokens, in order
     n_prompt = real[:, :prompt_len].sum(-1).tolist()                      # [N] real prompt tokens
-    groups: dict = {}
-    for i in range(N):
-        key = i if input_ids is None else tuple(input_ids[i, :prompt_len][real[i, :prompt_len]].tolist())
-        groups.setdefault(key, []).append(i)
+    groups = prompt_groups(attention_mask, prompt_len, input_ids)
     # segments: a prompt (rows[0]'s) and the responses that fit with it in one pack
     segments: list[list[int]] = []
-    for rows in groups.values():
+    for rows in groups:
         p = n_prompt[rows[0]]
         resp = [len(cols[i]) - p for i in rows]
         for part in first_fit_decreasing(resp, max(1, pack_tokens - p)):
@@ -241,12 +248,12 @@ def packed_response_hidden(backbone, input_ids: torch.Tensor, attention_mask: to
     attn = getattr(config, "_attn_implementation", None)
     recomputed = torch.is_grad_enabled() and backbone.training and any(
         getattr(m, "gradient_checkpointing", False) for m in backbone.modules())
-    layout = None
-    if share_prompts and attn in MASKED_ATTENTION:
-        capacity = pack_tokens if recomputed else int(attention_mask.sum())
-        layout = pack_layout(attention_mask.cpu(), capacity, prompt_len=S - T, input_ids=input_ids.cpu())
-    if layout is None or not layout.shared:
-        layout = pack_layout(attention_mask.cpu(), pack_tokens)
+    mask, ids = attention_mask.cpu(), input_ids.cpu()
+    if share_prompts and attn in MASKED_ATTENTION and any(len(g) > 1 for g in prompt_groups(mask, S - T, ids)):
+        capacity = pack_tokens if recomputed else int(mask.sum())
+        layout = pack_layout(mask, capacity, prompt_len=S - T, input_ids=ids)
+    else:
+        layout = pack_layout(mask, pack_tokens)
     device = input_ids.device
     kwargs = {"attention_mask": None}     # unshared: position restarts mark the rows (transformers' packed mask)
     segments = layout.shared and not recomputed

@@ -134,7 +134,7 @@ def policy_update(
     if engine_tis_cap is not None and not reuse_detached:
         raise ValueError("engine_tis_cap: the TIS weight comes from the update's forward only with one on-policy "
                          "pass (epochs = minibatches = 1)")
-    gaps: list[torch.Tensor] = []             # engine_tis_cap: logp_policy - logp_engine at the chosen tokens
+    chosen: list[tuple[torch.Tensor, torch.Tensor]] = []   # engine_tis_cap: (logp_policy, logp_engine) chosen
     logp_old = None if reuse_detached else batched_logprobs(
         model, rollout, micro_batch_size=micro_batch_size, temperature=temperature, autocast_dtype=autocast_dtype,
         pack_tokens=pack_tokens, micro_batch_tokens=micro_batch_tokens)
@@ -169,7 +169,8 @@ def policy_update(
                 is_weight = part.is_weight
                 if engine_tis_cap is not None:
                     is_weight = truncated_is_weight(logp.detach(), part.logp_old, cap=engine_tis_cap)
-                    gaps.append((logp.detach() - part.logp_old)[part.response_mask.bool()])
+                    picked = part.response_mask.bool()
+                    chosen.append((logp.detach()[picked], part.logp_old[picked]))
                 out = objective(logp, logp.detach() if logp_old is None else logp_old[idx, :T],
                                 advantages[idx, :T], part.response_mask, counts, logp_ref=part.logp_ref,
                                 entropy=entropy, is_weight=is_weight)
@@ -204,9 +205,9 @@ def policy_update(
                 stopped = True
     out = {k: v / max(1, passes) for k, v in sums.items()}
     out["update_passes"], out["early_stopped"] = float(passes), float(stopped)
-    if gaps:              # (a step whose rows were all skipped measured no mismatch: no keys rather than zeros)
-        gap = torch.cat(gaps)
-        out |= {k: float(v) for k, v in mismatch_stats(gap, torch.zeros_like(gap), torch.ones_like(gap),
+    if chosen:            # (a step whose rows were all skipped measured no mismatch: no keys rather than zeros)
+        policy, engine = (torch.cat(x) for x in zip(*chosen))
+        out |= {k: float(v) for k, v in mismatch_stats(policy, engine, torch.ones_like(policy),
                                                          cap=engine_tis_cap).items()}
     return out
 
