@@ -10,7 +10,7 @@ from llmrl.config import ConfigError, load_config
 from llmrl.models.lora import AdapterDisabledReference, add_lora
 from llmrl.models.value import Critic
 from llmrl.objectives.logprobs import response_logprobs
-from llmrl.objectives.packing import first_fit_decreasing, pack_layout
+from llmrl.objectives.packing import first_fit_decreasing, length_buckets, pack_layout
 from llmrl.objectives.policy import ppo_clip_objective
 from llmrl.rollout.types import Rollout
 from llmrl.train.update import batched_logprobs, policy_update
@@ -53,6 +53,13 @@ def test_pack_layout_by_hand():
     assert lay.source.tolist() == [[7, 8, 9, 10, 11], [2, 3, 4, 5, 0]] and lay.positions[1].tolist() == [0, 1, 2, 3, 0]
 
 
+def test_length_buckets():
+    # longest first; a new block where a length falls below half the block's longest (from SPLIT_MIN tokens on)
+    assert length_buckets([64, 10, 33, 32, 40, 5, 16]) == [[0, 4, 2, 3], [6, 1], [5]]
+    assert length_buckets([15, 3, 1, 7]) == [[0, 3, 1, 2]]                     # short: one block, whatever the spread
+    assert length_buckets([]) == []
+
+
 def test_shared_prompt_layout_by_hand():
     # rows 0 and 2 share the prompt "5 6" (row 2 left-padded more); row 1's prompt differs. P = 3, T = 3.
     ids = torch.tensor([[9, 5, 6, 20, 21, 0], [7, 8, 9, 30, 0, 0], [0, 5, 6, 40, 41, 42]])
@@ -67,13 +74,14 @@ def test_shared_prompt_layout_by_hand():
     assert lay.target[0, 1:3].tolist() == lay.target[2, 1:3].tolist() == [0, 1]   # one copy of the prompt
     plan = lay.segment_plan()
     pad = K * L                                  # the zero slot padding reads and writes
-    assert plan.prompt_q.tolist() == [[0, 1, pad], [7, 8, 9]]                    # segment 0's prompt is 2 long
-    assert plan.prompt_mask[0, 0, :2].tolist() == [[True, False, False], [True, True, False]]
-    assert plan.resp_q.tolist() == [[2, 3, pad], [4, 5, 6], [10, pad, pad]]
-    assert plan.resp_k.tolist() == [[0, 1, pad, 2, 3, pad], [0, 1, pad, 4, 5, 6], [7, 8, 9, 10, pad, pad]]
-    m = plan.resp_mask[:, 0]
-    assert m[1, 0].tolist() == [True, True, False, True, False, False]     # row 2's first token: prompt + itself
-    assert m[1, 2].tolist() == [True, True, False, True, True, True]
+    (prompt_q, prompt_k, prompt_mask), (resp_q, resp_k, resp_mask) = plan.blocks   # short responses: one block
+    assert prompt_q.tolist() == prompt_k.tolist() == [[0, 1, pad], [7, 8, 9]]     # segment 0's prompt is 2 long
+    assert prompt_mask[0, 0, :2].tolist() == [[True, False, False], [True, True, False]]
+    assert resp_q.tolist() == [[4, 5, 6], [2, 3, pad], [10, pad, pad]]             # longest response first
+    assert resp_k.tolist() == [[0, 1, pad, 4, 5, 6], [0, 1, pad, 2, 3, pad], [7, 8, 9, 10, pad, pad]]
+    m = resp_mask[:, 0]
+    assert m[0, 0].tolist() == [True, True, False, True, False, False]     # row 2's first token: prompt + itself
+    assert m[0, 2].tolist() == [True, True, False, True, True, True]
     assert m[2, 0].tolist() == [True, True, True, True, False, False]      # row 1 sees only its own prompt
     assert all(m.any(-1).flatten())                                          # no empty softmax row, padding too
     m = lay.attention_mask()[0, 0]                                             # the block mask (checkpointing)
@@ -146,6 +154,21 @@ def test_shared_prompt_packing_equals_padded(tiny, attn, pack_tokens, checkpoint
     assert int((lay.owner == -1).logical_and(lay.segment >= 0).sum()) < 4 * (7 + 3)   # fewer prompt copies than rows
     want = logp_and_grad(model, ids, mask, rmask)
     got = logp_and_grad(model, ids, mask, rmask, pack_tokens=pack_tokens)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-5), (g - w).abs().max()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prompt_packing_with_response_blocks_by_length(tiny, attn):
+    # responses of 2 to 40 tokens: segment attention runs them in several blocks, each padded to its own longest
+    model = copy.deepcopy(tiny[0]).train()
+    model.config._attn_implementation = attn
+    ids, mask, rmask = grouped_rows([7, 3], 4, [40, 3, 17, 25, 2, 33, 8, 19])
+    lay = pack_layout(mask, 1000, prompt_len=mask.shape[1] - rmask.shape[1], input_ids=ids)
+    blocks = lay.segment_plan().blocks
+    assert [q.shape for q, _, _ in blocks] == [(2, 7), (3, 40), (2, 19), (3, 8)]   # prompts, then by length
+    want = logp_and_grad(model, ids, mask, rmask)
+    got = logp_and_grad(model, ids, mask, rmask, pack_tokens=1000)
     for g, w in zip(got, want):
         assert torch.allclose(g, w, atol=1e-5), (g - w).abs().max()
 

@@ -84,22 +84,36 @@ class PackLayout:
         return SegmentPlan.of(self)
 
 
+SPLIT_MIN = 16   # a response block is split by length only when its longest response has at least this many tokens
+
+
+def length_buckets(lengths: list[int]) -> list[list[int]]:
+    """Indices of `lengths`, longest first, cut into runs where a length falls below half the run's longest (when that
+    is at least SPLIT_MIN): each run is padded to its own longest, so padding stays under half of any run of
+    real size, in at most log2(longest) runs."""
+    out: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        top = lengths[out[-1][0]] if out else 0
+        if not out or (top >= SPLIT_MIN and 2 * lengths[i] < top):
+            out.append([])
+        out[-1].append(i)
+    return out
+
+
 @dataclass
 class SegmentPlan:
-    """Attention of shared-prompt packs as two batched blocks over the flat slots [K * L] (index K * L: a zero
-    slot that padding reads and writes), so a query is compared only with keys it may see:
+    """Attention of shared-prompt packs as batched blocks over the flat slots [K * L] (index K * L: a zero slot
+    that padding reads and writes), so a query is compared only with keys it may see. Each block is
+    (queries [n, a], keys [n, b], mask [n, 1, a, b] bool, True: attend):
 
-        prompts    queries [S, p]  the prompt slots of each of S segments   keys: the same, causal
-        responses  queries [R, r]  each of R responses' slots               keys: its segment's prompt, then its
-                                                                             own slots (causal)
+        the prompts       queries: the prompt slots of each segment        keys: the same, causal
+        the responses,    queries: each response's slots                    keys: its segment's prompt, then its
+        by length                                                                 own slots (causal)
 
-    p, r: the longest prompt and response, shorter ones padded. masks [., 1, queries, keys] bool, True: attend;
-    padding queries write to the zero slot, and one that would see no key sees the first (no empty softmax row)."""
-    prompt_q: torch.Tensor       # [S, p]
-    prompt_mask: torch.Tensor    # [S, 1, p, p]
-    resp_q: torch.Tensor         # [R, r]
-    resp_k: torch.Tensor         # [R, p + r]
-    resp_mask: torch.Tensor      # [R, 1, r, p + r]
+    Shorter rows are padded to their block's longest; the responses go in blocks of similar length
+    (`length_buckets`). Padding queries write to the zero slot, and one that would see no key sees the first (no
+    empty softmax row)."""
+    blocks: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...]
 
     @classmethod
     def of(cls, layout: PackLayout) -> "SegmentPlan":
@@ -115,52 +129,57 @@ class SegmentPlan:
             prompts.append(prompt)
             for i in owners[owners >= 0].unique().tolist():
                 responses.append((prompt, slots[owners == i]))
-        p = max(1, max(len(x) for x in prompts))
-        r = max(1, max(len(x) for _, x in responses))
         padded = lambda xs, n: torch.stack([F.pad(x, (0, n - len(x)), value=pad) for x in xs])   # noqa: E731
+        causal = lambda n: torch.ones(n, n, dtype=torch.bool).tril()                            # noqa: E731
+        p = max(1, max(len(x) for x in prompts))
         prompt_q = padded(prompts, p)                                                     # [S, p]
-        causal = torch.ones(p, p, dtype=torch.bool).tril()
-        prompt_mask = causal & (prompt_q != pad)[:, None, :]                              # [S, p, p]
-        resp_q = padded([x for _, x in responses], r)                                     # [R, r]
-        resp_k = torch.cat([padded([pr for pr, _ in responses], p), resp_q], 1)           # [R, p + r]
-        own = torch.ones(r, r, dtype=torch.bool).tril() & (resp_q != pad)[:, None, :]     # [R, r, r]
-        seen = (resp_k[:, :p] != pad)[:, None, :].expand(-1, r, -1)                       # [R, r, p]
-        resp_mask = torch.cat([seen, own], -1)                                             # [R, r, p + r]
-        for q, mask in ((prompt_q, prompt_mask), (resp_q, resp_mask)):
-            empty = ~mask.any(-1)                                                         # padding queries
-            mask[..., 0] |= empty
-        return cls(prompt_q, prompt_mask[:, None], resp_q, resp_k, resp_mask[:, None])
+        blocks = [(prompt_q, prompt_q, causal(p) & (prompt_q != pad)[:, None, :])]        # [S, p, p]
+        for bucket in length_buckets([len(x) for _, x in responses]):
+            part = [responses[i] for i in bucket]
+            p, r = max(1, max(len(pr) for pr, _ in part)), max(1, max(len(x) for _, x in part))
+            resp_q = padded([x for _, x in part], r)                                      # [n, r]
+            resp_k = torch.cat([padded([pr for pr, _ in part], p), resp_q], 1)            # [n, p + r]
+            own = causal(r) & (resp_q != pad)[:, None, :]                                 # [n, r, r]
+            seen = (resp_k[:, :p] != pad)[:, None, :].expand(-1, r, -1)                   # [n, r, p]
+            blocks.append((resp_q, resp_k, torch.cat([seen, own], -1)))                   # [n, r, p + r]
+        for _, _, mask in blocks:
+            mask[..., 0] |= ~mask.any(-1)                                                 # padding queries
+        return cls(tuple((q, k, mask[:, None]) for q, k, mask in blocks))
 
     def to(self, device) -> "SegmentPlan":
-        return SegmentPlan(*(t.to(device) for t in (self.prompt_q, self.prompt_mask, self.resp_q, self.resp_k,
-                                                    self.resp_mask)))
+        return SegmentPlan(tuple(tuple(t.to(device) for t in b) for b in self.blocks))
 
 
 def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *,
                       llmrl_segments: SegmentPlan, **kwargs):
     """transformers' attention interface (registered as "llmrl_segments"): query [B, H, L, D], key, value
     [B, Kh, L, D] of the packed slots -> [B, L, H, D], each query attending only to the keys `llmrl_segments`
-    gives it. The same values as the block mask over the whole pack, without the pairs it would mask out."""
+    gives it. The same values as the block mask over the whole pack, without the pairs it would mask out.
+    Query head h reads key/value head h // rep: a block's rep query heads of one key head are stacked as rows of
+    one matmul against that head's keys."""
     B, H, L, D = query.shape
-    rep = H // key.shape[1]
-    flat = lambda x: torch.cat([x.transpose(1, 2).flatten(0, 1), x.new_zeros(1, x.shape[1], D)])   # noqa: E731
-    q, k, v = flat(query), flat(key), flat(value)                                          # [B L + 1, ., D]
-    plan = llmrl_segments
+    Kh = key.shape[1]
+    rep = H // Kh
     scale = D ** -0.5 if scaling is None else scaling
     drop = dropout if module.training else 0.0
+    flat = lambda x: torch.cat([x.transpose(1, 2).flatten(0, 1).float(),                   # noqa: E731
+                                x.new_zeros(1, x.shape[1], D, dtype=torch.float32)])     # [B L + 1, ., D] fp32
     out = value.new_zeros(B * L + 1, H, D)
     with torch.autocast(query.device.type, enabled=False):     # the blocks are small: fp32 scores, plain matmuls
-        for qi, ki, mask in ((plan.prompt_q, plan.prompt_q, plan.prompt_mask),
-                             (plan.resp_q, plan.resp_k, plan.resp_mask)):
-            kb = k[ki].transpose(1, 2).float()                                            # [n, Kh, keys, D]
-            vb = v[ki].transpose(1, 2).float()
-            qb = q[qi].transpose(1, 2).float().unflatten(1, (-1, rep))                    # [n, Kh, rep, queries, D]
-            scores = (qb @ kb[:, :, None].transpose(-1, -2)) * scale                      # [n, Kh, rep, queries, keys]
+        q, k, v = flat(query), flat(key), flat(value)
+        for qi, ki, mask in llmrl_segments.blocks:
+            (n, a), b = qi.shape, ki.shape[1]
+            qb = q.index_select(0, qi.flatten()).view(n, a, Kh, rep, D)          # [n, a, Kh, rep, D]
+            qb = qb.permute(0, 2, 3, 1, 4).reshape(n, Kh, rep * a, D)
+            kb = k.index_select(0, ki.flatten()).view(n, b, Kh, D).transpose(1, 2)       # [n, Kh, b, D]
+            vb = v.index_select(0, ki.flatten()).view(n, b, Kh, D).transpose(1, 2)
+            scores = (qb @ kb.transpose(-1, -2)).view(n, Kh, rep, a, b) * scale           # [n, Kh, rep, a, b]
             probs = scores.masked_fill(~mask[:, :, None], float("-inf")).softmax(-1)
             if drop:
                 probs = F.dropout(probs, drop)
-            ob = (probs @ vb[:, :, None]).flatten(1, 2)                                   # [n, H, queries, D]
-            out = out.index_put((qi.flatten(),), ob.transpose(1, 2).flatten(0, 1).to(out.dtype))
+            ob = (probs.view(n, Kh, rep * a, b) @ vb).view(n, Kh, rep, a, D)               # [n, Kh, rep, a, D]
+            ob = ob.permute(0, 3, 1, 2, 4).reshape(n * a, H, D)
+            out = out.index_copy(0, qi.flatten(), ob.to(out.dtype))
     return out[:B * L].view(B, L, H, D), None
 
 

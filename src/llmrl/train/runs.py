@@ -12,6 +12,7 @@ from llmrl.config import config_to_dict
 from llmrl.models import save_pretrained_model
 from llmrl.models.lora import merged_copy
 from llmrl.train import distributed as D
+from llmrl.train.heap import retain_heap
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -21,11 +22,13 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def start_run(cfg) -> tuple[Path, str, torch.Generator]:
-    """Threads, seeds, the run folder `run.output_dir/run.name` with its config.yaml (written by rank 0).
+    """Threads, the allocator (train/heap.py), seeds, the run folder `run.output_dir/run.name` with its config.yaml (written by rank 0).
     Returns (run_dir, the resolved config as YAML, a seeded torch generator: under torchrun seeded per rank,
     so that ranks draw different samples; the global seeds, and so any initialisation, are the same)."""
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
+    if cfg.run.retain_heap:
+        retain_heap()
     generator = seed_everything(cfg.run.seed)
     if D.rank():
         generator.manual_seed(cfg.run.seed + D.rank())
