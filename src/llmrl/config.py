@@ -174,7 +174,7 @@ class RunConfig:
     threads: int | None = f(None, "torch threads (null = leave as is)", ge=1)
     retain_heap: bool = f(True, "keep freed memory in the process heap (glibc mallopt) rather than returning large "
                                 "blocks to the kernel: tensors allocated anew every step then reuse pages instead of "
-                                "faulting in fresh ones (~5% of a CPU step; train/heap.py)")
+                                "faulting in fresh ones (train/heap.py)")
     progress: bool = f(True, "show a progress bar")
     time_limit_minutes: float | None = f(None, "stop training after this many minutes (held-out evaluations during "
                                          "the run not counted), then evaluate and save as after the last step "
