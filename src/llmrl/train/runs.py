@@ -22,7 +22,8 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def start_run(cfg) -> tuple[Path, str, torch.Generator]:
-    """Threads, the allocator (train/heap.py), seeds, the run folder `run.output_dir/run.name` with its config.yaml (written by rank 0).
+    """Threads, the allocator (train/heap.py), seeds, the run folder `run.output_dir/run.name` with its
+    config.yaml (written by rank 0).
     Returns (run_dir, the resolved config as YAML, a seeded torch generator: under torchrun seeded per rank,
     so that ranks draw different samples; the global seeds, and so any initialisation, are the same)."""
     if cfg.run.threads:
