@@ -85,21 +85,21 @@ def communicate(proc, data: bytes, deadline: float, max_output: int, group: bool
             sel.register(pidfd, selectors.EVENT_READ, "exit")
         except OSError:
             pidfd = None
-    offset, killed_for, exited = 0, "", False
+    offset, killed_for, gone = 0, "", False
     try:
-        while len(sel.get_map()) > (1 if pidfd is not None and not exited else 0):
+        while len(sel.get_map()) > (1 if pidfd is not None and not gone else 0):
             left = deadline - time.monotonic()
             if left <= 0:
-                killed_for = "" if exited else "timeout"  # exited: a stray that left the group holds the pipes
+                killed_for = "" if gone else "timeout"  # gone: a stray that left the group holds the pipes
                 break
             events = sel.select(left if pidfd is not None else min(left, 0.02))
-            if pidfd is None and not exited and exited(proc.pid):
+            if pidfd is None and not gone and exited(proc.pid):
                 events = events + [(None, None)]
             for key, _ in events:
                 if key is None or key.data == "exit":
                     if key is not None:
                         sel.unregister(pidfd)
-                    exited = True
+                    gone = True
                     kill_group(proc, group)  # leftovers of the group; the main process is already gone
                     deadline = min(deadline, time.monotonic() + 0.5)
                 elif key.data is None:  # stdin
