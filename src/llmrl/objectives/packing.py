@@ -202,7 +202,7 @@ def prompt_groups(attention_mask: torch.Tensor, prompt_len: int, input_ids: torc
 
 
 def pack_layout(attention_mask: torch.Tensor, pack_tokens: int, *, prompt_len: int = 0,
-                input_ids: torch.Tensor | None = None) -> PackLayout:
+                input_ids: torch.Tensor | None = None, groups: list[list[int]] | None = None) -> PackLayout:
     """attention_mask [N, S] -> the slots of K packs of at most `pack_tokens` tokens (a longer segment: a pack
     of its own). With `input_ids` [N, S] given, rows whose first `prompt_len` columns hold the same real
     tokens share one copy of them; without, every row is a segment of its own."""
@@ -210,7 +210,8 @@ def pack_layout(attention_mask: torch.Tensor, pack_tokens: int, *, prompt_len: i
     real = attention_mask.bool()
     cols = [real[i].nonzero()[:, 0] for i in range(N)]                    # each row's real tokens, in order
     n_prompt = real[:, :prompt_len].sum(-1).tolist()                      # [N] real prompt tokens
-    groups = prompt_groups(attention_mask, prompt_len, input_ids)
+    if groups is None:                                                    # (the caller's, when it has them)
+        groups = prompt_groups(attention_mask, prompt_len, input_ids)
     # segments: a prompt (rows[0]'s) and the responses that fit with it in one pack
     segments: list[list[int]] = []
     for rows in groups:
@@ -268,9 +269,10 @@ def packed_response_hidden(backbone, input_ids: torch.Tensor, attention_mask: to
     recomputed = torch.is_grad_enabled() and backbone.training and any(
         getattr(m, "gradient_checkpointing", False) for m in backbone.modules())
     mask, ids = attention_mask.cpu(), input_ids.cpu()
-    if share_prompts and attn in MASKED_ATTENTION and any(len(g) > 1 for g in prompt_groups(mask, S - T, ids)):
+    groups = prompt_groups(mask, S - T, ids) if share_prompts and attn in MASKED_ATTENTION else []
+    if any(len(g) > 1 for g in groups):
         capacity = pack_tokens if recomputed else int(mask.sum())
-        layout = pack_layout(mask, capacity, prompt_len=S - T, input_ids=ids)
+        layout = pack_layout(mask, capacity, prompt_len=S - T, input_ids=ids, groups=groups)
     else:
         layout = pack_layout(mask, pack_tokens)
     device = input_ids.device
