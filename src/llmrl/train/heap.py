@@ -3,13 +3,24 @@ do not fault in fresh pages every time.
 
 glibc serves an allocation above its mmap threshold (at most 32 MB: an [V, H] gradient, a chunk of logits, a
 batch's activations) with a fresh `mmap`, and returns it to the kernel on `free`; the next step's tensor of the
-same size faults in every page again, zero-filled by the kernel. In 11 GRPO steps of bench/compare_trl.py's
-settings that is 2.8 M minor page faults and 24 s of system time; with `retain_heap`, 1.0 M and 13 s. The
-step time gains up to ~10%, about the size of the run-to-run noise on this 2-core machine. `retain_heap` stops
-the mmap route for the rest of the process: every allocation comes from the heap, and the heap is not trimmed
-below 2 GiB of free top, so freed blocks are reused. Peak RSS stays what the step needs (the heap grows to
-the same high-water mark); what changes is that it is not handed back between steps. `run.retain_heap: false`
-leaves the allocator alone; on a C library without `mallopt` (musl, macOS) this does nothing.
+same size faults in every page again, zero-filled by the kernel. `retain_heap` stops the mmap route for the rest
+of the process: every allocation comes from the heap, and the heap is not trimmed below 2 GiB of free top, so
+freed blocks are reused. `run.retain_heap: false` leaves the allocator alone; on a C library without `mallopt`
+(musl, macOS) this does nothing.
+
+Measured on 11 GRPO steps of bench/compare_trl.py's settings (2026-11-24, 2 cores), without -> with:
+- minor page faults 3.1 M -> 1.0 M (about 0.8 M of those are start-up: loading two models); system time
+  17.5 -> 9.4-10.8 s;
+- median step 5.41-5.57 s (two runs) -> 5.06-5.20 s (five runs);
+- peak RSS about the same: 4337-4383 -> 4349-4488 MiB; with gradient checkpointing 3853 -> 3760.
+
+The resident set grows through a run under both settings, by 30-50 MB a step (21 steps: 3826 -> 4645 MiB without,
+3830 -> 4786 MiB with), while the tensors reachable from Python stay at 2.6 GB. oneDNN's primitive cache (one
+primitive per new matmul shape) is part of it: with ONEDNN_PRIMITIVE_CACHE_CAPACITY=0, 3786 -> 4395 MiB. The rest
+is not explained yet.
+
+jemalloc (LD_PRELOAD, freed pages kept) was tried in place of all this: steps ~7% faster (4.40-5.20 s), but peak
+RSS 4458-4748 MiB, and 4859-6814 MiB with gradient checkpointing; dropped.
 """
 
 from __future__ import annotations
