@@ -18,9 +18,10 @@ The resident set grows through a run under both settings, by 30-50 MB a step (21
 3830 -> 4786 MiB with), while the tensors reachable from Python stay at 2.6 GB. oneDNN's primitive cache (one
 primitive per new matmul shape) is part of it: with ONEDNN_PRIMITIVE_CACHE_CAPACITY=0, 3786 -> 4395 MiB. The rest
 is not explained yet. bench/rss_growth.py reproduces it a phase at a time: rollouts add ~140 MB over 16, reference
-forwards nothing, and updates the rest (16 updates: +790-880 MiB retained, +630 not, +1440 on jemalloc, +1250 with
-MKL_DISABLE_FAST_MM=1 from a 700 MB lower start, +380 with a zero primitive cache), in jumps that follow the
-history, not one batch: the probe's 8th batch adds 330 MB in 8th place and nothing when it runs first.
+forwards nothing, and updates the rest. Over 16 updates: +790-880 MiB retained, +630 not; not retained and
+on jemalloc +1440, with MKL_DISABLE_FAST_MM=1 +1250 (from a 700 MB lower start), with a zero primitive cache +380.
+The jumps follow the history, not one batch: the probe's 8th batch adds 330 MB in 8th place; run first, it is
+the second batch that adds 530 MB.
 
 jemalloc (LD_PRELOAD, freed pages kept) was tried in place of all this: steps ~7% faster (4.40-5.20 s), but peak
 RSS 4458-4748 MiB, and 4859-6814 MiB with gradient checkpointing; dropped.
