@@ -17,11 +17,12 @@ Measured on 11 GRPO steps of bench/compare_trl.py's settings (2026-11-24, 2 core
 The resident set grows through a run under both settings, by 30-50 MB a step (21 steps: 3826 -> 4645 MiB without,
 3830 -> 4786 MiB with), while the tensors reachable from Python stay at 2.6 GB. oneDNN's primitive cache (one
 primitive per new matmul shape) is part of it: with ONEDNN_PRIMITIVE_CACHE_CAPACITY=0, 3786 -> 4395 MiB. The rest
-is not explained yet. bench/rss_growth.py reproduces it a phase at a time: rollouts add ~140 MB over 16, reference
-forwards nothing, and updates the rest. Over 16 updates: +790-880 MiB retained, +630 not; not retained and
-on jemalloc +1440, with MKL_DISABLE_FAST_MM=1 +1250 (from a 700 MB lower start), with a zero primitive cache +380.
-The jumps follow the history, not one batch: the probe's 8th batch adds 330 MB in 8th place; run first, it is
-the second batch that adds 530 MB.
+is not explained yet. bench/rss_growth.py records the RSS after each phase of each step: over steps 2-16 the
+updates add 652 MiB, the rollouts 259 and the reference forwards 12 (not retained: 425, 99, 23). Run apart (16
+rollouts, then 16 reference forwards, then 16 updates), the updates added +790-880 MiB retained and +630 not; not
+retained and on jemalloc +1440, with MKL_DISABLE_FAST_MM=1 +1250 (from a 700 MB lower start), with a zero
+primitive cache +380. The jumps follow the history, not one batch: a batch that added 330 MB in 8th place added
+nothing run first, when the second batch added 530 MB instead.
 
 jemalloc (LD_PRELOAD, freed pages kept) was tried in place of all this: steps ~7% faster (4.40-5.20 s), but peak
 RSS 4458-4748 MiB, and 4859-6814 MiB with gradient checkpointing; dropped.
