@@ -31,6 +31,8 @@ class ModelConfig:
     chat_template: bool = f(True, "apply the tokenizer's chat template to prompts")
     system_prompt: str | None = f(None, "optional system message")
     gradient_checkpointing: bool = f(False, "recompute activations during backward to save memory")
+    fused_ops: bool = f(True, "memory-lean RMSNorm, SwiGLU and linears in the training forward (llama, mistral, "
+                       "qwen2, qwen3): about half the activations kept, the same forward (models/fused.py)")
     lora_r: int = f(0, "LoRA rank (0 = full fine-tuning); with LoRA the reference is the base with the adapter disabled", ge=0)
     lora_alpha: float = f(16.0, "LoRA scaling alpha", gt=0)
     lora_dropout: float = f(0.0, "LoRA dropout", ge=0, lt=1)

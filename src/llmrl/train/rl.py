@@ -25,7 +25,7 @@ import yaml
 from llmrl.config import TrainConfig
 from llmrl.credit import CREDIT, CreditInputs, step_ids_for_batch
 from llmrl.data import make_task
-from llmrl.models import enable_gradient_checkpointing, load_model, load_reference, resolve_model_path
+from llmrl.models import enable_gradient_checkpointing, fuse_decoder_ops, load_model, load_reference, resolve_model_path
 from llmrl.models.lora import AdapterDisabledReference, add_lora
 from llmrl.models.value import Critic
 from llmrl.objectives.value import clipped_value_loss, explained_variance
@@ -159,6 +159,8 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
         model, tokenizer = load_model(cfg.model.name, dtype=getattr(torch, cfg.model.dtype))
     check_prompts_fit(tokenizer, model, heldout + first, max_new_tokens=max(cfg.rollout.max_new_tokens, eval_tokens),
                       demo=demo, **prompt_kw)
+    if cfg.model.fused_ops:
+        fuse_decoder_ops(model)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)     # train mode, dropout off: HF checkpoints only in train mode
     model.config.use_cache = False
@@ -167,7 +169,10 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
                          targets=cfg.model.lora_targets)
         reference = AdapterDisabledReference(model)       # the base weights: no second copy
     else:
-        reference = load_reference(cfg.model.name, dtype=getattr(torch, cfg.model.dtype))   # same numerics as the policy
+        reference = load_reference(cfg.model.name, dtype=getattr(torch, cfg.model.dtype),   # same numerics as
+                                   linear_dtype=amp)                                       # the policy
+        if cfg.model.fused_ops:
+            fuse_decoder_ops(reference)
     estimator = partial(CREDIT.get(cfg.credit.estimator), **cfg.credit.options)
     critic = critic_optimizer = value_objective = None
     if cfg.credit.values == "critic":
