@@ -22,7 +22,10 @@ updates add 652 MiB, the rollouts 259 and the reference forwards 12 (not retaine
 rollouts, then 16 reference forwards, then 16 updates), the updates added +790-880 MiB retained and +630 not; not
 retained and on jemalloc +1440, with MKL_DISABLE_FAST_MM=1 +1250 (from a 700 MB lower start), with a zero
 primitive cache +380. The jumps follow the history, not one batch: a batch that added 330 MB in 8th place added
-nothing run first, when the second batch added 530 MB instead.
+nothing run first, when the second batch added 530 MB instead. glibc's mallinfo2 (2026-11-25, with the lean
+training forward) splits the growth: the bytes in use grow ~12 MB a step (~7 of them oneDNN's primitive cache),
+the free bytes the heap keeps by the rest (384 MiB after step 1, 1023 after step 12): fragmentation. malloc_trim
+before each phase, one arena, a 4 MiB mmap threshold and shape padding did not stop it (docs/benchmarks.md).
 
 jemalloc (LD_PRELOAD, freed pages kept) was tried in place of all this: steps ~7% faster (4.40-5.20 s), but peak
 RSS 4458-4748 MiB, and 4859-6814 MiB with gradient checkpointing; dropped.
