@@ -155,6 +155,47 @@ def test_a_norm_that_is_not_rmsnorm_keeps_its_forward():
     assert not getattr(norm, "llmrl_fused", False)
 
 
+def test_a_copy_of_a_fused_model_computes_with_its_own_weights():
+    """A critic's trunk is a deepcopy of the policy's: its swapped forwards must read the copy's parameters."""
+    import copy
+
+    model, _ = build_tiny(0)
+    fuse_decoder_ops(model)
+    twin = copy.deepcopy(model)
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=gen(13))
+    with torch.no_grad():
+        for p in twin.model.layers.parameters():
+            p.mul_(0.5)
+        assert not torch.allclose(twin(input_ids=ids).logits, model(input_ids=ids).logits)
+        assert all(getattr(m.forward, "__self__", m) is m for m in twin.modules() if getattr(m, "llmrl_fused", 0))
+
+
+def test_lora_on_every_linear_same_gradients_as_unfused():
+    """LoRA after fusing would have the MLP skip a LoRA-wrapped down_proj; fused after LoRA, the MLP keeps HF's
+    forward and the adapters' gradients are the unfused model's."""
+    from llmrl.models.lora import add_lora
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    ids = torch.randint(0, 100, (2, 20), generator=gen(14))
+    out = []
+    for fuse in (False, True):
+        model, _ = build_tiny(0)
+        model = add_lora(model, r=4, alpha=8.0, dropout=0.0, targets=targets)
+        torch.manual_seed(0)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.1)              # a non-zero adapter: its delta shows in the logits
+        if fuse:
+            assert fuse_decoder_ops(model) > 0
+            assert not any(getattr(layer.mlp, "llmrl_fused", False) for layer in model.base_model.model.model.layers)
+        logits = model(input_ids=ids).logits
+        logits.float().pow(2).mean().backward()
+        out.append((logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    assert torch.allclose(out[1][0], out[0][0], atol=1e-6)
+    for n, g in out[0][1].items():
+        torch.testing.assert_close(out[1][1][n], g, rtol=1e-5, atol=1e-6, msg=n)
+
+
 def _mapped(path: str) -> bool:
     return any(line.endswith(path) for line in Path("/proc/self/maps").read_text().splitlines())
 

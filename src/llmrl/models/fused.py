@@ -34,6 +34,7 @@ Shapes: x [..., H] the residual stream, g and u [..., I] the gate and up outputs
 from __future__ import annotations
 
 import logging
+import types
 
 import torch
 import torch.nn.functional as F
@@ -150,22 +151,19 @@ def swiglu_down(g: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, bias: to
     return _SwiGLUDown.apply(g, u, weight, bias)
 
 
-def _linear_forward(lin):
-    def forward(x):
-        return linear_recast(x, lin.weight, lin.bias)
-    return forward
+# The swapped forwards are bound methods (types.MethodType), not closures: copy.deepcopy rebinds a bound method to
+# the copied module (a critic's trunk, a merged LoRA copy), where a closure would go on reading the original.
+
+def _linear_forward(self, x):
+    return linear_recast(x, self.weight, self.bias)
 
 
-def _norm_forward(norm):
-    def forward(x):
-        return rmsnorm_cast(x, norm.weight, norm.variance_epsilon, _compute_dtype(x))
-    return forward
+def _norm_forward(self, x):
+    return rmsnorm_cast(x, self.weight, self.variance_epsilon, _compute_dtype(x))
 
 
-def _mlp_forward(mlp):
-    def forward(x):
-        return swiglu_down(mlp.gate_proj(x), mlp.up_proj(x), mlp.down_proj.weight, mlp.down_proj.bias)
-    return forward
+def _mlp_forward(self, x):
+    return swiglu_down(self.gate_proj(x), self.up_proj(x), self.down_proj.weight, self.down_proj.bias)
 
 
 def _same_output(module, forward, hidden: int) -> bool:
@@ -178,7 +176,7 @@ def _same_output(module, forward, hidden: int) -> bool:
 
 
 def _candidates(layer):
-    """(module, its swapped forward) for the layer's norms and MLP that can take one."""
+    """(module, its forward to swap in) for the layer's norms, MLP and plain linears that can take one."""
     for name in ("input_layernorm", "post_attention_layernorm"):
         norm = getattr(layer, name, None)
         if norm is not None and hasattr(norm, "variance_epsilon"):
@@ -206,7 +204,7 @@ def fuse_decoder_ops(model) -> int:
     for layer in layers:
         for module, make in _candidates(layer):
             if not getattr(module, "llmrl_fused", False):
-                forward = make(module)
+                forward = types.MethodType(make, module)
                 if not _same_output(module, forward, cfg.hidden_size):
                     failed += 1
                     continue

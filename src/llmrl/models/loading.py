@@ -17,10 +17,9 @@ never leaves a half-written cache and two concurrent converters do not break eac
 
 from __future__ import annotations
 
-import itertools
-
 import importlib.metadata
 import importlib.util
+import itertools
 import json
 import logging
 import os

@@ -159,8 +159,6 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
         model, tokenizer = load_model(cfg.model.name, dtype=getattr(torch, cfg.model.dtype))
     check_prompts_fit(tokenizer, model, heldout + first, max_new_tokens=max(cfg.rollout.max_new_tokens, eval_tokens),
                       demo=demo, **prompt_kw)
-    if cfg.model.fused_ops:
-        fuse_decoder_ops(model)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)     # train mode, dropout off: HF checkpoints only in train mode
     model.config.use_cache = False
@@ -173,6 +171,8 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
                                    linear_dtype=amp)                                       # the policy
         if cfg.model.fused_ops:
             fuse_decoder_ops(reference)
+    if cfg.model.fused_ops:      # after LoRA: a LoRA-wrapped down_proj keeps HF's MLP
+        fuse_decoder_ops(model)
     estimator = partial(CREDIT.get(cfg.credit.estimator), **cfg.credit.options)
     critic = critic_optimizer = value_objective = None
     if cfg.credit.values == "critic":
