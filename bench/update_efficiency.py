@@ -41,7 +41,7 @@ import torch  # noqa: E402
 
 from common import markdown_table, write_section  # noqa: E402
 
-from llmrl.models import load_model  # noqa: E402
+from llmrl.models import fuse_decoder_ops, load_model  # noqa: E402
 from llmrl.objectives.policy import ppo_clip_objective  # noqa: E402
 from llmrl.rollout.types import Rollout  # noqa: E402
 from llmrl.train.update import policy_update  # noqa: E402
@@ -142,10 +142,14 @@ def main() -> None:
             run()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
-    arms = [("padded, bf16 autocast", None, torch.bfloat16), (f"packed ({args.pack_tokens}), bf16 autocast",
-                                                             args.pack_tokens, torch.bfloat16)]
+    arms = [("padded, bf16 autocast", None, torch.bfloat16, False),
+            (f"packed ({args.pack_tokens}), bf16 autocast", args.pack_tokens, torch.bfloat16, False),
+            (f"packed ({args.pack_tokens}), bf16 autocast, fused ops (the default)", args.pack_tokens, torch.bfloat16,
+             True)]
     rows = []
-    for name, pack_tokens, amp in arms:
+    for name, pack_tokens, amp, fused in arms:
+        if fused:
+            fuse_decoder_ops(model)         # models/fused.py, as train/rl.py does with model.fused_ops (in place)
         wall, cpu = timed(update_fn(model, optimizer, rollout, advantages, pack_tokens=pack_tokens,
                                     micro_batch_size=args.micro_batch_size, autocast_dtype=amp), args.repeats)
         g_wall, g_cpu = flops / wall / 1e9, flops / cpu / 1e9
@@ -161,7 +165,8 @@ def main() -> None:
     if args.write:
         body = (f"Peak: median of {args.repeats} n x n matmuls, best n of {args.sizes}, {args.threads} threads. Update: "
                 f"`policy_update` on {args.model}, {args.rows} synthetic sequences ({real} real tokens of {padded} "
-                f"padded; prompts 36-44, responses 4-64 tokens), one micro-batch, PPO clip, fused AdamW, median of "
+                f"padded; prompts 36-44, responses 4-64 tokens), one micro-batch, PPO clip, fused AdamW (the last row "
+                "with models/fused.py's lean RMSNorm, SwiGLU and linears, llmrl's default), median of "
                 f"{args.repeats} after a warm-up. Useful FLOPs = 6 x (decoder linear weights x real tokens + LM head "
                 "x response tokens) + causal attention (bench/update_efficiency.py docstring); "
                 f"{flops / 1e12:.3f} TFLOP per update. Wall-clock and CPU-time fractions agree on an idle machine; "

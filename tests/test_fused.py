@@ -2,10 +2,9 @@
 gradients (exactly where the arithmetic is the same, to bf16 rounding where it is not), and keep about half the
 activations for backward; the bf16 reference's linears give the fp32 reference's log-probs."""
 
-import re
+import gc
 from pathlib import Path
 
-import pytest
 import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
@@ -214,8 +213,7 @@ def test_bf16_linear_reference_same_logprobs_and_lets_the_weights_file_go():
         assert torch.equal(ref16(input_ids=ids).logits, ref32(input_ids=ids).logits)
     if Path("/proc/self/maps").exists():
         weights = next(Path(ref32.name_or_path).glob("*.safetensors")).resolve()
+        assert _mapped(str(weights))                     # the fp32 reference reads it zero-copy ...
         del ref32
-        import gc
         gc.collect()
         assert not _mapped(str(weights)), "the bf16 reference still holds the weights file's mapping"
-    assert not re.search("nan", str(ref16.lm_head.weight.sum()))
