@@ -51,6 +51,10 @@ def test_pack_layout_by_hand():
     assert not lay.shared
     lay = pack_layout(mask, 5)                                                 # two packs; the short one padded
     assert lay.source.tolist() == [[7, 8, 9, 10, 11], [2, 3, 4, 5, 0]] and lay.positions[1].tolist() == [0, 1, 2, 3, 0]
+    lay = pack_layout(mask, 9, align=4)                              # length rounded up to 12: three padding slots
+    assert lay.source.tolist() == [[7, 8, 9, 10, 11, 2, 3, 4, 5, 0, 0, 0]]
+    assert lay.segment[0, 9:].tolist() == [-1, -1, -1] and lay.owner[0, 9:].tolist() == [-1, -1, -1]
+    assert lay.target.tolist() == [[12, 12, 5, 6, 7, 8, 12], [0, 1, 2, 3, 4, 12, 12]]   # 12: the zero slot
 
 
 def test_length_buckets():
