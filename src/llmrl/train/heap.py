@@ -25,7 +25,9 @@ primitive cache +380. The jumps follow the history, not one batch: a batch that 
 nothing run first, when the second batch added 530 MB instead. glibc's mallinfo2 (2026-11-25, with the lean
 training forward) splits the growth: the bytes in use grow ~12 MB a step (~7 of them oneDNN's primitive cache),
 the free bytes the heap keeps by the rest (384 MiB after step 1, 1023 after step 12): fragmentation. malloc_trim
-before each phase, one arena, a 4 MiB mmap threshold and shape padding did not stop it (docs/benchmarks.md).
+before each phase, one arena and a 4 MiB mmap threshold did not stop it. Packs padded to a multiple of 64 slots
+(objectives/packing.py, PACK_ALIGN) cut the in-use growth (with checkpointing, 21 steps: 122 against 349 MiB) and
+the peak (3541 against 3917 MiB); the free bytes still grow (docs/benchmarks.md).
 
 jemalloc (LD_PRELOAD, freed pages kept) was tried in place of all this: steps ~7% faster (4.40-5.20 s), but peak
 RSS 4458-4748 MiB, and 4859-6814 MiB with gradient checkpointing; dropped.
