@@ -39,15 +39,11 @@ import types
 import torch
 import torch.nn.functional as F
 
+from llmrl.objectives.logprobs import compute_dtype
+
 log = logging.getLogger(__name__)
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")       # pre-norm layers: each norm's output feeds only linears
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the next linear computes in: the autocast dtype when autocast is on for x's device, else x's."""
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
 def _rrms(xf: torch.Tensor, eps: float) -> torch.Tensor:
@@ -74,7 +70,7 @@ class _RMSNormCast(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
-        x, weight = ctx.saved_tensors            # (r recomputed from x: a double backward, TRPO's, reaches x through it)
+        x, weight = ctx.saved_tensors     # r recomputed from x: a double backward (TRPO's) reaches x through it
         with torch.autocast(x.device.type, enabled=False):
             gy = gy.float()
             r = _rrms(x.float(), ctx.eps)                              # [.., 1]
@@ -105,7 +101,7 @@ def _linear_grads(ctx, gout, xc, weight, bias):
 class _LinearRecast(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
-        dt = _compute_dtype(x)
+        dt = compute_dtype(x)
         out = F.linear(x.to(dt), weight.to(dt), None if bias is None else bias.to(dt))   # [.., O]
         ctx.save_for_backward(x, weight, bias)        # x: in practice already in dt (a fused norm's output)
         ctx.dtype = dt
@@ -159,7 +155,7 @@ def _linear_forward(self, x):
 
 
 def _norm_forward(self, x):
-    return rmsnorm_cast(x, self.weight, self.variance_epsilon, _compute_dtype(x))
+    return rmsnorm_cast(x, self.weight, self.variance_epsilon, compute_dtype(x))
 
 
 def _mlp_forward(self, x):
@@ -193,10 +189,11 @@ def _candidates(layer):
 
 def fuse_decoder_ops(model) -> int:
     """Swap in `rmsnorm_cast`, `swiglu_down` and `linear_recast` for the decoder layers' norms, MLPs and linears
-    (see the module docstring); returns how many modules use them now (0 for a model type outside MODEL_TYPES).
+    (see the module docstring); returns how many modules use them now (0 for a model type outside MODEL_TYPES,
+    or not a HF model).
     Idempotent."""
     base = model.get_base_model() if hasattr(model, "peft_config") else model
-    cfg = base.config
+    cfg = getattr(base, "config", None)          # None: not a HF model (e.g. a LoRA policy's adapter-off reference)
     if getattr(cfg, "model_type", None) not in MODEL_TYPES or getattr(cfg, "hidden_act", None) != "silu":
         return 0
     layers = getattr(getattr(base, "model", None), "layers", None) or []

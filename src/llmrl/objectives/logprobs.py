@@ -27,7 +27,8 @@ def _head_logp_entropy(hidden, head_weight, targets, temperature: float, with_en
     return logp, entropy
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on t computes in: the autocast dtype when autocast is on for t's device, else t's."""
     kind = t.device.type
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else t.dtype
 
@@ -47,7 +48,7 @@ class ChunkedHead(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature: float, chunk: int, with_entropy: bool):
-        dt = _compute_dtype(hidden)
+        dt = compute_dtype(hidden)
         w = weight.to(dt)
         M = len(targets)
         lse = hidden.new_empty(M, dtype=torch.float32)

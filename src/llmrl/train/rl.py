@@ -167,12 +167,9 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
                          targets=cfg.model.lora_targets)
         reference = AdapterDisabledReference(model)       # the base weights: no second copy
     else:
-        reference = load_reference(cfg.model.name, dtype=getattr(torch, cfg.model.dtype),   # same numerics as
-                                   linear_dtype=amp)                                       # the policy
-        if cfg.model.fused_ops:
-            fuse_decoder_ops(reference)
-    if cfg.model.fused_ops:      # after LoRA: a LoRA-wrapped down_proj keeps HF's MLP
-        fuse_decoder_ops(model)
+        reference = load_reference(cfg.model.name, dtype=getattr(torch, cfg.model.dtype), linear_dtype=amp)  # as policy
+    for m in (model, reference) if cfg.model.fused_ops else ():   # after LoRA: a LoRA down_proj keeps HF's MLP
+        fuse_decoder_ops(m)
     estimator = partial(CREDIT.get(cfg.credit.estimator), **cfg.credit.options)
     critic = critic_optimizer = value_objective = None
     if cfg.credit.values == "critic":
