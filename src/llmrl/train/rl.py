@@ -41,6 +41,7 @@ from llmrl.rollout.tools import demonstration, resolve_tools, system_prompt as t
 from llmrl.train import checkpoint
 from llmrl.train import distributed as dist
 from llmrl.train.evaluate import evaluate
+from llmrl.train.heap import allocate_adam_state
 from llmrl.train.metrics import MetricsLog, sample_records
 from llmrl.train.parallel import check_parallel, full_params, wrap_policy
 from llmrl.train.runs import save_checkpoint, start_run
@@ -195,6 +196,8 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
     terms = cfg.reward.terms
     state = checkpoint.TrainingState(model, optimizer, scheduler, gen, beta, critic, critic_optimizer)
     start, evals = checkpoint.restore(resume_from, state, run_dir) if resume_from else (0, [])   # last: sets RNGs
+    for opt in (optimizer if o.update == "gradient" else None, critic_optimizer):   # TRPO: the optimizer is idle
+        allocate_adam_state(opt)     # the moments now, before the heap has holes (peak RSS -125 MiB: heap.py)
     engine = make_engine(cfg)        # None: the native sampler
     if engine is not None and start:
         engine.sync_weights(model)   # resumed: the engine starts from the checkpoint's weights, not the base's

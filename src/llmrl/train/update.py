@@ -198,6 +198,10 @@ def policy_update(
                     average_gradients(critic.parameters())
                     torch.nn.utils.clip_grad_norm_(critic.parameters(), max_grad_norm)
                     critic_optimizer.step()
+                # the gradients are dead from here: freed now, not held through the next rollout (513 MiB at 135M)
+                optimizer.zero_grad(set_to_none=True)
+                if critic_optimizer is not None:
+                    critic_optimizer.zero_grad(set_to_none=True)
             sums["update_rows"] += len(mb)
             passes += 1
             # the KL measured on this minibatch before its step: how far the earlier steps already moved the policy
