@@ -12,7 +12,8 @@ from llmrl.cli import main
 from llmrl.models import load_model
 from llmrl.models.lora import add_lora, merged_copy
 from llmrl.rollout.sampler import generate
-from llmrl.rollout.vllm_engine import _to_samples, policy_weights
+from llmrl.rollout.vllm_engine import (PROMPT_ALLOWANCE, _to_samples, default_options, kv_bytes_per_token,
+                                       kv_cache_tokens, policy_weights)
 from llmrl.train.metrics import read_metrics
 
 from test_cli import TINY
@@ -34,6 +35,24 @@ def test_samples_from_vllm_shaped_outputs():
     assert s.response_mask.tolist() == [[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]]
     assert torch.allclose(s.logp, torch.tensor([[-0.5, -1.0, 0], [-0.1, -0.2, -0.3], [-2.0, 0, 0], [-1.0] * 3]))
     assert s.truncated.tolist() == [False, True, False, True]
+
+
+def test_cpu_kv_cache_is_sized_to_the_run(monkeypatch):
+    """SmolLM2-135M's shape: 30 layers, 3 key/value heads of 64 (GQA): K and V of a token in bf16 are 23040 bytes.
+    A step of 16 rows x (prompt allowance + 64 new tokens) needs ~200 MiB, not the 1 GiB fixed before; never less
+    than one max_model_len sequence (vLLM refuses that)."""
+    cfg = SimpleNamespace(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576)
+    assert kv_bytes_per_token(cfg, 2) == 2 * 30 * 3 * 64 * 2 == 23040
+    cfg.head_dim = 128                                        # an explicit head dim wins over hidden / heads
+    assert kv_bytes_per_token(cfg, 1) == 2 * 30 * 3 * 128
+    assert kv_cache_tokens(16, 64, 8192) == 16 * (PROMPT_ALLOWANCE + 64) > 8192
+    assert kv_cache_tokens(1, 64, 8192) == 8192
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    assert default_options(True, 5 << 20) == {"kv_cache_memory_bytes": 5 << 20}
+    assert default_options(True) == {"kv_cache_memory_bytes": 1 << 30}
+    assert default_options(False, 5 << 20) == {"gpu_memory_utilization": 0.3}
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")        # vLLM's own setting is left to vLLM
+    assert default_options(True, 5 << 20) == {}
 
 
 def test_policy_weights_plain_and_lora_merged(tiny):

@@ -7,6 +7,7 @@ policy's (recomputed by the trainer, bf16 autocast) at the sampling temperature,
 """
 
 import copy
+import os
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from llmrl.data import make_task  # noqa: E402
 from llmrl.models import load_model, resolve_model_path  # noqa: E402
 from llmrl.rollout.collect import encode_prompt, stop_ids  # noqa: E402
 from llmrl.rollout.types import Rollout  # noqa: E402
-from llmrl.rollout.vllm_engine import VLLMEngine  # noqa: E402
+from llmrl.rollout.vllm_engine import PROMPT_ALLOWANCE, VLLMEngine  # noqa: E402
 from llmrl.train.update import batched_logprobs  # noqa: E402
 
 AMP = torch.bfloat16
@@ -31,7 +32,10 @@ def setup(tmp_path_factory):
         policy, tok = load_model("smollm2-135m-instruct")
         path = resolve_model_path("smollm2-135m-instruct")
     threads = torch.get_num_threads()
-    engine = VLLMEngine(path, dtype="bfloat16", seed=0, options={"max_model_len": 512})
+    engine = VLLMEngine(path, dtype="bfloat16", seed=0, options={"max_model_len": 512}, rows=4, max_new_tokens=64)
+    cache = engine.llm.llm_engine.vllm_config.cache_config      # sized to 4 rows: 4 x (512 + 64) tokens of 23040 B
+    if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        assert cache.kv_cache_memory_bytes == 4 * (PROMPT_ALLOWANCE + 64) * 23040
     assert torch.get_num_threads() == threads     # the trainer keeps its threads
     task = make_task("arithmetic", seed=0, options={})
     prompts = [encode_prompt(tok, ex.prompt) for ex in task.heldout(3)]

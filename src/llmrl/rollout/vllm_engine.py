@@ -70,18 +70,38 @@ def policy_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, t.detach()
 
 
-def default_options(on_cpu: bool) -> dict:
-    """Engine arguments llmrl sets unless `rollout.vllm_options` names them: a fixed KV cache on CPU (1 GiB, or
-    VLLM_CPU_KVCACHE_SPACE GiB), a 0.3 share of a GPU's memory (the trainer lives beside the engine)."""
+PROMPT_ALLOWANCE = 512      # KV sizing: prompt tokens assumed per row (longer ones only lower the concurrency)
+
+
+def kv_cache_tokens(rows: int, max_new_tokens: int, max_model_len: int) -> int:
+    """KV-cache slots for a step's `rows` sequences at once (each a prompt of up to PROMPT_ALLOWANCE tokens plus
+    `max_new_tokens`), and never fewer than one sequence of `max_model_len`, the least vLLM accepts."""
+    return max(max_model_len, rows * (PROMPT_ALLOWANCE + max_new_tokens))
+
+
+def kv_bytes_per_token(hf_config, element_size: int) -> int:
+    """Bytes of K and V a token takes over all layers: 2 x layers x key/value heads x head dim x element size."""
+    heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    return 2 * hf_config.num_hidden_layers * heads * head_dim * element_size
+
+
+def default_options(on_cpu: bool, kv_bytes: int | None = None) -> dict:
+    """Engine arguments llmrl sets unless `rollout.vllm_options` names them: on CPU a KV cache of `kv_bytes`
+    (sized to the run: `kv_cache_tokens`; 1 GiB when not given), unless VLLM_CPU_KVCACHE_SPACE (GiB) is set;
+    a 0.3 share of a GPU's memory (the trainer lives beside the engine)."""
     if on_cpu:
-        return {} if "VLLM_CPU_KVCACHE_SPACE" in os.environ else {"kv_cache_memory_bytes": 1 << 30}
+        return {} if "VLLM_CPU_KVCACHE_SPACE" in os.environ else {"kv_cache_memory_bytes": kv_bytes or 1 << 30}
     return {"gpu_memory_utilization": 0.3}
 
 
 class VLLMEngine:
     """vLLM in this process, sampling from the policy whose weights `sync_weights` last pushed."""
 
-    def __init__(self, model_path: str, *, dtype: str = "bfloat16", seed: int = 0, options: dict | None = None):
+    def __init__(self, model_path: str, *, dtype: str = "bfloat16", seed: int = 0, options: dict | None = None,
+                 rows: int | None = None, max_new_tokens: int | None = None):
+        """`rows` sequences of up to `max_new_tokens` new tokens at once (a step's rollout) size the CPU KV cache;
+        without them it is 1 GiB. `options` (vllm.LLM keyword arguments) override llmrl's defaults."""
         if not vllm_available():
             raise ImportError(INSTALL_HINT)
         opts = options or {}
@@ -94,8 +114,17 @@ class VLLMEngine:
         from vllm import LLM
         from vllm.platforms import current_platform
 
+        kv_bytes = None
+        if rows and max_new_tokens:
+            from transformers import AutoConfig
+
+            hf = AutoConfig.from_pretrained(model_path)
+            max_len = int(opts.get("max_model_len") or getattr(hf, "max_position_embeddings", 0) or 0)
+            cache_dtype = str(opts.get("kv_cache_dtype", "auto"))
+            size = 1 if cache_dtype.startswith("fp8") else 4 if "float32" in (dtype, cache_dtype) else 2
+            kv_bytes = kv_cache_tokens(rows, max_new_tokens, max_len) * kv_bytes_per_token(hf, size)
         args = {"dtype": dtype, "seed": seed, "logprobs_mode": "processed_logprobs",
-                **default_options(current_platform.is_cpu()), **(options or {})}
+                **default_options(current_platform.is_cpu(), kv_bytes), **opts}
         try:
             self.llm = LLM(model=model_path, **args)
         finally:

@@ -117,7 +117,8 @@ def make_engine(cfg: TrainConfig):
 
     dtype = "bfloat16" if cfg.model.autocast == "bfloat16" else cfg.model.dtype
     return VLLMEngine(resolve_model_path(cfg.model.name), dtype=dtype, seed=cfg.run.seed,
-                      options=cfg.rollout.vllm_options)
+                      options=cfg.rollout.vllm_options, rows=cfg.rollout.prompts_per_step * cfg.rollout.group_size,
+                      max_new_tokens=max(cfg.rollout.max_new_tokens, cfg.run.eval_max_new_tokens or 0))
 
 
 def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
