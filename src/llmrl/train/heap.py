@@ -29,6 +29,16 @@ before each phase, one arena and a 4 MiB mmap threshold did not stop it. Packs p
 (objectives/packing.py, PACK_ALIGN) cut the in-use growth (with checkpointing, 21 steps: 122 against 349 MiB) and
 the peak (3541 against 3917 MiB); the free bytes still grow (docs/benchmarks.md).
 
+2026-11-25, later: the gradients are freed right after the optimizer step (train/update.py; they were held
+through the next rollout) and Adam's moments are allocated at start-up (`allocate_adam_state`). 21 GRPO steps of
+the default: 3978 -> 3947 -> 3822 MiB. The peak follows the heap's history more than any one change, though: with
+gradient checkpointing the up-front moments measured 3728 MiB against 3453 lazily, and a phase-by-phase probe
+(a sampler thread, so a slightly different history) the other way round (3416 against 3758 at 10 steps), where
+the lazy run's heap grew by exactly one [V, H] fp32 block (108 MiB: the tied embedding's gradient) a step. A
+sparse input-embedding gradient (3895 / 3364 MiB) and an mmap threshold of 32 MiB (3932 / 3632) moved the two
+settings in opposite directions too. The moments stay up front for a reason that does not depend on the history:
+a run that does not fit fails at start-up, not after its first rollout.
+
 jemalloc (LD_PRELOAD, freed pages kept) was tried in place of all this: steps ~7% faster (4.40-5.20 s), but peak
 RSS 4458-4748 MiB, and 4859-6814 MiB with gradient checkpointing; dropped.
 """
@@ -87,7 +97,8 @@ def allocate_adam_state(optimizer: torch.optim.Optimizer | None) -> bool:
     tensor gets the dtype and device the fused kernel wants. Why: allocated lazily, the moments (2x the trainable
     weights: 1 GiB at 135M parameters) land in the holes the first step's activations left in the heap, and the
     heap fragments around them. GRPO, bench/compare_trl.py's settings, 21 steps (2026-11-25): peak RSS 3822
-    against 3947 MiB, the same step time."""
+    against 3947 MiB, the same step time (with gradient checkpointing the other way: see the module's text). And
+    a run that does not fit its optimizer fails at start-up, not after its first rollout."""
     if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) or optimizer.state:
         return False
     sd = optimizer.state_dict()

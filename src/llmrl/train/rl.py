@@ -198,7 +198,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
     state = checkpoint.TrainingState(model, optimizer, scheduler, gen, beta, critic, critic_optimizer)
     start, evals = checkpoint.restore(resume_from, state, run_dir) if resume_from else (0, [])   # last: sets RNGs
     for opt in (optimizer if o.update == "gradient" else None, critic_optimizer):   # TRPO: the optimizer is idle
-        allocate_adam_state(opt)     # the moments now, before the heap has holes (peak RSS -125 MiB: heap.py)
+        allocate_adam_state(opt)     # the moments now: one that does not fit fails here; less fragmented (heap.py)
     engine = make_engine(cfg)        # None: the native sampler
     if engine is not None and start:
         engine.sync_weights(model)   # resumed: the engine starts from the checkpoint's weights, not the base's
