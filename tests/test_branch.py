@@ -11,7 +11,7 @@ from llmrl.rewards import REWARDS, score
 from llmrl.rollout.branch import monte_carlo_values
 from llmrl.rollout.collect import collect_rollout, stop_ids
 from llmrl.rollout.sampler import generate
-from llmrl.train.rl import check_credit_sources
+from llmrl.train.checks import check_credit_sources
 
 
 from llmrl.rewards.process import STEP_REWARDS

@@ -86,6 +86,17 @@ def kv_bytes_per_token(hf_config, element_size: int) -> int:
     return 2 * hf_config.num_hidden_layers * heads * head_dim * element_size
 
 
+def _kv_cache_bytes(model_path: str, dtype: str, opts: dict, rows: int, max_new_tokens: int) -> int:
+    """`kv_cache_tokens` x `kv_bytes_per_token` for the model at `model_path`, in the engine's KV-cache dtype."""
+    from transformers import AutoConfig
+
+    hf = AutoConfig.from_pretrained(model_path)
+    max_len = int(opts.get("max_model_len") or getattr(hf, "max_position_embeddings", 0) or 0)
+    cache_dtype = str(opts.get("kv_cache_dtype", "auto"))          # "auto": the engine's dtype
+    size = 1 if cache_dtype.startswith("fp8") else 4 if "float32" in (dtype, cache_dtype) else 2
+    return kv_cache_tokens(rows, max_new_tokens, max_len) * kv_bytes_per_token(hf, size)
+
+
 def default_options(on_cpu: bool, kv_bytes: int | None = None) -> dict:
     """Engine arguments llmrl sets unless `rollout.vllm_options` names them: on CPU a KV cache of `kv_bytes`
     (sized to the run: `kv_cache_tokens`; 1 GiB when not given), unless VLLM_CPU_KVCACHE_SPACE (GiB) is set;
@@ -114,15 +125,7 @@ class VLLMEngine:
         from vllm import LLM
         from vllm.platforms import current_platform
 
-        kv_bytes = None
-        if rows and max_new_tokens:
-            from transformers import AutoConfig
-
-            hf = AutoConfig.from_pretrained(model_path)
-            max_len = int(opts.get("max_model_len") or getattr(hf, "max_position_embeddings", 0) or 0)
-            cache_dtype = str(opts.get("kv_cache_dtype", "auto"))
-            size = 1 if cache_dtype.startswith("fp8") else 4 if "float32" in (dtype, cache_dtype) else 2
-            kv_bytes = kv_cache_tokens(rows, max_new_tokens, max_len) * kv_bytes_per_token(hf, size)
+        kv_bytes = _kv_cache_bytes(model_path, dtype, opts, rows, max_new_tokens) if rows and max_new_tokens else None
         args = {"dtype": dtype, "seed": seed, "logprobs_mode": "processed_logprobs",
                 **default_options(current_platform.is_cpu(), kv_bytes), **opts}
         try:

@@ -234,6 +234,7 @@ def critic_update(critic, critic_optimizer, rollout: Rollout, returns: torch.Ten
             sums[k] += float(v.detach())
     torch.nn.utils.clip_grad_norm_(critic.parameters(), max_grad_norm)
     critic_optimizer.step()
+    critic_optimizer.zero_grad(set_to_none=True)      # dead from here, as in policy_update
     return dict(sums)
 
 
