@@ -33,6 +33,46 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else t.dtype
 
 
+class TiedEmbedding(torch.autograd.Function):
+    """(embeddings [..., H] of `ids`, the weight [V, H] itself) for a weight that is both the input embedding and the
+    LM head, so that its two gradients meet in this one node: the head's [V, H] gradient takes the embedding rows'
+    gradients in place. Without it autograd sums two [V, H] fp32 blocks at the end of the backward, when every other
+    gradient is live (a 135M model: one more 108 MiB block at the update's peak, docs/benchmarks.md). The head reads
+    the second output (a view of the weight); rows of `padding_idx` get no gradient, as in `nn.Embedding`."""
+
+    @staticmethod
+    def forward(ctx, weight, ids, padding_idx):
+        ctx.save_for_backward(ids)
+        ctx.padding_idx, ctx.shape = padding_idx, weight.shape
+        ctx.set_materialize_grads(False)
+        return F.embedding(ids, weight, padding_idx), weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, g_embeds, g_weight):
+        ids, = ctx.saved_tensors
+        if g_weight is None:                  # the head's output went unused
+            g_weight = g_embeds.new_zeros(ctx.shape)
+        if g_embeds is None:
+            return g_weight, None, None
+        rows, idx = g_embeds.reshape(-1, ctx.shape[1]).to(g_weight.dtype), ids.reshape(-1)      # [n, H], [n]
+        if ctx.padding_idx is not None:
+            rows = rows * (idx != ctx.padding_idx)[:, None]
+        if torch.is_grad_enabled():           # create_graph: out of place, differentiable
+            return g_weight.index_add(0, idx, rows), None, None
+        return g_weight.index_add_(0, idx, rows), None, None
+
+
+def tied_trainable_weight(model) -> torch.Tensor | None:
+    """The weight `model`'s plain `nn.Embedding` input layer shares with its bias-free LM head, when it trains
+    (None otherwise: untied, frozen as under LoRA, or an embedding module of its own kind)."""
+    if not torch.is_grad_enabled() or not hasattr(model, "get_input_embeddings"):
+        return None
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if type(emb) is not torch.nn.Embedding or head is None or getattr(head, "bias", None) is not None:
+        return None
+    return emb.weight if emb.weight is head.weight and emb.weight.requires_grad and not emb.sparse else None
+
+
 class ChunkedHead(torch.autograd.Function):
     """(logp [M], entropy [M]) of `targets` [M] under softmax(hidden [M, H] W[V, H]^T / temperature), `chunk`
     tokens at a time, so no [M, V] tensor ever exists: the forward keeps only the log-normaliser and the
@@ -47,7 +87,8 @@ class ChunkedHead(torch.autograd.Function):
     derivative (TRPO's Fisher-vector products) goes through `_head_logp_entropy` instead."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature: float, chunk: int, with_entropy: bool):
+    def forward(ctx, hidden, weight, targets, temperature: float, chunk: int, with_entropy: bool,
+                dw_buffer: torch.Tensor | None = None):
         dt = compute_dtype(hidden)
         w = weight.to(dt)
         M = len(targets)
@@ -63,6 +104,7 @@ class ChunkedHead(torch.autograd.Function):
                 entropy[s:s + chunk] = c_lse - torch.linalg.vecdot(p, z)
         ctx.save_for_backward(hidden, weight, targets, lse, entropy)
         ctx.temperature, ctx.chunk, ctx.with_entropy, ctx.dtype = temperature, chunk, with_entropy, dt
+        ctx.dw_buffer = dw_buffer
         ctx.set_materialize_grads(False)      # an output the loss does not use gets None, and no work
         return (logp, entropy) if with_entropy else (logp,)
 
@@ -71,13 +113,14 @@ class ChunkedHead(torch.autograd.Function):
         hidden, weight, targets, lse, entropy = ctx.saved_tensors
         tau, chunk = ctx.temperature, ctx.chunk
         if torch.is_grad_enabled():           # create_graph: differentiate the plain ops instead
+            ctx.dw_buffer = None
             with torch.autocast(hidden.device.type, dtype=ctx.dtype, enabled=ctx.dtype != hidden.dtype):
                 outs = _head_logp_entropy(hidden, weight, targets, tau, ctx.with_entropy)
             pairs = [(o, g) for o, g in zip(outs, (g_logp, g_entropy)) if o is not None and g is not None]
             wrt = [t for t, need in zip((hidden, weight), ctx.needs_input_grad) if need]   # LoRA: W is frozen
             got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], create_graph=True,
                                            allow_unused=True))
-            return *(next(got) if need else None for need in ctx.needs_input_grad[:2]), None, None, None, None
+            return *(next(got) if need else None for need in ctx.needs_input_grad[:2]), None, None, None, None, None
         # the backward runs over blocks of the vocabulary, all M tokens at once: each block's dW rows are
         # final when written (no [V, H] sums across chunks), and a block's [M, B] holds as many logits as a
         # forward chunk's [chunk, V]
@@ -85,7 +128,10 @@ class ChunkedHead(torch.autograd.Function):
         B = min(V, max(256, chunk * V // max(M, 1)))
         h = hidden.to(dt)
         dh = torch.zeros(M, H, dtype=torch.float32, device=hidden.device) if ctx.needs_input_grad[0] else None
-        dw = torch.empty_like(weight) if ctx.needs_input_grad[1] else None           # None: frozen (LoRA)
+        dw = None                                                                        # None: frozen (LoRA)
+        if ctx.needs_input_grad[1]:
+            dw = ctx.dw_buffer if ctx.dw_buffer is not None else torch.empty_like(weight)  # [V, H], every row written
+            ctx.dw_buffer = None
         gl = None if g_logp is None else g_logp[:, None]                                  # [M, 1]
         rows = torch.arange(M, device=targets.device)
         for v0 in range(0, V, B):
@@ -109,7 +155,7 @@ class ChunkedHead(torch.autograd.Function):
                 dh += dz @ wb
             if dw is not None:
                 dw[v0:v0 + B] = dz.T @ h
-        return (dh.to(hidden.dtype) if dh is not None else None), dw, None, None, None, None
+        return (dh.to(hidden.dtype) if dh is not None else None), dw, None, None, None, None, None
 
 
 def _chunk_logits(h: torch.Tensor, w: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -118,13 +164,17 @@ def _chunk_logits(h: torch.Tensor, w: torch.Tensor, temperature: float) -> torch
     return z.div_(temperature) if temperature != 1.0 else z
 
 
-def response_hidden(backbone, input_ids, attention_mask, response_len: int, *, pack_tokens: int | None = None):
+def response_hidden(backbone, input_ids, attention_mask, response_len: int, *, pack_tokens: int | None = None,
+                    embed=None):
     """input_ids, attention_mask [N, P+T] -> hidden [N, T, H], the states that predict the T response tokens.
-    With `pack_tokens` the backbone runs padding-free on packs of at most that many tokens (same values)."""
+    With `pack_tokens` the backbone runs padding-free on packs of at most that many tokens (same values).
+    `embed` (ids -> embeddings): the backbone gets those as `inputs_embeds` instead of looking the ids up itself."""
     if pack_tokens:
-        return packed_response_hidden(backbone, input_ids, attention_mask, response_len, pack_tokens=pack_tokens)
+        return packed_response_hidden(backbone, input_ids, attention_mask, response_len, pack_tokens=pack_tokens,
+                                      embed=embed)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).last_hidden_state
+    tokens = {"input_ids": input_ids} if embed is None else {"inputs_embeds": embed(input_ids)}
+    hidden = backbone(**tokens, attention_mask=attention_mask, position_ids=positions).last_hidden_state
     return hidden[:, -response_len - 1:-1]
 
 
@@ -147,10 +197,22 @@ def response_logprobs(
     backbone, head = model.get_decoder(), model.get_output_embeddings()
     if backbone is None or head is None or getattr(head, "bias", None) is not None:
         raise ValueError(f"{type(model).__name__}: needs get_decoder() and a bias-free get_output_embeddings()")
-    hidden = response_hidden(backbone, input_ids, attention_mask, T, pack_tokens=pack_tokens)  # [N, T, H]
+    weight, embed = head.weight, None
+    # the head's [V, H] gradient, reserved now rather than at the start of the backward, when every activation is
+    # live: made then, it needs a fresh block on top of the heap (docs/benchmarks.md)
+    dw_buffer = torch.empty_like(weight) if torch.is_grad_enabled() and weight.requires_grad else None
+    tied = tied_trainable_weight(model)
+    if tied is not None:              # both uses of the weight through one node (TiedEmbedding)
+        padding_idx = model.get_input_embeddings().padding_idx
+
+        def embed(ids):
+            nonlocal weight
+            embeds, weight = TiedEmbedding.apply(tied, ids, padding_idx)
+            return embeds
+    hidden = response_hidden(backbone, input_ids, attention_mask, T, pack_tokens=pack_tokens, embed=embed)  # [N, T, H]
     real = attention_mask[:, -T:].bool()                                         # [N, T]
     hidden, targets = hidden[real], input_ids[:, -T:][real]                      # [M, H], [M]
-    outs = ChunkedHead.apply(hidden, head.weight, targets, temperature, chunk, with_entropy)
+    outs = ChunkedHead.apply(hidden, weight, targets, temperature, chunk, with_entropy, dw_buffer)
     logp = _scatter(real, outs[0])
     return logp, (_scatter(real, outs[1]) if with_entropy else None)
 

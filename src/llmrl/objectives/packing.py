@@ -265,7 +265,7 @@ def pack_layout(attention_mask: torch.Tensor, pack_tokens: int, *, prompt_len: i
 
 
 def packed_response_hidden(backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int, *,
-                           pack_tokens: int, share_prompts: bool = True) -> torch.Tensor:
+                           pack_tokens: int, share_prompts: bool = True, embed=None) -> torch.Tensor:
     """input_ids, attention_mask [N, P+T] -> hidden [N, T, H] at the positions that predict the T response
     tokens, from one backbone pass over the packed real tokens. Padding positions get zeros.
 
@@ -274,7 +274,8 @@ def packed_response_hidden(backbone, input_ids: torch.Tensor, attention_mask: to
       length);
     - or, where the layers will be recomputed in backward (gradient checkpointing: the recomputation runs after
       this call, under the model's own attention), in packs of at most `pack_tokens` with an explicit block mask.
-    Otherwise the rows are packed unshared in packs of at most `pack_tokens`, positions restarting at 0."""
+    Otherwise the rows are packed unshared in packs of at most `pack_tokens`, positions restarting at 0.
+    `embed` (ids -> embeddings): the backbone gets those as `inputs_embeds` instead of looking the ids up itself."""
     T, S = response_len, input_ids.shape[1]
     config = getattr(backbone, "config", None)
     attn = getattr(config, "_attn_implementation", None)
@@ -296,8 +297,10 @@ def packed_response_hidden(backbone, input_ids: torch.Tensor, attention_mask: to
         kwargs["llmrl_segments"] = layout.segment_plan().to(device)
         config._attn_implementation = "llmrl_segments"
     try:
-        hidden = backbone(input_ids=input_ids.flatten()[layout.source.to(device)],                  # [K, L]
-                          position_ids=layout.positions.to(device), use_cache=False, **kwargs).last_hidden_state
+        ids = input_ids.flatten()[layout.source.to(device)]                                       # [K, L]
+        tokens = {"input_ids": ids} if embed is None else {"inputs_embeds": embed(ids)}
+        hidden = backbone(**tokens, position_ids=layout.positions.to(device), use_cache=False,
+                          **kwargs).last_hidden_state
     finally:
         if segments:
             config._attn_implementation = attn

@@ -39,6 +39,12 @@ sparse input-embedding gradient (3895 / 3364 MiB) and an mmap threshold of 32 Mi
 settings in opposite directions too. The moments stay up front for a reason that does not depend on the history:
 a run that does not fit fails at start-up, not after its first rollout.
 
+2026-11-25, traced (bench/heap_trace.py, docs/benchmarks.md): after the second step the heap grows only at the end
+of an update's backward, by one [V, H] fp32 block at a time: the tied embedding's dense gradient, made while every
+other gradient and the LM head's own [V, H] gradient are live. A sparse embedding gradient does not help (autograd
+then sums the two into a new block). `objectives.logprobs.TiedEmbedding` sums both into the head's gradient in place,
+reserved before the forward: one [V, H] block an update, made early; 12-step peaks 3581-3625 MiB against 3672-3869.
+
 jemalloc (LD_PRELOAD, freed pages kept) was tried in place of all this: steps ~7% faster (4.40-5.20 s), but peak
 RSS 4458-4748 MiB, and 4859-6814 MiB with gradient checkpointing; dropped.
 """
