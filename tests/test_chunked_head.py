@@ -70,3 +70,26 @@ def test_frozen_head_weight_gets_no_gradient():   # LoRA: the tied embedding / h
     ChunkedHead.apply(hidden, weight, targets, 1.0, 8, True)[0].sum().backward()
     want, _ = grads(lambda h, w, y: _head_logp_entropy(h, w, y, 1.0), lambda lp, en: lp.sum())[2:]
     assert weight.grad is None and torch.allclose(hidden.grad, want, atol=1e-5)
+
+
+def test_matmul_shapes_repeat_across_row_counts(monkeypatch):
+    """oneDNN caches a primitive per matmul shape: the head's shapes must not follow the exact token count M,
+    only its multiple of HEAD_ALIGN (rows) and a power-of-two vocabulary block."""
+    import llmrl.objectives.logprobs as L
+
+    def shapes(m):
+        seen, real = set(), L._chunk_logits
+        monkeypatch.setattr(L, "_chunk_logits", lambda h, w, t: seen.add((h.shape, w.shape)) or real(h, w, t))
+        g = torch.Generator().manual_seed(m)
+        hidden = torch.randn(m, H, generator=g, requires_grad=True)
+        weight = torch.randn(4096, H, generator=g, requires_grad=True)
+        logp, entropy = ChunkedHead.apply(hidden, weight, torch.randint(0, 4096, (m,), generator=g), 1.0, 128, True)
+        (logp.sum() + entropy.sum()).backward()
+        monkeypatch.setattr(L, "_chunk_logits", real)
+        return seen
+
+    assert shapes(131) == shapes(150) == shapes(192)            # all pad to 192 rows
+    assert all(h[0] % L.HEAD_ALIGN == 0 for h, _ in shapes(131))
+    assert shapes(131) != shapes(200)
+    assert L._vocab_block(49152, 128 * 49152 // 640) == 8192 and L._vocab_block(300, 10**6) == 300
+    assert L._vocab_block(49152, 3) == 256

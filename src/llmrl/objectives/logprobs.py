@@ -92,13 +92,14 @@ class ChunkedHead(torch.autograd.Function):
         dt = compute_dtype(hidden)
         w = weight.to(dt)
         M = len(targets)
-        lse = hidden.new_empty(M, dtype=torch.float32)
-        logp = hidden.new_empty(M, dtype=torch.float32)
-        entropy = hidden.new_empty(M, dtype=torch.float32) if with_entropy else None
-        for s in range(0, M, chunk):
-            z = _chunk_logits(hidden[s:s + chunk], w, temperature)                  # [c, V] fp32
+        h, y = _pad_rows(hidden, M), _pad_rows(targets, M)                          # [Mp, H], [Mp]: aligned
+        lse = hidden.new_empty(len(y), dtype=torch.float32)
+        logp = hidden.new_empty(len(y), dtype=torch.float32)
+        entropy = hidden.new_empty(len(y), dtype=torch.float32) if with_entropy else None
+        for s in range(0, len(y), chunk):
+            z = _chunk_logits(h[s:s + chunk], w, temperature)                       # [c, V] fp32
             lse[s:s + chunk] = c_lse = torch.logsumexp(z, -1)                         # [c]
-            logp[s:s + chunk] = z.gather(-1, targets[s:s + chunk, None])[:, 0] - c_lse
+            logp[s:s + chunk] = z.gather(-1, y[s:s + chunk, None])[:, 0] - c_lse
             if with_entropy:                  # H = lse - sum_v p_v z_v
                 p = (z - c_lse[:, None]).exp_()
                 entropy[s:s + chunk] = c_lse - torch.linalg.vecdot(p, z)
@@ -106,7 +107,7 @@ class ChunkedHead(torch.autograd.Function):
         ctx.temperature, ctx.chunk, ctx.with_entropy, ctx.dtype = temperature, chunk, with_entropy, dt
         ctx.dw_buffer = dw_buffer
         ctx.set_materialize_grads(False)      # an output the loss does not use gets None, and no work
-        return (logp, entropy) if with_entropy else (logp,)
+        return (logp[:M], entropy[:M]) if with_entropy else (logp[:M],)
 
     @staticmethod
     def backward(ctx, g_logp, g_entropy=None):
@@ -122,21 +123,23 @@ class ChunkedHead(torch.autograd.Function):
                                            allow_unused=True))
             return *(next(got) if need else None for need in ctx.needs_input_grad[:2]), None, None, None, None, None
         # the backward runs over blocks of the vocabulary, all M tokens at once: each block's dW rows are
-        # final when written (no [V, H] sums across chunks), and a block's [M, B] holds as many logits as a
-        # forward chunk's [chunk, V]
+        # final when written (no [V, H] sums across chunks), and a block's [Mp, B] holds at most as many logits
+        # as a forward chunk's [chunk, V]
         dt, (V, H), M = ctx.dtype, weight.shape, len(targets)
-        B = min(V, max(256, chunk * V // max(M, 1)))
-        h = hidden.to(dt)
-        dh = torch.zeros(M, H, dtype=torch.float32, device=hidden.device) if ctx.needs_input_grad[0] else None
+        h, targets = _pad_rows(hidden.to(dt), M), _pad_rows(targets, M)                  # [Mp, H], [Mp]
+        g_logp, g_entropy = _pad_rows(g_logp, M), _pad_rows(g_entropy, M)                 # padded rows: no gradient
+        Mp = len(targets)
+        B = _vocab_block(V, chunk * V // max(Mp, 1))
+        dh = torch.zeros(Mp, H, dtype=torch.float32, device=hidden.device) if ctx.needs_input_grad[0] else None
         dw = None                                                                        # None: frozen (LoRA)
         if ctx.needs_input_grad[1]:
             dw = ctx.dw_buffer if ctx.dw_buffer is not None else torch.empty_like(weight)  # [V, H], every row written
             ctx.dw_buffer = None
-        gl = None if g_logp is None else g_logp[:, None]                                  # [M, 1]
-        rows = torch.arange(M, device=targets.device)
+        gl = None if g_logp is None else g_logp[:, None]                                  # [Mp, 1]
+        rows = torch.arange(Mp, device=targets.device)
         for v0 in range(0, V, B):
             wb = weight[v0:v0 + B].to(dt)                                                 # [B, H]
-            z = _chunk_logits(h, wb, tau).sub_(lse[:, None])                              # [M, B] log p
+            z = _chunk_logits(h, wb, tau).sub_(lse[:, None])                              # [Mp, B] log p
             p = z.exp()
             if g_entropy is not None:         # z <- g_logp + g_H (log p + H)
                 z.add_(entropy[:, None]).mul_(g_entropy[:, None])
@@ -155,7 +158,29 @@ class ChunkedHead(torch.autograd.Function):
                 dh += dz @ wb
             if dw is not None:
                 dw[v0:v0 + B] = dz.T @ h
-        return (dh.to(hidden.dtype) if dh is not None else None), dw, None, None, None, None, None
+        return (dh[:M].to(hidden.dtype) if dh is not None else None), dw, None, None, None, None, None
+
+
+# The head's matmul shapes repeat from step to step, as the packed backbone's do (packing.PACK_ALIGN): its rows are
+# padded to a multiple of HEAD_ALIGN (zero rows, target 0, no gradient) and the backward's vocabulary blocks are a
+# power of two wide. oneDNN keeps a primitive (~1 MB or more, JIT code and all) per matmul shape it has seen; with a
+# new [M, H] x [H, B] shape every step (M response tokens, B ~ chunk V / M), the kernels cached over a run were most
+# of a GRPO run's resident-set growth (bench/rss_growth.py, 12 steps of bench/compare_trl.py's settings on an AMX
+# Xeon: the updates added 646 MiB with the old shapes, 288 with these).
+HEAD_ALIGN = 64
+
+
+def _pad_rows(x: torch.Tensor | None, M: int) -> torch.Tensor | None:
+    """x [M, ...] -> [Mp, ...], zero rows appended up to a multiple of HEAD_ALIGN (None stays None)."""
+    pad = -M % HEAD_ALIGN
+    if x is None or not pad:
+        return x
+    return torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
+
+
+def _vocab_block(V: int, target: int) -> int:
+    """The backward's vocabulary block width: the largest power of two <= `target`, within [256, V]."""
+    return min(V, 1 << max(8, max(target, 1).bit_length() - 1))
 
 
 def _chunk_logits(h: torch.Tensor, w: torch.Tensor, temperature: float) -> torch.Tensor:
