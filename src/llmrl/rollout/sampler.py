@@ -133,7 +133,9 @@ class HFRunner:
 
 class LeanRunner:
     """Llama-family models through `LeanDecoder`: weights cast once, a pre-allocated KV cache [.., N, K, P+T, D] and
-    key mask [N, P+T], written in place; `keep` compacts both when rows stop."""
+    key mask [N, P+T], written in place; `keep` compacts both when rows stop. Where the C decode step is available
+    (bf16 on CPU: rollout/kernels.py) the decode steps run through `LeanDecoder.decode` on its own cache layout
+    (keys transposed), filled from the prefill's."""
 
     def __init__(self, model, dtype):
         self.lean = LeanDecoder(model, dtype)
@@ -146,19 +148,32 @@ class LeanRunner:
         allowed = causal & valid[:, None, :] | eye                                               # [B, P, P]
         cache = self.lean.new_cache(B, P)
         logits = self.lean.forward(prompt_ids, positions, cache, 0, allowed)                     # [B, V]
-        self.cache = self.lean.new_cache(B * group_size, P + max_new_tokens)
-        self.cache[:, :, :, :, :P] = cache.repeat_interleave(group_size, 2)
-        self.keys = torch.zeros(B * group_size, P + max_new_tokens, dtype=torch.bool, device=valid.device)
-        self.keys[:, :P] = valid.repeat_interleave(group_size, 0)                                # [N, P+T]
+        if self.lean.c is not None:                                        # keys [.., D, L], values [.., L, D]
+            self.kt, self.vc = self.lean.new_decode_cache(B * group_size, P + max_new_tokens)
+            self.kt[..., :P] = cache[:, 0].transpose(-1, -2).repeat_interleave(group_size, 1)
+            self.vc[..., :P, :] = cache[:, 1].repeat_interleave(group_size, 1)
+            width = self.kt.shape[-1]
+        else:
+            self.cache = self.lean.new_cache(B * group_size, P + max_new_tokens)
+            self.cache[:, :, :, :, :P] = cache.repeat_interleave(group_size, 2)
+            width = P + max_new_tokens
+        self.keys = torch.zeros(B * group_size, width, dtype=torch.bool, device=valid.device)
+        self.keys[:, :P] = valid.repeat_interleave(group_size, 0)                                # [N, width]
         self.length = P
         return logits.repeat_interleave(group_size, 0)
 
     def keep(self, rows: torch.Tensor) -> None:
-        self.cache, self.keys = self.cache[:, :, rows], self.keys[rows]
+        if self.lean.c is not None:
+            self.kt, self.vc = self.kt[:, rows], self.vc[:, rows]
+        else:
+            self.cache = self.cache[:, :, rows]
+        self.keys = self.keys[rows]
 
     def decode(self, token, positions):
         start, self.length = self.length, self.length + 1
         self.keys[:, start] = True
+        if self.lean.c is not None:
+            return self.lean.decode(token, positions, self.kt, self.vc, start, self.keys)
         return self.lean.forward(token[:, None], positions[:, None], self.cache, start,
                                  self.keys[:, None, :start + 1])
 
