@@ -26,6 +26,18 @@ def test_math_check(gold, pred, expected):
     assert math_check(pred, Example("q", gold)) == expected
 
 
+def test_numbers_are_compared_without_math_verify(monkeypatch):
+    """Two plain numbers are compared as values; math_verify (sympy) is imported only for anything else."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "math_verify", None)        # an import of it would now raise
+    for gold, pred, want in [("57", "57.0", 1.0), ("1000", "1,000", 1.0), ("-4", "+4", 0.0), ("0.5", ".5", 1.0),
+                             ("12", "12.01", 0.0)]:
+        assert math_check(pred, Example("q", gold)) == want
+    with pytest.raises(ImportError):
+        math_check("\\frac{1}{2}", Example("q", "0.5"))
+
+
 # ---------------------------------------------------------------- arithmetic
 
 def test_arithmetic_is_deterministic_per_seed():
