@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from llmrl.objectives.attention import segment_attention  # registered below as "llmrl_segments"
+
 MASKED_ATTENTION = ("sdpa", "eager")    # attention implementations that take a custom 4D mask
 
 # Packs are PACK_ALIGN slots long, or a multiple: the forward's matmul shapes then repeat from step to step, and
@@ -157,39 +159,6 @@ class SegmentPlan:
 
     def to(self, device) -> "SegmentPlan":
         return SegmentPlan(tuple(tuple(t.to(device) for t in b) for b in self.blocks))
-
-
-def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *,
-                      llmrl_segments: SegmentPlan, **kwargs):
-    """transformers' attention interface (registered as "llmrl_segments"): query [B, H, L, D], key, value
-    [B, Kh, L, D] of the packed slots -> [B, L, H, D], each query attending only to the keys `llmrl_segments`
-    gives it. The same values as the block mask over the whole pack, without the pairs it would mask out.
-    Query head h reads key/value head h // rep: a block's rep query heads of one key head are stacked as rows of
-    one matmul against that head's keys."""
-    B, H, L, D = query.shape
-    Kh = key.shape[1]
-    rep = H // Kh
-    scale = D ** -0.5 if scaling is None else scaling
-    drop = dropout if module.training else 0.0
-    flat = lambda x: torch.cat([x.transpose(1, 2).flatten(0, 1).float(),                   # noqa: E731
-                                x.new_zeros(1, x.shape[1], D, dtype=torch.float32)])     # [B L + 1, ., D] fp32
-    out = value.new_zeros(B * L + 1, H, D)
-    with torch.autocast(query.device.type, enabled=False):     # the blocks are small: fp32 scores, plain matmuls
-        q, k, v = flat(query), flat(key), flat(value)
-        for qi, ki, mask in llmrl_segments.blocks:
-            (n, a), b = qi.shape, ki.shape[1]
-            qb = q.index_select(0, qi.flatten()).view(n, a, Kh, rep, D)          # [n, a, Kh, rep, D]
-            qb = qb.permute(0, 2, 3, 1, 4).reshape(n, Kh, rep * a, D)
-            kb = k.index_select(0, ki.flatten()).view(n, b, Kh, D).transpose(1, 2)       # [n, Kh, b, D]
-            vb = v.index_select(0, ki.flatten()).view(n, b, Kh, D).transpose(1, 2)
-            scores = (qb @ kb.transpose(-1, -2)).view(n, Kh, rep, a, b) * scale           # [n, Kh, rep, a, b]
-            probs = scores.masked_fill(~mask[:, :, None], float("-inf")).softmax(-1)
-            if drop:
-                probs = F.dropout(probs, drop)
-            ob = (probs.view(n, Kh, rep * a, b) @ vb).view(n, Kh, rep, a, D)               # [n, Kh, rep, a, D]
-            ob = ob.permute(0, 3, 1, 2, 4).reshape(n * a, H, D)
-            out = out.index_copy(0, qi.flatten(), ob.to(out.dtype))
-    return out[:B * L].view(B, L, H, D), None
 
 
 def _register() -> None:
