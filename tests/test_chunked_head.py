@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from llmrl.objectives import logprobs as L
 from llmrl.objectives.logprobs import ChunkedHead, _head_logp_entropy
 
 M, H, V = 37, 16, 300
@@ -47,6 +48,44 @@ def test_under_bf16_autocast_close_to_fp32():
     for g, w in zip(got, want):
         assert g.dtype == torch.float32
         assert (g - w).abs().max() < 0.05 * w.abs().max(), (g - w).abs().max()
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_c_kernels_match_the_torch_path_under_bf16(monkeypatch, loss, temperature):
+    """head_kernels.c (bf16 logits, one pass a row) against the same head through PyTorch ops: the values agree
+    to fp32 rounding of the same bf16 logits, the gradients to bf16 rounding of the logits' gradient."""
+    if L.head_kernels() is None:
+        pytest.skip("no C compiler")
+    calls = []
+    real = L.head_kernels()
+
+    class Spy:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(real, name)
+
+    def run(lib):
+        monkeypatch.setattr(L, "head_kernels", lambda: lib)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return grads(lambda h, w, y: ChunkedHead.apply(h, w, y, temperature, 8, True), LOSSES[loss])
+
+    want, got = run(None), run(Spy())
+    assert {"head_forward", "head_backward"} <= set(calls)
+    lp, en, dh, dw = got
+    assert torch.allclose(lp, want[0], atol=1e-4), (lp - want[0]).abs().max()
+    assert torch.allclose(en, want[1], atol=1e-4), (en - want[1]).abs().max()
+    for g, w in ((dh, want[2]), (dw, want[3])):
+        assert (g - w).abs().max() < 0.02 * w.abs().max(), (g - w).abs().max()
+
+
+def test_c_kernels_refuse_targets_outside_the_vocabulary():
+    if L.head_kernels() is None:
+        pytest.skip("no C compiler")
+    hidden, weight, targets = inputs()
+    targets[3] = V
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(IndexError, match="target token ids"):
+        ChunkedHead.apply(hidden, weight, targets, 1.0, 8, True)
 
 
 def test_second_derivative_goes_through_the_plain_ops():
