@@ -15,17 +15,21 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
+    """The CPU, with the instructions that set its bf16 matmul rate (AMX tiles run it ~6x AVX-512 BF16)."""
+    cpu, flags = "unknown CPU", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and cpu == "unknown CPU":
                 cpu = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    bf16 = "AMX bf16" if "amx_bf16" in flags else "AVX-512 BF16" if "avx512_bf16" in flags else "no bf16 matmul unit"
     import torch
 
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}"
+    return (f"{cpu} ({bf16}), {os.cpu_count()} cores, Python {platform.python_version()}, "
+            f"torch {torch.__version__}")
 
 
 def command() -> str:
@@ -33,13 +37,23 @@ def command() -> str:
 
 
 def write_section(key: str, title: str, body: str, doc: Path = DOC) -> None:
-    """Replace (or append) the section between `<!-- key:start -->` and `<!-- key:end -->`."""
+    """Replace (or append) the section between `<!-- key:start -->` and `<!-- key:end -->`.
+
+    Hand-written text after a `<!-- key:history -->` line inside the section (earlier runs, what was tried) is kept:
+    the new figures go above it."""
     today = datetime.date.today().isoformat()
-    block = (f"<!-- {key}:start -->\n## {title}\n\n"
-             f"Command: `{command()}`  \nMachine: {machine()}  \nDate: {today}\n\n{body.strip()}\n<!-- {key}:end -->")
     text = doc.read_text() if doc.exists() else "# Benchmarks\n\nEvery figure here was produced by a script in `bench/`, which rewrites its own section.\n"
     pattern = re.compile(rf"<!-- {key}:start -->.*?<!-- {key}:end -->", re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    old = pattern.search(text)
+    marker = f"<!-- {key}:history -->"
+    history = ""
+    if old and marker in old.group(0):
+        kept = old.group(0).split(marker, 1)[1].removesuffix(f"<!-- {key}:end -->").strip("\n")
+        history = f"\n\n{marker}\n{kept}" if kept else f"\n\n{marker}"
+    block = (f"<!-- {key}:start -->\n## {title}\n\n"
+             f"Command: `{command()}`  \nMachine: {machine()}  \nDate: {today}\n\n{body.strip()}{history}\n"
+             f"<!-- {key}:end -->")
+    text = pattern.sub(lambda _: block, text) if old else text.rstrip() + "\n\n" + block + "\n"
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)
 

@@ -1,0 +1,30 @@
+"""bench/common.py's section writer: a rerun replaces its figures and keeps the hand-written history."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+from common import write_section  # noqa: E402
+
+
+def test_write_section_replaces_figures_and_keeps_history(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\n<!-- a:start -->\n## A\n\nold figures\n\n<!-- a:history -->\nrun 1 notes\n"
+                   "<!-- a:end -->\n\n<!-- b:start -->\n## B\n\nother\n<!-- b:end -->\n")
+    write_section("a", "A", "new figures", doc)
+    text = doc.read_text()
+    assert "old figures" not in text and "new figures" in text
+    assert text.index("new figures") < text.index("<!-- a:history -->\nrun 1 notes\n<!-- a:end -->")
+    assert "<!-- b:start -->\n## B\n\nother\n<!-- b:end -->" in text
+    write_section("a", "A", "newer figures", doc)           # a second rerun keeps the history exactly once
+    text = doc.read_text()
+    assert text.count("run 1 notes") == 1 and "new figures" not in text and "newer figures" in text
+
+
+def test_write_section_appends_a_new_section_without_history(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n")
+    write_section("c", "C", "figures", doc)
+    text = doc.read_text()
+    assert text.rstrip().endswith("figures\n<!-- c:end -->") and "history" not in text
