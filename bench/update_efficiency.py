@@ -17,7 +17,14 @@
 
     python bench/update_efficiency.py                  # print the tables
     python bench/update_efficiency.py --write          # and rewrite the section of docs/benchmarks.md
-    python bench/update_efficiency.py --profile        # print where the packed update's time goes
+    python bench/update_efficiency.py --profile        # torch.profiler's top ops of one packed update
+
+Where the default's time goes (a table in the written section): one more update of the default arm timed op by
+op under a TorchDispatchMode (`op_breakdown`), wall seconds summed by kind of op. torch.profiler is not used for
+this: with it on, the small elementwise ops of this update took 4-5x their time without it (silu on [3, 384, 1536]
+2.0 ms a call against 0.5 ms, 2026-12-04), which made them look like most of the update.
+
+The process keeps freed memory in its heap (`train/heap.py`, `retain_heap`), as a training run does by default.
 
 Two clocks: wall seconds (the figure that matters on an idle machine) and the process's CPU seconds, both
 for the peak and for the update. On a shared machine the wall clock also counts time the threads waited for
@@ -44,7 +51,16 @@ from common import markdown_table, write_section  # noqa: E402
 from llmrl.models import fuse_decoder_ops, load_model  # noqa: E402
 from llmrl.objectives.policy import ppo_clip_objective  # noqa: E402
 from llmrl.rollout.types import Rollout  # noqa: E402
+from llmrl.train.heap import retain_heap  # noqa: E402
 from llmrl.train.update import policy_update  # noqa: E402
+
+# kinds of aten op for the breakdown, by op name (the rest: "elementwise and other")
+OP_KINDS = {"matmul": ("mm", "bmm", "addmm", "matmul", "linear"),
+            "attention (SDPA forward and backward)": ("_scaled_dot_product_flash_attention_for_cpu",
+                                                      "_scaled_dot_product_flash_attention_for_cpu_backward"),
+            "optimizer and gradient clipping": ("_fused_adamw_", "_foreach_norm", "_foreach_mul_", "_foreach_add_",
+                                                "_foreach_div_"),
+            "dtype casts": ("_to_copy",)}
 
 
 def timed(fn, repeats: int) -> tuple[float, float]:
@@ -83,13 +99,18 @@ def synthetic_rollout(rows: int, vocab: int, pad_id: int, seed: int = 0) -> Roll
 def useful_flops(model, rollout: Rollout) -> float:
     """Forward + backward FLOPs of the work the update needs (see the module docstring)."""
     cfg = model.config
+    n = rollout.attention_mask.sum(-1).double()                                          # [N]
+    d_attn = cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
+    n_layers = len(model.get_decoder().layers)
+    return flops_linear(model, rollout) + float(6 * n_layers * d_attn * (n * (n + 1)).sum())
+
+
+def flops_linear(model, rollout: Rollout) -> float:
+    """The linear layers' and LM head's share of `useful_flops` (no attention): what the matmuls compute."""
     layers = model.get_decoder().layers
     p_layers = sum(m.weight.numel() for m in layers.modules() if isinstance(m, torch.nn.Linear))
     p_head = model.get_output_embeddings().weight.numel()
-    n = rollout.attention_mask.sum(-1).double()                                          # [N]
-    d_attn = cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
-    R = float(rollout.response_mask.sum())
-    return float(6 * (p_layers * n.sum() + p_head * R) + 6 * len(layers) * d_attn * (n * (n + 1)).sum())
+    return float(6 * (p_layers * rollout.attention_mask.sum() + p_head * rollout.response_mask.sum()))
 
 
 def update_fn(model, optimizer, rollout, advantages, *, pack_tokens, micro_batch_size, autocast_dtype):
@@ -98,6 +119,30 @@ def update_fn(model, optimizer, rollout, advantages, *, pack_tokens, micro_batch
                   epochs=1, minibatches=1, micro_batch_size=micro_batch_size, max_grad_norm=1.0, temperature=1.0,
                   autocast_dtype=autocast_dtype, max_len=rollout.response_mask.shape[1],
                   zero_advantage_is_zero_loss=True, pack_tokens=pack_tokens)
+
+
+def op_breakdown(fn) -> tuple[float, dict[str, tuple[float, int]]]:
+    """(wall seconds of one fn() call, {kind: (wall seconds in that kind of aten op, calls)}), each op timed
+    alone under a TorchDispatchMode (OP_KINDS; backward ops included: the autograd engine runs them on this
+    thread for CPU tensors). The mode's own cost per op (~10 us) is in the call's time, not in the ops'."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    kind_of = {op: kind for kind, ops in OP_KINDS.items() for op in ops}
+    spent: dict[str, list] = {kind: [0.0, 0] for kind in [*OP_KINDS, "elementwise and other"]}
+
+    class Timer(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            t = time.perf_counter()
+            out = func(*args, **(kwargs or {}))
+            cell = spent[kind_of.get(func.overloadpacket.__name__, "elementwise and other")]
+            cell[0] += time.perf_counter() - t
+            cell[1] += 1
+            return out
+
+    t = time.perf_counter()
+    with Timer():
+        fn()
+    return time.perf_counter() - t, {k: (v[0], v[1]) for k, v in spent.items()}
 
 
 def main() -> None:
@@ -113,6 +158,7 @@ def main() -> None:
     p.add_argument("--write", action="store_true", help="rewrite the update_efficiency section of docs/benchmarks.md")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    retain_heap()                        # as train/runs.py does (run.retain_heap, on by default)
 
     peaks = {}   # dtype -> (GFLOP per wall second, GFLOP per CPU second)
     for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
@@ -153,10 +199,22 @@ def main() -> None:
         wall, cpu = timed(update_fn(model, optimizer, rollout, advantages, pack_tokens=pack_tokens,
                                     micro_batch_size=args.micro_batch_size, autocast_dtype=amp), args.repeats)
         g_wall, g_cpu = flops / wall / 1e9, flops / cpu / 1e9
+        default_run = update_fn(model, optimizer, rollout, advantages, pack_tokens=pack_tokens,
+                                micro_batch_size=args.micro_batch_size, autocast_dtype=amp)
         rows.append([name, f"{wall:.2f}", f"{real / wall:.0f}", f"{g_wall:.0f}", f"{g_wall / peaks['bf16'][0]:.1%}",
                      f"{cpu:.2f}", f"{g_cpu / peaks['bf16'][1]:.1%}"])
         print(rows[-1], flush=True)
 
+    total, spent = op_breakdown(default_run)        # the last arm: the default
+    parts = [[kind, f"{sec:.3f}", f"{sec / total:.0%}", str(calls)] for kind, (sec, calls) in spent.items()]
+    parts.append(["outside aten ops (Python, autograd, the timer)", f"{total - sum(s for s, _ in spent.values()):.3f}",
+                  f"{1 - sum(s for s, _ in spent.values()) / total:.0%}", "-"])
+    mm_s = spent["matmul"][0]
+    breakdown = markdown_table(["where the default update's time goes", "wall s", "share", "aten calls"], parts)
+    breakdown += (f"\n\nThe matmuls alone run at {flops_linear(model, rollout) / mm_s / 1e9:.0f} GFLOP/s "
+                  f"({flops_linear(model, rollout) / mm_s / 1e9 / peaks['bf16'][0]:.0%} of the peak) on the update's "
+                  "linear-layer FLOPs.")
+    print(breakdown)
     peak_table = markdown_table(["dtype", "matmul peak GFLOP/s (wall)", "GFLOP per CPU-s"],
                                 [[k, f"{w:.0f}", f"{c:.0f}"] for k, (w, c) in peaks.items()])
     table = markdown_table(["update", "wall s", "real tokens / s", "useful GFLOP/s", "of bf16 peak (wall)",
@@ -171,7 +229,8 @@ def main() -> None:
                 "x response tokens) + causal attention (bench/update_efficiency.py docstring); "
                 f"{flops / 1e12:.3f} TFLOP per update. Wall-clock and CPU-time fractions agree on an idle machine; "
                 "under load read the CPU-time one (module docstring).\n\n"
-                f"{peak_table}\n\n{table}\n")
+                f"{peak_table}\n\n{table}\n\nOne more update of the default, op by op (module docstring; "
+                f"{total:.2f} s with the timer on):\n\n{breakdown}\n")
         write_section("update_efficiency", "Update phase: fraction of the bf16 matmul peak", body)
 
 
