@@ -103,9 +103,12 @@ def trl_grpo_trainer(cfg, *, max_steps: int, n_prompts: int, out_dir: str, callb
     (lr, betas, eps, weight decay, grad-norm clip, constant schedule). TRL runs as its users run it on a CPU:
     fp32 weights (`use_cpu=True`, no bf16). `n_prompts`: training prompts in its dataset."""
     import torch
-    from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import GRPOConfig, GRPOTrainer
+    try:
+        from datasets import Dataset
+        from trl import GRPOConfig, GRPOTrainer
+    except ImportError as e:
+        raise SystemExit(f"TRL is not installed ({e}): pip install -e \".[bench]\" (the bench extra, TRL 1.16.0)")
 
     from llmrl.data import make_task
     from llmrl.models.loading import resolve_model_path
