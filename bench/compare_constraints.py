@@ -24,7 +24,7 @@ from common import markdown_table, write_section  # noqa: E402
 from llmrl.config import load_config  # noqa: E402
 from llmrl.presets import PRESETS  # noqa: E402
 from llmrl.report.charts import Series, line_chart, standalone_svg  # noqa: E402
-from llmrl.train.metrics import read_metrics  # noqa: E402
+from llmrl.runio.metrics import read_metrics  # noqa: E402
 from llmrl.train.rl import train  # noqa: E402
 
 NO_CLIP = ["objective.clip_low=1.0", "objective.clip_high=1e9"]

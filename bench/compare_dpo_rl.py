@@ -24,7 +24,7 @@ from llmrl.config import load_config  # noqa: E402
 from llmrl.preference.config import load_preference_config  # noqa: E402
 from llmrl.preference.dpo import train_dpo  # noqa: E402
 from llmrl.presets import PRESETS  # noqa: E402
-from llmrl.train.metrics import read_metrics  # noqa: E402
+from llmrl.runio.metrics import read_metrics  # noqa: E402
 from llmrl.train.rl import train  # noqa: E402
 
 

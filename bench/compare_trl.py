@@ -49,7 +49,7 @@ def config(steps: int, name: str, *extra: str):
 
 
 def worker_llmrl(steps: int, name: str, out_dir: str) -> dict:
-    from llmrl.train.metrics import read_metrics
+    from llmrl.runio.metrics import read_metrics
     from llmrl.train.rl import train
 
     cfg = config(steps, name, f"run.output_dir={out_dir}", *LLMRL_WORKERS[name])

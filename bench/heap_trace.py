@@ -1,7 +1,7 @@
 """Which allocations grow the heap: every allocation of 1 MiB or more in a real GRPO run, and whether it moved the
 program break (glibc's heap top), phase by phase.
 
-A probe for the open question of train/heap.py (peak RSS that depends on the heap's history). It compiles a small
+A probe for the open question of compute/heap.py (peak RSS that depends on the heap's history). It compiles a small
 malloc interposer with the system C compiler, runs `llmrl.train.rl.train` on bench/compare_trl.py's settings under
 it (LD_PRELOAD; glibc only), marks the phases (rollout, reference forward, update, optimizer step) in the log, and
 prints, for each phase where the heap grew: the allocations that grew it (size, MiB of growth, MiB of large

@@ -10,7 +10,7 @@ variables read at process start:
     ONEDNN_PRIMITIVE_CACHE_CAPACITY=0 python bench/rss_growth.py --steps 16
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 python bench/rss_growth.py --steps 16
 
-Prints only (no section in docs/benchmarks.md): it is a probe for an open question (train/heap.py).
+Prints only (no section in docs/benchmarks.md): it is a probe for an open question (compute/heap.py).
 """
 
 from __future__ import annotations

@@ -110,7 +110,7 @@ def worker_trl(args) -> dict:
 
 
 def worker_llmrl(args) -> dict:
-    from llmrl.train.metrics import read_metrics
+    from llmrl.runio.metrics import read_metrics
     from llmrl.train.rl import train
 
     cfg = config(args, "llmrl", "run.steps=1000000", f"run.time_limit_minutes={args.llmrl_minutes}",

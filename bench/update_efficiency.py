@@ -24,7 +24,7 @@ op under a TorchDispatchMode (`op_breakdown`), wall seconds summed by kind of op
 this: with it on, the small elementwise ops of this update took 4-5x their time without it (silu on [3, 384, 1536]
 2.0 ms a call against 0.5 ms, 2026-12-04), which made them look like most of the update.
 
-The process keeps freed memory in its heap (`train/heap.py`, `retain_heap`), as a training run does by default.
+The process keeps freed memory in its heap (`compute/heap.py`, `retain_heap`), as a training run does by default.
 
 Two clocks: wall seconds (the figure that matters on an idle machine) and the process's CPU seconds, both
 for the peak and for the update. On a shared machine the wall clock also counts time the threads waited for
@@ -48,10 +48,11 @@ import torch  # noqa: E402
 
 from common import markdown_table, write_section  # noqa: E402
 
-from llmrl.models import fuse_decoder_ops, load_model  # noqa: E402
+from llmrl.compute.fused import fuse_decoder_ops  # noqa: E402
+from llmrl.models import load_model  # noqa: E402
 from llmrl.objectives.policy import ppo_clip_objective  # noqa: E402
 from llmrl.rollout.types import Rollout  # noqa: E402
-from llmrl.train.heap import retain_heap  # noqa: E402
+from llmrl.compute.heap import retain_heap  # noqa: E402
 from llmrl.train.update import policy_update  # noqa: E402
 
 # kinds of aten op for the breakdown, by op name (the rest: "elementwise and other")
@@ -158,7 +159,7 @@ def main() -> None:
     p.add_argument("--write", action="store_true", help="rewrite the update_efficiency section of docs/benchmarks.md")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    retain_heap()                        # as train/runs.py does (run.retain_heap, on by default)
+    retain_heap()                        # as runio/runs.py does (run.retain_heap, on by default)
 
     peaks = {}   # dtype -> (GFLOP per wall second, GFLOP per CPU second)
     for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
@@ -195,7 +196,7 @@ def main() -> None:
     rows = []
     for name, pack_tokens, amp, fused in arms:
         if fused:
-            fuse_decoder_ops(model)         # models/fused.py, as train/rl.py does with model.fused_ops (in place)
+            fuse_decoder_ops(model)         # compute/fused.py, as train/rl.py does with model.fused_ops (in place)
         wall, cpu = timed(update_fn(model, optimizer, rollout, advantages, pack_tokens=pack_tokens,
                                     micro_batch_size=args.micro_batch_size, autocast_dtype=amp), args.repeats)
         g_wall, g_cpu = flops / wall / 1e9, flops / cpu / 1e9
@@ -224,7 +225,7 @@ def main() -> None:
         body = (f"Peak: median of {args.repeats} n x n matmuls, best n of {args.sizes}, {args.threads} threads. Update: "
                 f"`policy_update` on {args.model}, {args.rows} synthetic sequences ({real} real tokens of {padded} "
                 f"padded; prompts 36-44, responses 4-64 tokens), one micro-batch, PPO clip, fused AdamW (the last row "
-                "with models/fused.py's lean RMSNorm, SwiGLU and linears, llmrl's default), median of "
+                "with compute/fused.py's lean RMSNorm, SwiGLU and linears, llmrl's default), median of "
                 f"{args.repeats} after a warm-up. Useful FLOPs = 6 x (decoder linear weights x real tokens + LM head "
                 "x response tokens) + causal attention (bench/update_efficiency.py docstring); "
                 f"{flops / 1e12:.3f} TFLOP per update. Wall-clock and CPU-time fractions agree on an idle machine; "

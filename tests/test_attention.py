@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from llmrl.objectives.attention import _segment_attention_autograd, segment_attention
-from llmrl.objectives.packing import pack_layout
+from llmrl.compute.attention import _segment_attention_autograd, segment_attention
+from llmrl.compute.packing import pack_layout
 
 
 class _Module(torch.nn.Module):

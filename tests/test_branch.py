@@ -73,7 +73,7 @@ def test_every_preset_has_consistent_credit_sources(name):
 def test_process_rewards_flow_from_the_config_to_step_advantages(tmp_path):
     """credit.step_reward scores each step; the `process` estimator spreads it over the step's tokens."""
     from llmrl.cli import main
-    from llmrl.train.metrics import read_metrics
+    from llmrl.runio.metrics import read_metrics
 
     args = ["train", "preset=grpo", "model.name=tiny", "model.autocast=none", "task.heldout_size=2",
             "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=8", "run.progress=false",

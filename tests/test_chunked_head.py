@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llmrl.objectives import logprobs as L
-from llmrl.objectives.logprobs import ChunkedHead, _head_logp_entropy
+from llmrl.compute.logprobs import ChunkedHead, _head_logp_entropy
 
 M, H, V = 37, 16, 300
 
@@ -114,7 +114,7 @@ def test_frozen_head_weight_gets_no_gradient():   # LoRA: the tied embedding / h
 def test_matmul_shapes_repeat_across_row_counts(monkeypatch):
     """oneDNN caches a primitive per matmul shape: the head's shapes must not follow the exact token count M,
     only its multiple of HEAD_ALIGN (rows) and a power-of-two vocabulary block."""
-    import llmrl.objectives.logprobs as L
+    import llmrl.compute.logprobs as L
 
     def shapes(m):
         seen, real = set(), L._chunk_logits

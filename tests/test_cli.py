@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from llmrl.cli import main
 from llmrl.rewards import REWARDS
-from llmrl.train.metrics import read_metrics
+from llmrl.runio.metrics import read_metrics
 
 
 @REWARDS.register("test_explodes_on_odd_rows")
@@ -112,7 +112,7 @@ def test_ctrl_c_keeps_the_last_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(rl, "policy_update", interrupt_on_second)
     assert run(tmp_path, "run.save_every=1", steps=3) == 130
-    from llmrl.train.checkpoint import latest
+    from llmrl.runio.checkpoint import latest
 
     assert latest(tmp_path / "r").name == "step-000001"              # complete, and what --resume continues from
     assert not (tmp_path / "r" / "final").exists()

@@ -1,4 +1,4 @@
-"""The decode step's C kernels (rollout/decode_kernels.c) against the PyTorch ops they replace, and the decoder's
+"""The decode step's C kernels (compute/decode_kernels.c) against the PyTorch ops they replace, and the decoder's
 C decode step against its PyTorch path."""
 
 import shutil
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from llmrl.rollout import kernels as K
-from llmrl.rollout.lean_decoder import LeanDecoder, _rope
+from llmrl.compute.lean_decoder import LeanDecoder, _rope
 from llmrl.rollout.sampler import LeanRunner, left_pad
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")

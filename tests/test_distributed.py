@@ -31,9 +31,9 @@ from llmrl.objectives.policy import AGGREGATIONS, ppo_clip_objective
 from llmrl.objectives.value import clipped_value_loss
 from llmrl.rewards.score import RewardResult, Term, combine
 from llmrl.rollout.collect import collect_rollout
-from llmrl.train import distributed as D
+from llmrl.distributed import runtime as D
 from llmrl.train.evaluate import evaluate
-from llmrl.train.parallel import full_model, full_params, wrap_policy
+from llmrl.distributed.parallel import full_model, full_params, wrap_policy
 from llmrl.train.update import policy_update
 
 W, N = 2, 8
@@ -324,7 +324,7 @@ def test_torchrun_ddp_run_resumes_from_its_checkpoint(tmp_path):
 ])
 def test_unsupported_compositions_fail_before_training(monkeypatch, overrides, message):
     from llmrl.config import load_config
-    from llmrl.train.parallel import check_parallel
+    from llmrl.distributed.parallel import check_parallel
 
     check_parallel(load_config(None, overrides))                       # one process: all fine
     monkeypatch.setattr(D, "world", lambda: 2)

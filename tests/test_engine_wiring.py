@@ -14,7 +14,7 @@ from llmrl.models.lora import add_lora, merged_copy
 from llmrl.rollout.sampler import generate
 from llmrl.rollout.vllm_engine import (PROMPT_ALLOWANCE, _to_samples, default_options, kv_bytes_per_token,
                                        kv_cache_tokens, policy_weights)
-from llmrl.train.metrics import read_metrics
+from llmrl.runio.metrics import read_metrics
 
 from test_cli import TINY
 

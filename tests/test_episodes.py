@@ -10,12 +10,12 @@ import torch
 
 from llmrl.cli import main
 from llmrl.data import Example
-from llmrl.objectives.logprobs import response_logprobs
+from llmrl.compute.logprobs import response_logprobs
 from llmrl.rewards import score
 from llmrl.rollout import episodes, sampler
 from llmrl.rollout.episodes import collect_episodes, encode_observation
 from llmrl.rollout.tools import resolve_tools
-from llmrl.train.metrics import read_metrics, sample_records
+from llmrl.runio.metrics import read_metrics, sample_records
 from scripted import forced_sample_next
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from llmrl.cli import main
-from llmrl.train.metrics import read_metrics
+from llmrl.runio.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFERENCE = ("dpo_", "rm_", "prm_")

@@ -1,4 +1,4 @@
-"""models/fused.py: the lean RMSNorm, SwiGLU and linear give HF's forward under autocast bit for bit, the same
+"""compute/fused.py: the lean RMSNorm, SwiGLU and linear give HF's forward under autocast bit for bit, the same
 gradients (exactly where the arithmetic is the same, to bf16 rounding where it is not), and keep about half the
 activations for backward; the bf16 reference's linears give the fp32 reference's log-probs."""
 
@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from llmrl.models import build_tiny, fuse_decoder_ops, load_reference
-from llmrl.models.fused import linear_recast, rmsnorm_cast, swiglu_down
+from llmrl.compute.fused import fuse_decoder_ops
+from llmrl.models import build_tiny, load_reference
+from llmrl.compute.fused import linear_recast, rmsnorm_cast, swiglu_down
 
 BF16 = torch.bfloat16
 

@@ -1,4 +1,4 @@
-"""train/heap.py: after retain_heap, a large tensor comes from the heap (no mmap), and freed memory is reused."""
+"""compute/heap.py: after retain_heap, a large tensor comes from the heap (no mmap), and freed memory is reused."""
 
 import ctypes
 import ctypes.util
@@ -6,7 +6,7 @@ import ctypes.util
 import pytest
 import torch
 
-from llmrl.train.heap import allocate_adam_state, retain_heap
+from llmrl.compute.heap import allocate_adam_state, retain_heap
 
 
 class Mallinfo2(ctypes.Structure):       # glibc >= 2.33

@@ -16,7 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from llmrl.models import build_tiny
-from llmrl.objectives.logprobs import response_logprobs
+from llmrl.compute.logprobs import response_logprobs
 
 N, P = 2, 8
 

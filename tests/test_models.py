@@ -186,7 +186,7 @@ def test_concurrent_writer_and_crash_leave_a_usable_cache(tmp_path):
 def test_gradient_checkpointing_takes_effect_and_changes_nothing():
     """from_pretrained leaves a model in eval mode, where Hugging Face silently skips checkpointing."""
     from llmrl.models import enable_gradient_checkpointing
-    from llmrl.objectives.logprobs import response_logprobs
+    from llmrl.compute.logprobs import response_logprobs
 
     ids = torch.randint(4, 100, (2, 20), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)

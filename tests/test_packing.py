@@ -9,8 +9,8 @@ import torch
 from llmrl.config import ConfigError, load_config
 from llmrl.models.lora import AdapterDisabledReference, add_lora
 from llmrl.models.value import Critic
-from llmrl.objectives.logprobs import response_logprobs
-from llmrl.objectives.packing import first_fit_decreasing, length_buckets, pack_layout
+from llmrl.compute.logprobs import response_logprobs
+from llmrl.compute.packing import first_fit_decreasing, length_buckets, pack_layout
 from llmrl.objectives.policy import ppo_clip_objective
 from llmrl.rollout.types import Rollout
 from llmrl.train.update import batched_logprobs, policy_update

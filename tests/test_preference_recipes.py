@@ -17,7 +17,7 @@ from llmrl.preference.data import PreferencePair, encode_pair, load_pairs, save_
 from llmrl.preference.dpo import train_dpo
 from llmrl.preference.rm import load_reward_model, reward_model_scores, train_rm
 from llmrl.rewards import RewardResult
-from llmrl.train.metrics import read_metrics
+from llmrl.runio.metrics import read_metrics
 
 PAIRS = [PreferencePair(f"What is {i} + {i}?", str(2 * i), str(2 * i + 1)) for i in range(6)]
 PAIRS.append(PreferencePair([{"role": "user", "content": "hi"}], [{"role": "assistant", "content": "hello"}],

@@ -21,7 +21,7 @@ from llmrl.preference.prm import (build_step_labels, encode_steps, load_prm, loa
                                   prm_step_scores, save_step_labels, step_logits, train_prm)
 from llmrl.rewards import REWARDS, RewardResult
 from llmrl.rewards.process import score_steps
-from llmrl.train.metrics import read_metrics
+from llmrl.runio.metrics import read_metrics
 
 
 @pytest.fixture(autouse=True)

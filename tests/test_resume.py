@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from llmrl.cli import main
-from llmrl.train import checkpoint
-from llmrl.train.metrics import read_metrics
+from llmrl.runio import checkpoint
+from llmrl.runio.metrics import read_metrics
 
 ARGS = ["preset=ppo", "model.name=tiny", "model.autocast=none", "task.heldout_size=6", "rollout.prompts_per_step=2",
         "rollout.group_size=3", "rollout.max_new_tokens=6", "run.progress=false", "run.eval_every=3", "run.threads=1",
@@ -31,7 +31,7 @@ RUNNER = """
 import os, sys
 crash_at = int(os.environ.get("CRASH_AT_FILE", 0))
 if crash_at:
-    import llmrl.train.checkpoint as ck
+    import llmrl.runio.checkpoint as ck
     real, written = ck._write, [0]
     def write(path, fill):
         written[0] += 1

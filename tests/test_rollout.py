@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from llmrl.objectives.logprobs import response_logprobs
+from llmrl.compute.logprobs import response_logprobs
 from llmrl.rollout.collect import collect_rollout, encode_prompt
 from llmrl.rollout.sampler import categorical, generate, left_pad, sample_next
 from llmrl.data import Example

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llmrl.rollout.collect import encode_prompt
-from llmrl.rollout.lean_decoder import LeanDecoder, lean_supported
+from llmrl.compute.lean_decoder import LeanDecoder, lean_supported
 from llmrl.rollout.sampler import generate
 
 

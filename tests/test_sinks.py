@@ -14,8 +14,8 @@ from llmrl.preference.config import load_preference_config
 from llmrl.preference.data import PreferencePair, save_pairs
 from llmrl.preference.dpo import train_dpo
 from llmrl.preference.prm import load_prm_config
-from llmrl.train.metrics import read_metrics
-from llmrl.train.sinks import open_metrics, scalars
+from llmrl.runio.metrics import read_metrics
+from llmrl.runio.sinks import open_metrics, scalars
 
 TINY = ["preset=grpo", "model.name=tiny", "model.autocast=none", "task.heldout_size=6", "rollout.prompts_per_step=2",
         "rollout.group_size=3", "rollout.max_new_tokens=6", "run.progress=false", "run.eval_every=1",

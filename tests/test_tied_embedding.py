@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import llmrl.objectives.logprobs as L
+import llmrl.compute.logprobs as L
 from llmrl.models.loading import build_tiny
 
 V, H = 50, 8

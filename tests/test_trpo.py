@@ -6,7 +6,7 @@ import torch
 
 from llmrl.models import build_tiny
 from llmrl.objectives.kl import kl_estimate
-from llmrl.objectives.logprobs import response_logprobs
+from llmrl.compute.logprobs import response_logprobs
 from llmrl.objectives.policy import BatchCounts, aggregate
 from llmrl.objectives.trpo import conjugate_gradient, trpo_step
 

@@ -54,7 +54,7 @@ def cmd_train(args) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    from llmrl.train import distributed
+    from llmrl.distributed import runtime as distributed
     from llmrl.train.rl import train
 
     try:

@@ -32,7 +32,7 @@ class ModelConfig:
     system_prompt: str | None = f(None, "optional system message")
     gradient_checkpointing: bool = f(False, "recompute activations during backward to save memory")
     fused_ops: bool = f(True, "memory-lean RMSNorm, SwiGLU and linears in the training forward (llama, mistral, "
-                       "qwen2, qwen3): about half the activations kept, the same forward (models/fused.py)")
+                       "qwen2, qwen3): about half the activations kept, the same forward (compute/fused.py)")
     lora_r: int = f(0, "LoRA rank (0 = full fine-tuning); with LoRA the reference is the base with the adapter disabled", ge=0)
     lora_alpha: float = f(16.0, "LoRA scaling alpha", gt=0)
     lora_dropout: float = f(0.0, "LoRA dropout", ge=0, lt=1)
@@ -149,7 +149,7 @@ class OptimConfig:
                                               "activation memory grows with it (RL; null: rows only)", ge=1)
     packing: bool = f(True, "log-probs and update: drop the padding and pack each micro-batch's rows into sequences "
                             "of at most pack_tokens tokens, rows with the same prompt sharing one copy of it (same "
-                            "values, fewer FLOPs; objectives/packing.py)")
+                            "values, fewer FLOPs; compute/packing.py)")
     pack_tokens: int = f(384, "packing: tokens per packed sequence where the attention sees the whole pack (its "
                               "cost grows with the square): rows that share no prompt, and shared prompts under "
                               "gradient checkpointing; a longer row gets a pack of its own", ge=1)
@@ -176,7 +176,7 @@ class RunConfig:
     threads: int | None = f(None, "torch threads (null = leave as is)", ge=1)
     retain_heap: bool = f(True, "keep freed memory in the process heap (glibc mallopt) rather than returning large "
                                 "blocks to the kernel: tensors allocated anew every step then reuse pages instead of "
-                                "faulting in fresh ones (train/heap.py)")
+                                "faulting in fresh ones (compute/heap.py)")
     progress: bool = f(True, "show a progress bar")
     time_limit_minutes: float | None = f(None, "stop training after this many minutes (held-out evaluations during "
                                          "the run not counted), then evaluate and save as after the last step "

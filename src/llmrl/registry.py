@@ -4,6 +4,9 @@
     @CREDIT.register("grpo")
     def group_baseline(inputs, *, normalize_std=True): ...
     CREDIT.get("grpo")  # -> the function; a bad name lists the valid ones
+
+A piece may declare what it needs where it is registered (`register(name, needs=("values",))`); `info(name)`
+returns those declarations, so the code that checks a composition reads them instead of keeping lists of names.
 """
 
 from __future__ import annotations
@@ -17,14 +20,21 @@ class Registry(Generic[F]):
     def __init__(self, kind: str):
         self.kind = kind
         self._items: dict[str, F] = {}
+        self._info: dict[str, dict] = {}
 
-    def register(self, name: str) -> Callable[[F], F]:
+    def register(self, name: str, **info) -> Callable[[F], F]:
         def add(fn: F) -> F:
             if name in self._items:
                 raise KeyError(f"{self.kind} {name!r} is already registered (by {self._items[name].__module__})")
             self._items[name] = fn
+            self._info[name] = info
             return fn
         return add
+
+    def info(self, name: str) -> dict:
+        """What the piece declared at registration (e.g. needs=("values",)); {} when nothing."""
+        self.get(name)
+        return self._info[name]
 
     def get(self, name: str) -> F:
         try:

@@ -3,7 +3,10 @@
     estimator(inputs: CreditInputs, **hyper_parameters) -> Credit
 
 Every estimator reads the same `CreditInputs` and returns the same `Credit`, so the recipe calls
-`assign_credit(name, inputs, **kw)` and never special-cases one. Notation: N sequences, T response
+`CREDIT.get(name)(inputs, **kw)` (`assign_credit`) and never special-cases one. What an estimator reads beyond the
+outcome scores is declared where it is registered: `needs` (any of "values", "steps", "step_scores", read from
+`CreditInputs`) and `returns` (False: it gives no regression targets a critic could learn); the recipe's checks
+and stages read `CREDIT.info(name)`. Notation: N sequences, T response
 tokens; `response_mask` [N, T] is 1 on tokens the policy chose and 0 on padding and tool outputs, and
 no estimator lets a masked position change any result. Holes in the middle of a row (tool outputs in a
 multi-turn episode) are skipped as if absent: every per-token recursion runs over the chosen tokens only.
@@ -196,7 +199,7 @@ def reinforce_pp(inputs: CreditInputs, *, gamma: float = 1.0, baseline: str = "n
     return Credit(advantages=masked((G - mean) * torch.rsqrt(var + eps), chosen), returns=G)
 
 
-@CREDIT.register("value_baseline")
+@CREDIT.register("value_baseline", needs=("values",))
 def value_baseline(inputs: CreditInputs) -> Credit:
     """The seed's "advantage_x = reward - VF_x": A_t = R - V_t, R = score + sum of token rewards; returns = R.
 
@@ -208,7 +211,7 @@ def value_baseline(inputs: CreditInputs) -> Credit:
     return Credit(advantages=masked(R[:, None] - inputs.values, chosen), returns=broadcast_to_tokens(R, chosen))
 
 
-@CREDIT.register("gae")
+@CREDIT.register("gae", needs=("values",))
 def gae(inputs: CreditInputs, *, gamma: float = 1.0, lam: float = 0.95) -> Credit:
     """GAE(gamma, lam) (Schulman et al. 2016, Sec. 3, eq. 11-16) over the chosen tokens only.
 
@@ -224,7 +227,7 @@ def gae(inputs: CreditInputs, *, gamma: float = 1.0, lam: float = 0.95) -> Credi
     return Credit(advantages=A, returns=masked(A + V, chosen))
 
 
-@CREDIT.register("process")
+@CREDIT.register("process", needs=("steps", "step_scores"), returns=False)
 def process(inputs: CreditInputs, *, spread: str = "even", outcome: str = "add", normalize: str = "none",
             cumulative: bool = False, eps: float = 1e-6) -> Credit:
     """Process rewards (Lightman et al. 2023; Uesato et al. 2022; the seed's "Process Rewards").
@@ -267,7 +270,7 @@ def process(inputs: CreditInputs, *, spread: str = "even", outcome: str = "add",
     return Credit(advantages=A)
 
 
-@CREDIT.register("vineppo")
+@CREDIT.register("vineppo", needs=("values", "steps"), returns=False)
 def vineppo(inputs: CreditInputs) -> Credit:
     """VinePPO (Kazemnejad et al. 2024): step advantages from Monte-Carlo values of step prefixes.
 

@@ -1,6 +1,5 @@
 """Model and tokenizer loading: the built-in SmolLM2, a tiny test model, local paths, cached HF ids."""
 
-from llmrl.models.fused import fuse_decoder_ops
 from llmrl.models.loading import (
     BUILTIN,
     CHATML_TEMPLATE,
@@ -21,7 +20,6 @@ __all__ = [
     "build_tiny",
     "cache_dir",
     "enable_gradient_checkpointing",
-    "fuse_decoder_ops",
     "load_model",
     "load_reference",
     "resolve_model_path",

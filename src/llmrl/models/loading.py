@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from llmrl.cache import cache_dir  # noqa: F401 (re-exported)
+
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -60,15 +62,6 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-
-
-def cache_dir() -> Path:
-    """`$LLMRL_CACHE`, else `$XDG_CACHE_HOME/llmrl`, else `~/.cache/llmrl`."""
-    if os.environ.get("LLMRL_CACHE"):
-        return Path(os.environ["LLMRL_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "llmrl"
-    return Path.home() / ".cache" / "llmrl"
 
 
 # ----------------------------------------------------------------------------- atomic folders

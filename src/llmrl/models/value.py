@@ -13,7 +13,7 @@ import copy
 import torch
 from torch import nn
 
-from llmrl.objectives.logprobs import response_hidden
+from llmrl.compute.logprobs import response_hidden
 
 
 class Critic(nn.Module):

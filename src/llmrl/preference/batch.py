@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmrl.objectives.logprobs import response_logprobs
+from llmrl.compute.logprobs import response_logprobs
 from llmrl.rollout.sampler import left_pad
 
 Encoded = tuple[list[int], list[int], list[int]]     # (prompt_ids, chosen_ids, rejected_ids) from `encode_pair`

@@ -11,7 +11,7 @@ import torch
 from llmrl.data import make_task
 from llmrl.preference.batch import Encoded, truncate_pair
 from llmrl.preference.config import LoraConfig, PreferenceTrainConfig
-from llmrl.train.runs import start_run  # noqa: F401  (re-exported: every preference recipe starts with it)
+from llmrl.runio.runs import start_run  # noqa: F401  (re-exported: every preference recipe starts with it)
 from llmrl.preference.data import (PreferencePair, build_pairs_from_task, encode_pair, load_pairs, save_pairs,
                                    split_heldout)
 

@@ -28,9 +28,9 @@ from llmrl.preference.common import (accumulate, apply_lora, batches, encode_all
 from llmrl.preference.config import PreferenceTrainConfig
 from llmrl.preference.losses import dpo_loss
 from llmrl.train.evaluate import evaluate
-from llmrl.train.runs import save_checkpoint
+from llmrl.runio.runs import save_checkpoint
 from llmrl.train.schedules import lr_multiplier
-from llmrl.train.sinks import open_metrics
+from llmrl.runio.sinks import open_metrics
 
 log = logging.getLogger("llmrl.preference")
 

@@ -45,9 +45,9 @@ from llmrl.rewards import score
 from llmrl.rewards.process import step_texts
 from llmrl.rollout.branch import monte_carlo_values
 from llmrl.rollout.collect import collect_rollout
-from llmrl.train.runs import save_checkpoint, start_run
+from llmrl.runio.runs import save_checkpoint, start_run
 from llmrl.train.schedules import lr_multiplier
-from llmrl.train.sinks import open_metrics
+from llmrl.runio.sinks import open_metrics
 
 
 # ----------------------------------------------------------------------------- config

@@ -29,9 +29,9 @@ from llmrl.preference.config import PreferenceTrainConfig
 from llmrl.preference.data import encode_any_prompt, encode_response
 from llmrl.preference.losses import bradley_terry_loss
 from llmrl.rollout.sampler import left_pad
-from llmrl.train.runs import save_checkpoint
+from llmrl.runio.runs import save_checkpoint
 from llmrl.train.schedules import lr_multiplier
-from llmrl.train.sinks import open_metrics
+from llmrl.runio.sinks import open_metrics
 
 log = logging.getLogger("llmrl.preference")
 

@@ -6,7 +6,7 @@
 Inputs, all in the run folder; only `metrics.jsonl` is required, any field may be missing or null, unknown
 fields are ignored:
 
-- `metrics.jsonl` (written by `llmrl.train.metrics.MetricsLog`): `"kind": "train"` lines with `step`, `reward`,
+- `metrics.jsonl` (written by `llmrl.runio.metrics.MetricsLog`): `"kind": "train"` lines with `step`, `reward`,
   `reward/<term>`, `kl_to_ref`, `entropy`, `clip_fraction`, `response_length`, `time_*`, `lr`, `grad_norm`,
   `loss_*`, ...; `"kind": "eval"` lines with `step`, `heldout_accuracy`, `heldout_response_length`,
   `heldout_kl_to_ref`, `time_eval`.

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .lean_decoder import LeanDecoder, lean_supported
+from llmrl.compute.lean_decoder import LeanDecoder, lean_supported
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ class HFRunner:
 class LeanRunner:
     """Llama-family models through `LeanDecoder`: weights cast once, a pre-allocated KV cache [.., N, K, P+T, D] and
     key mask [N, P+T], written in place; `keep` compacts both when rows stop. Where the C decode step is available
-    (bf16 on CPU: rollout/kernels.py) the decode steps run through `LeanDecoder.decode` on its own cache layout
+    (bf16 on CPU: compute/decode_kernels.py) the decode steps run through `LeanDecoder.decode` on its own cache layout
     (keys transposed), filled from the prefill's."""
 
     def __init__(self, model, dtype):

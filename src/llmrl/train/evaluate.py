@@ -35,7 +35,7 @@ def evaluate(
     `progress`: a bar over the examples with the accuracy so far."""
     from tqdm.auto import tqdm
 
-    from llmrl.objectives.logprobs import response_kl
+    from llmrl.compute.logprobs import response_kl
     from llmrl.train.update import trim
 
     correct, lengths, kls, calls, samples = [], [], [], [], []

@@ -3,7 +3,7 @@
 It calls the math in `credit/` and `objectives/`; it never re-implements it. Every piece is chosen by
 name from the config (see `llmrl presets` for the named compositions). Under torchrun each rank runs this
 same recipe on its share of the prompts; the `dist.*` and `parallel` calls make its statistics global and
-are the identity in one process (`train/distributed.py`, `train/parallel.py`).
+are the identity in one process (`distributed/runtime.py`, `distributed/parallel.py`).
 
 With `rollout.engine=vllm` a vLLM engine in this process generates; after generation the policy's own log-probs
 of the sampled tokens are recomputed (they are pi_old of the PPO ratio), each token's policy-gradient term is
@@ -38,16 +38,16 @@ from llmrl.rollout.branch import monte_carlo_values
 from llmrl.rollout.collect import collect_rollout
 from llmrl.rollout.episodes import collect_episodes
 from llmrl.rollout.tools import demonstration, resolve_tools, system_prompt as tools_system_prompt
-from llmrl.train import checkpoint
+from llmrl.runio import checkpoint
 from llmrl.train.checks import check_credit_sources, check_prompts_fit
-from llmrl.train import distributed as dist
+from llmrl.distributed import runtime as dist
 from llmrl.train.evaluate import evaluate
-from llmrl.train.heap import allocate_adam_state
-from llmrl.train.metrics import MetricsLog, sample_records
-from llmrl.train.parallel import check_parallel, full_params, wrap_policy
-from llmrl.train.runs import save_checkpoint, start_run
+from llmrl.compute.heap import allocate_adam_state
+from llmrl.runio.metrics import MetricsLog, sample_records
+from llmrl.distributed.parallel import check_parallel, full_params, wrap_policy
+from llmrl.runio.runs import save_checkpoint, start_run
 from llmrl.train.schedules import lr_multiplier
-from llmrl.train.sinks import open_metrics
+from llmrl.runio.sinks import open_metrics
 from llmrl.train.update import batched_logprobs, batched_values, critic_update, policy_update, trpo_update
 
 log = logging.getLogger("llmrl.train")

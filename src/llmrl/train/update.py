@@ -1,12 +1,13 @@
-"""The optimisation phase of one RL step: epochs over shuffled minibatches of the rollout, each minibatch
-split into micro-batches whose gradients accumulate, then one clipped optimizer step (policy, and the
-critic when there is one).
+"""The optimisation phase of one RL step, in three parts: minibatch planning (`plan_minibatches`: epochs over
+shuffled minibatches of the rollout), gradient accumulation (`accumulate`: a minibatch split into micro-batches
+whose gradients add up) and the optimizer step (`optimizer_step`: clip, step, free the gradients), for the policy
+and, when there is one, the critic trained beside it (`CriticTraining`).
 
 Micro-batching never changes the loss: every aggregation divides by counts of the whole minibatch
 (`BatchCounts`), so the sum of micro-batch losses equals the minibatch loss.
 
-Under torchrun (`train/distributed.py`, `train/parallel.py`) each rank holds its rows of the global batch and
-`model` is the wrapped policy: the minibatch split is drawn once (rank 0) over the global rows, the counts are
+Under torchrun (`distributed/runtime.py`, `distributed/parallel.py`) each rank holds its rows of the global batch
+and `model` is the wrapped policy: the minibatch split is drawn once (rank 0) over the global rows, the counts are
 the global minibatch's, and the wrapper's gradient sync sums the ranks' gradients, so the step equals the
 single-process step on the global batch. In one process all of this is the identity.
 """
@@ -14,201 +15,168 @@ single-process step on the global batch. In one process all of this is the ident
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 
-from llmrl.objectives.logprobs import response_logprobs
+from llmrl.compute.batches import batched_logprobs, micro_batches_of, trim
+from llmrl.compute.logprobs import policy_logprobs, response_logprobs
+from llmrl.compute.settings import Execution
+from llmrl.distributed import runtime as D
+from llmrl.distributed.parallel import average_gradients, grad_sync, loss_scale
 from llmrl.objectives.mismatch import mismatch_stats, truncated_is_weight
 from llmrl.objectives.policy import BatchCounts, ObjectiveOutput
-from llmrl.rollout.types import Rollout
-from llmrl.train import distributed as D
-from llmrl.train.parallel import average_gradients, grad_sync, loss_scale, policy_logprobs
 
 
-def trim(rollout: Rollout) -> Rollout:
-    """Drop prompt columns that are padding in every row and response columns past the longest response."""
-    T_used = int(rollout.response_mask.sum(0).nonzero().max()) + 1 if rollout.response_mask.any() else 1
-    P = rollout.prompt_len
-    first = int(rollout.attention_mask[:, :P].sum(0).nonzero().min()) if P else 0
-    keep = lambda x: None if x is None else x[:, :T_used]  # noqa: E731
-    return rollout.with_(
-        input_ids=rollout.input_ids[:, first:P + T_used], attention_mask=rollout.attention_mask[:, first:P + T_used],
-        response_mask=rollout.response_mask[:, :T_used], logp_old=rollout.logp_old[:, :T_used],
-        logp_ref=keep(rollout.logp_ref), values=keep(rollout.values), step_ids=keep(rollout.step_ids),
-        is_weight=keep(rollout.is_weight),
-    )
+@dataclass(frozen=True)
+class Passes:
+    """How often the update goes over the rollout, and how far each optimizer step may go."""
+    epochs: int = 1
+    minibatches: int = 1
+    max_grad_norm: float = 1.0
+    early_stop_kl: float | None = None    # stop once a minibatch's approx KL(old || new) exceeds this
+
+    @property
+    def on_policy(self) -> bool:          # one pass: the old policy is the current one
+        return self.epochs == 1 and self.minibatches == 1
 
 
-def micro_batches(rows: torch.Tensor, rollout: Rollout, max_rows: int, max_tokens: int | None) -> list[torch.Tensor]:
-    """Split `rows` [n] (in order) into micro-batches of at most `max_rows` rows whose trimmed forward,
-    rows x (longest prompt + longest response), stays within `max_tokens` (None: no token bound). A row longer
-    than `max_tokens` goes alone. Activation memory grows with those tokens, not with the row count: long
-    multi-turn prompts need fewer rows per pass than short ones."""
-    if max_tokens is None:
-        return list(rows.split(max_rows))
-    P = rollout.prompt_len
-    prompt_len = rollout.attention_mask[rows, :P].sum(-1).tolist()     # [n] real prompt tokens
-    resp_len = rollout.attention_mask[rows, P:].sum(-1).tolist()       # [n] response (and observation) tokens
-    out, start, p_max, r_max = [], 0, 0, 0
-    for i in range(len(rows)):
-        p, r = max(p_max, prompt_len[i]), max(r_max, resp_len[i])
-        if i > start and ((i - start + 1) * (p + r) > max_tokens or i - start == max_rows):
-            out.append(rows[start:i])
-            start, p, r = i, prompt_len[i], resp_len[i]
-        p_max, r_max = p, r
-    if len(rows):
-        out.append(rows[start:])
-    return out
+@dataclass
+class CriticTraining:
+    """A critic trained alongside the policy on `returns` [N, T] with `objective` (a clipped value loss)."""
+    critic: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    objective: Callable[..., ObjectiveOutput]
+    returns: torch.Tensor | None = None
 
 
-def _amp(dtype):
-    return torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+# ----------------------------------------------------------------------------- 1. minibatch planning
 
 
-@torch.no_grad()
-def batched_logprobs(model, rollout: Rollout, *, micro_batch_size: int, temperature: float, autocast_dtype,
-                     pack_tokens: int | None = None, micro_batch_tokens: int | None = None) -> torch.Tensor:
-    """logp [N, T] of every response under `model`, without gradient, micro-batch by micro-batch
-    (padding-free in packs of at most `pack_tokens` tokens when given: objectives/packing.py)."""
-    T = rollout.response_mask.shape[1]
-    out = []
-    for idx in micro_batches(torch.arange(len(rollout.completions)), rollout, micro_batch_size, micro_batch_tokens):
-        r = trim(rollout.select(idx))
-        with _amp(autocast_dtype):
-            lp, _ = policy_logprobs(model, r.input_ids, r.attention_mask, r.response_mask.shape[1],
-                                    temperature=temperature, with_entropy=False, pack_tokens=pack_tokens)
-        out.append(torch.nn.functional.pad(lp.float(), (0, T - lp.shape[1])))
-    return torch.cat(out) * rollout.response_mask
+def plan_minibatches(N: int, passes: Passes, generator: torch.Generator | None) -> Iterator[tuple[torch.Tensor, int]]:
+    """(this rank's rows of the minibatch [n], the global minibatch's row count) for each minibatch of each epoch.
+    One split of the global rows, drawn by rank 0; lazy, so an early stop draws no further permutation."""
+    W, offset = D.world(), D.rank() * N       # this rank holds global rows offset .. offset + N
+    for _ in range(passes.epochs):
+        order = torch.randperm(N * W, generator=generator) if passes.minibatches > 1 else torch.arange(N * W)
+        for mb in D.broadcast_from_main(order).chunk(passes.minibatches):
+            yield mb[(mb >= offset) & (mb < offset + N)] - offset, len(mb)
 
 
-@torch.no_grad()
-def batched_values(critic, rollout: Rollout, *, micro_batch_size: int, autocast_dtype,
-                   micro_batch_tokens: int | None = None) -> torch.Tensor:
-    """V(s_t) [N, T] of every response position under `critic`, without gradient."""
-    T = rollout.response_mask.shape[1]
-    out = []
-    for idx in micro_batches(torch.arange(len(rollout.completions)), rollout, micro_batch_size, micro_batch_tokens):
-        r = trim(rollout.select(idx))
-        with _amp(autocast_dtype):
-            v = critic(r.input_ids, r.attention_mask, r.response_mask.shape[1])
-        out.append(torch.nn.functional.pad(v.float(), (0, T - v.shape[1])))
-    return torch.cat(out) * rollout.response_mask
+# ----------------------------------------------------------------------------- 2. gradient accumulation
 
 
-def policy_update(
-    model,
-    optimizer: torch.optim.Optimizer,
-    rollout: Rollout,
-    advantages: torch.Tensor,             # [N, T]
-    objective: Callable[..., ObjectiveOutput],
-    *,
-    epochs: int,
-    minibatches: int,
-    micro_batch_size: int,
-    max_grad_norm: float,
-    temperature: float,
-    autocast_dtype,
-    max_len: int,
-    zero_advantage_is_zero_loss: bool,
-    generator: torch.Generator | None = None,
-    critic=None,                          # a Critic trained alongside, on `returns`, with `value_objective`
-    critic_optimizer: torch.optim.Optimizer | None = None,
-    returns: torch.Tensor | None = None,  # [N, T]
-    value_objective: Callable[..., ObjectiveOutput] | None = None,
-    early_stop_kl: float | None = None,   # stop the epochs once a minibatch's approx KL(old || new) exceeds this
-    pack_tokens: int | None = None,       # padding-free forward in packs of at most this many tokens (packing.py)
-    micro_batch_tokens: int | None = None,   # at most this many (padded) tokens per forward/backward
-    engine_tis_cap: float | None = None,  # rollout.logp_old is the sampling engine's: TIS weight from this forward
-) -> dict[str, float]:
-    """Run the update; returns metrics averaged over the optimizer steps taken (`update_rows`: this rank's).
+def accumulate(model, rollout, rows: torch.Tensor, advantages: torch.Tensor, objective, counts: BatchCounts,
+               ex: Execution, *, logp_old: torch.Tensor | None, critic: CriticTraining | None,
+               engine_tis_cap: float | None, chosen: list) -> tuple[dict[str, float], int]:
+    """Forward and backward over `rows` micro-batch by micro-batch; gradients add up in the parameters. Returns
+    (each named loss and metric summed over the micro-batches, the number of passes). Every rank runs as many
+    passes: a rank short of rows runs row 0 with weight 0. `engine_tis_cap`: pi_old is this forward's own
+    log-probs and the rollout's logp_old is the sampling engine's; the TIS weight comes from both, and the pairs
+    go to `chosen` for the mismatch statistics."""
+    sums: dict[str, float] = defaultdict(float)
+    micro = micro_batches_of(rows, rollout, ex) if len(rows) else []
+    n_micro = D.all_max(len(micro))
+    for i in range(n_micro):
+        idx, weight = (micro[i], 1.0) if i < len(micro) else (torch.tensor([0]), 0.0)
+        part = trim(rollout.select(idx))
+        T = part.response_mask.shape[1]
+        with ex.autocast():
+            logp, entropy = policy_logprobs(model, part.input_ids, part.attention_mask, T,
+                                            temperature=ex.temperature, pack_tokens=ex.pack_tokens)
+        logp, entropy = logp.float(), entropy.float()
+        is_weight = part.is_weight
+        if engine_tis_cap is not None:
+            is_weight = truncated_is_weight(logp.detach(), part.logp_old, cap=engine_tis_cap)
+            picked = part.response_mask.bool()
+            chosen.append((logp.detach()[picked], part.logp_old[picked]))
+        out = objective(logp, logp.detach() if logp_old is None else logp_old[idx, :T],
+                        advantages[idx, :T], part.response_mask, counts, logp_ref=part.logp_ref,
+                        entropy=entropy, is_weight=is_weight)
+        loss, named = out.total, {**out.losses, **out.metrics}
+        if critic is not None:
+            with ex.autocast():
+                values = critic.critic(part.input_ids, part.attention_mask, T)
+            vout = critic.objective(values, part.values, critic.returns[idx, :T], part.response_mask, counts)
+            loss, named = loss + vout.total, {**named, **vout.losses, **vout.metrics}
+        with grad_sync(model, sync=i == n_micro - 1):   # DDP: all-reduce on the last pass only
+            (loss * (weight * loss_scale())).backward()
+        for k, v in named.items():   # each is this micro-batch's share of the minibatch value
+            sums[k] += weight * float(v.detach())
+    return sums, n_micro
+
+
+# ----------------------------------------------------------------------------- 3. the optimizer step
+
+
+def optimizer_step(model, optimizer: torch.optim.Optimizer, max_grad_norm: float,
+                   critic: CriticTraining | None = None) -> float:
+    """Clip and step the policy (and the critic); the gradients are freed right after, not held through the next
+    rollout (513 MiB at 135M). Returns the policy's gradient norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    if critic is not None:
+        average_gradients(critic.critic.parameters())
+        torch.nn.utils.clip_grad_norm_(critic.critic.parameters(), max_grad_norm)
+        critic.optimizer.step()
+    zero_grads(optimizer, critic)
+    return float(getattr(norm, "full_tensor", lambda: norm)())   # FSDP: a DTensor
+
+
+def zero_grads(optimizer: torch.optim.Optimizer, critic: CriticTraining | None) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    if critic is not None:
+        critic.optimizer.zero_grad(set_to_none=True)
+
+
+# ----------------------------------------------------------------------------- the update
+
+
+def policy_update(model, optimizer: torch.optim.Optimizer, rollout, advantages: torch.Tensor,
+                  objective: Callable[..., ObjectiveOutput], ex: Execution, passes: Passes = Passes(), *,
+                  generator: torch.Generator | None = None, critic: CriticTraining | None = None,
+                  skip_zero_advantage: bool = False, engine_tis_cap: float | None = None) -> dict[str, float]:
+    """Run the update on `advantages` [N, T]; returns metrics averaged over the optimizer steps taken
+    (`update_rows`: this rank's). `skip_zero_advantage`: rows with A = 0 everywhere add exactly zero gradient
+    (no KL or entropy term, no critic) and are not computed.
 
     `engine_tis_cap` (one on-policy pass only): the rollout's `logp_old` holds the log-probs of the engine that
     sampled it (vLLM), and each micro-batch's own forward supplies pi_old = logp.detach() and the truncated IS
     weight min(pi_old / mu, cap) (objectives/mismatch.py), with no separate forward over the rollout first. The
     mismatch statistics are then over the rows the update computed."""
-    N = advantages.shape[0]                   # this rank's rows; under torchrun rank r holds global rows r*N ..
-    W, offset = D.world(), D.rank() * N
-    sums: dict[str, float] = defaultdict(float)
-    reuse_detached = epochs == 1 and minibatches == 1    # on-policy, one pass: old policy == current policy
-    if engine_tis_cap is not None and not reuse_detached:
+    if engine_tis_cap is not None and not passes.on_policy:
         raise ValueError("engine_tis_cap: the TIS weight comes from the update's forward only with one on-policy "
                          "pass (epochs = minibatches = 1)")
+    N = advantages.shape[0]                   # this rank's rows
+    logp_old = None if passes.on_policy else batched_logprobs(model, rollout, ex)
+    skip_zero = skip_zero_advantage and critic is None
+    sums: dict[str, float] = defaultdict(float)
     chosen: list[tuple[torch.Tensor, torch.Tensor]] = []   # engine_tis_cap: (logp_policy, logp_engine) chosen
-    logp_old = None if reuse_detached else batched_logprobs(
-        model, rollout, micro_batch_size=micro_batch_size, temperature=temperature, autocast_dtype=autocast_dtype,
-        pack_tokens=pack_tokens, micro_batch_tokens=micro_batch_tokens)
-    skip_zero = zero_advantage_is_zero_loss and critic is None
-    passes, stopped = 0, False
-    for _ in range(epochs):
-        if stopped:
+    steps, stopped = 0, False
+    for mb, num_seqs in plan_minibatches(N, passes, generator):
+        counts = D.batch_counts(rollout.response_mask[mb], num_seqs, ex.max_len)
+        if skip_zero:
+            mb = mb[(advantages[mb] != 0).any(-1)]
+        zero_grads(optimizer, critic)
+        mb_sums, n_micro = accumulate(model, rollout, mb, advantages, objective, counts, ex, logp_old=logp_old,
+                                      critic=critic, engine_tis_cap=engine_tis_cap, chosen=chosen)
+        # token-mean metrics were divided by all the minibatch's tokens; rescale to the rows actually computed
+        mb_sums["_active"] = float(rollout.response_mask[mb].sum()) if len(mb) else 0.0
+        mb_sums = D.sum_values(mb_sums)                           # the global minibatch's values
+        active = mb_sums.pop("_active")
+        for k, v in mb_sums.items():
+            sums[k] += v if k.startswith("loss_") or not active else v * counts.num_tokens / active
+        if n_micro:
+            sums["grad_norm"] += optimizer_step(model, optimizer, passes.max_grad_norm, critic)
+        sums["update_rows"] += len(mb)
+        steps += 1
+        # the KL measured on this minibatch before its step: how far the earlier steps already moved the policy
+        if passes.early_stop_kl is not None and mb_sums.get("approx_kl_old", 0.0) > passes.early_stop_kl:
+            stopped = True
             break
-        order = torch.randperm(N * W, generator=generator) if minibatches > 1 else torch.arange(N * W)
-        for mb in D.broadcast_from_main(order).chunk(minibatches):   # one split of the global rows, rank 0's
-            if stopped:
-                break
-            num_seqs = len(mb)
-            mb = mb[(mb >= offset) & (mb < offset + N)] - offset      # this rank's rows of the minibatch
-            counts = D.batch_counts(rollout.response_mask[mb], num_seqs, max_len)
-            if skip_zero:   # rows with A = 0 everywhere add exactly zero gradient: skip their compute
-                mb = mb[(advantages[mb] != 0).any(-1)]
-            optimizer.zero_grad(set_to_none=True)
-            if critic_optimizer is not None:
-                critic_optimizer.zero_grad(set_to_none=True)
-            mb_sums: dict[str, float] = defaultdict(float)
-            micro = micro_batches(mb, rollout, micro_batch_size, micro_batch_tokens) if len(mb) else []
-            n_micro = D.all_max(len(micro))   # every rank runs as many passes: a rank short of rows runs row 0 × 0
-            for i in range(n_micro):
-                idx, weight = (micro[i], 1.0) if i < len(micro) else (torch.tensor([0]), 0.0)
-                part = trim(rollout.select(idx))
-                T = part.response_mask.shape[1]
-                with _amp(autocast_dtype):
-                    logp, entropy = policy_logprobs(model, part.input_ids, part.attention_mask, T,
-                                                    temperature=temperature, pack_tokens=pack_tokens)
-                logp, entropy = logp.float(), entropy.float()
-                is_weight = part.is_weight
-                if engine_tis_cap is not None:
-                    is_weight = truncated_is_weight(logp.detach(), part.logp_old, cap=engine_tis_cap)
-                    picked = part.response_mask.bool()
-                    chosen.append((logp.detach()[picked], part.logp_old[picked]))
-                out = objective(logp, logp.detach() if logp_old is None else logp_old[idx, :T],
-                                advantages[idx, :T], part.response_mask, counts, logp_ref=part.logp_ref,
-                                entropy=entropy, is_weight=is_weight)
-                loss, named = out.total, {**out.losses, **out.metrics}
-                if critic is not None:
-                    with _amp(autocast_dtype):
-                        values = critic(part.input_ids, part.attention_mask, T)
-                    vout = value_objective(values, part.values, returns[idx, :T], part.response_mask, counts)
-                    loss, named = loss + vout.total, {**named, **vout.losses, **vout.metrics}
-                with grad_sync(model, sync=i == n_micro - 1):   # DDP: all-reduce on the last pass only
-                    (loss * (weight * loss_scale())).backward()
-                for k, v in named.items():   # each is this micro-batch's share of the minibatch value
-                    mb_sums[k] += weight * float(v.detach())
-            # token-mean metrics were divided by all the minibatch's tokens; rescale to the rows actually computed
-            mb_sums["_active"] = float(rollout.response_mask[mb].sum()) if len(mb) else 0.0
-            mb_sums = D.sum_values(mb_sums)                           # the global minibatch's values
-            active = mb_sums.pop("_active")
-            for k, v in mb_sums.items():
-                sums[k] += v if k.startswith("loss_") or not active else v * counts.num_tokens / active
-            if n_micro:
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-                sums["grad_norm"] += float(getattr(norm, "full_tensor", lambda: norm)())   # FSDP: a DTensor
-                optimizer.step()
-                if critic_optimizer is not None:
-                    average_gradients(critic.parameters())
-                    torch.nn.utils.clip_grad_norm_(critic.parameters(), max_grad_norm)
-                    critic_optimizer.step()
-                # the gradients are dead from here: freed now, not held through the next rollout (513 MiB at 135M)
-                optimizer.zero_grad(set_to_none=True)
-                if critic_optimizer is not None:
-                    critic_optimizer.zero_grad(set_to_none=True)
-            sums["update_rows"] += len(mb)
-            passes += 1
-            # the KL measured on this minibatch before its step: how far the earlier steps already moved the policy
-            if early_stop_kl is not None and mb_sums.get("approx_kl_old", 0.0) > early_stop_kl:
-                stopped = True
-    out = {k: v / max(1, passes) for k, v in sums.items()}
-    out["update_passes"], out["early_stopped"] = float(passes), float(stopped)
+    out = {k: v / max(1, steps) for k, v in sums.items()}
+    out["update_passes"], out["early_stopped"] = float(steps), float(stopped)
     if chosen:            # (a step whose rows were all skipped measured no mismatch: no keys rather than zeros)
         policy, engine = (torch.cat(x) for x in zip(*chosen))
         out |= {k: float(v) for k, v in mismatch_stats(policy, engine, torch.ones_like(policy),
@@ -216,32 +184,32 @@ def policy_update(
     return out
 
 
-def critic_update(critic, critic_optimizer, rollout: Rollout, returns: torch.Tensor, value_objective, *,
-                  micro_batch_size: int, max_len: int, max_grad_norm: float, autocast_dtype,
-                  micro_batch_tokens: int | None = None) -> dict[str, float]:
-    """One optimizer step of the critic alone on `returns` [N, T] (used when the policy moves by TRPO)."""
-    counts = BatchCounts.of(rollout.response_mask, max_len)
-    critic_optimizer.zero_grad(set_to_none=True)
+def critic_update(critic: CriticTraining, rollout, ex: Execution, max_grad_norm: float) -> dict[str, float]:
+    """One optimizer step of the critic alone on its returns (used when the policy moves by TRPO)."""
+    counts = BatchCounts.of(rollout.response_mask, ex.max_len)
+    critic.optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = defaultdict(float)
-    for idx in micro_batches(torch.arange(returns.shape[0]), rollout, micro_batch_size, micro_batch_tokens):
+    for idx in micro_batches_of(torch.arange(critic.returns.shape[0]), rollout, ex):
         part = trim(rollout.select(idx))
         T = part.response_mask.shape[1]
-        with _amp(autocast_dtype):
-            values = critic(part.input_ids, part.attention_mask, T)
-        out = value_objective(values, part.values, returns[idx, :T], part.response_mask, counts)
+        with ex.autocast():
+            values = critic.critic(part.input_ids, part.attention_mask, T)
+        out = critic.objective(values, part.values, critic.returns[idx, :T], part.response_mask, counts)
         out.total.backward()
         for k, v in {**out.losses, **out.metrics}.items():
             sums[k] += float(v.detach())
-    torch.nn.utils.clip_grad_norm_(critic.parameters(), max_grad_norm)
-    critic_optimizer.step()
-    critic_optimizer.zero_grad(set_to_none=True)      # dead from here, as in policy_update
+    torch.nn.utils.clip_grad_norm_(critic.critic.parameters(), max_grad_norm)
+    critic.optimizer.step()
+    critic.optimizer.zero_grad(set_to_none=True)      # dead from here, as in policy_update
     return dict(sums)
 
 
-def trpo_update(model, rollout: Rollout, advantages: torch.Tensor, *, max_kl: float, cg_iters: int,
-                cg_damping: float, rows: int | None, temperature: float,
+def trpo_update(model, rollout, advantages: torch.Tensor, *, max_kl: float, cg_iters: int, cg_damping: float,
+                rows: int | None, temperature: float, aggregation: str = "token-mean", constraint: str = "k3",
                 generator: torch.Generator | None = None) -> dict[str, float]:
-    """The policy moved by one TRPO step (objectives/trpo.py) on the surrogate mean(r A) of the rollout.
+    """The policy moved by one TRPO step (objectives/trpo.py) on the surrogate r A aggregated by `aggregation`,
+    under KL(old || new) <= max_kl estimated by the `constraint` estimator (objectives/kl.py; k3 is unbiased for
+    KL(old || new) on samples of the old policy and never negative).
 
     Runs in fp32 without autocast (the line search compares values across forwards) and with the composite
     attention kernel, which differentiates twice. `rows` subsamples the sequences the step is computed on.
@@ -276,8 +244,8 @@ def trpo_update(model, rollout: Rollout, advantages: torch.Tensor, *, max_kl: fl
                 logp_old = logp_now()
             stats = trpo_step(
                 model, [p for p in model.parameters() if p.requires_grad],
-                lambda: aggregate(torch.exp(logp_now() - logp_old) * A * w, mask, "token-mean", counts),
-                lambda: aggregate(kl_estimate(logp_old, logp_now(), "k3"), mask, "token-mean", counts),
+                lambda: aggregate(torch.exp(logp_now() - logp_old) * A * w, mask, aggregation, counts),
+                lambda: aggregate(kl_estimate(logp_old, logp_now(), constraint), mask, aggregation, counts),
                 max_kl=max_kl, cg_iters=cg_iters, cg_damping=cg_damping)
     finally:
         model.train(was_training)

@@ -11,8 +11,8 @@ import yaml
 from llmrl.config import config_to_dict
 from llmrl.models import save_pretrained_model
 from llmrl.models.lora import merged_copy
-from llmrl.train import distributed as D
-from llmrl.train.heap import retain_heap
+from llmrl.distributed import runtime as D
+from llmrl.compute.heap import retain_heap
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -22,7 +22,7 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def start_run(cfg) -> tuple[Path, str, torch.Generator]:
-    """Threads, the allocator (train/heap.py), seeds, the run folder `run.output_dir/run.name` with its
+    """Threads, the allocator (compute/heap.py), seeds, the run folder `run.output_dir/run.name` with its
     config.yaml (written by rank 0).
     Returns (run_dir, the resolved config as YAML, a seeded torch generator: under torchrun seeded per rank,
     so that ranks draw different samples; the global seeds, and so any initialisation, are the same)."""
@@ -44,7 +44,7 @@ def start_run(cfg) -> tuple[Path, str, torch.Generator]:
 def save_checkpoint(model, tokenizer, path: Path, config_yaml: str) -> Path:
     """save_pretrained (written atomically: a temporary folder, then renamed; a LoRA adapter merged in) plus the
     resolved config beside it. Under torchrun every rank calls it and rank 0 writes (FSDP: gathered weights)."""
-    from llmrl.train.parallel import full_model
+    from llmrl.distributed.parallel import full_model
 
     model = full_model(model)
     if model is None:

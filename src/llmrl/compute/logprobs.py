@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from llmrl.kernels import F as _F32, I, L, P, load, ptr
-from llmrl.objectives.packing import packed_response_hidden
+from llmrl.compute.kernels import F as _F32, I, L, P, load, ptr
+from llmrl.compute.packing import packed_response_hidden
 
 
 def _head_logp_entropy(hidden, head_weight, targets, temperature: float, with_entropy: bool = True):
@@ -206,7 +207,7 @@ HEAD_SIGNATURES = {"head_forward": [P, L, I, I, P, _F32, P, P, P, I],
 
 @lru_cache(maxsize=1)
 def head_kernels():
-    """head_kernels.c loaded (llmrl/kernels.py), or None: no compiler, a failed build, LLMRL_HEAD_KERNELS=0."""
+    """head_kernels.c loaded (llmrl/compute/kernels.py), or None: no compiler, a failed build, LLMRL_HEAD_KERNELS=0."""
     return load(HEAD_SOURCE, HEAD_SIGNATURES, "LLMRL_HEAD_KERNELS", "LM head kernels")
 
 
@@ -289,6 +290,25 @@ def response_logprobs(
     outs = ChunkedHead.apply(hidden, weight, targets, temperature, chunk, with_entropy, dw_buffer)
     logp = _scatter(real, outs[0])
     return logp, (_scatter(real, outs[1]) if with_entropy else None)
+
+
+class LogprobForward(nn.Module):
+    """`response_logprobs(model, ...)` as a module's forward, so a DDP / FSDP wrapper's hooks see it."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, response_len: int, **kw):
+        return response_logprobs(self.model, input_ids, attention_mask, response_len, **kw)
+
+
+def policy_logprobs(policy, input_ids, attention_mask, response_len: int, **kw):
+    """(logp [N, T], entropy [N, T] or None) through a wrapped policy's forward (a `LogprobForward`, as is or
+    under DDP / FSDP2: distributed/parallel.py), or `response_logprobs` on a plain model."""
+    if isinstance(policy, LogprobForward) or isinstance(getattr(policy, "module", None), LogprobForward):
+        return policy(input_ids, attention_mask, response_len, **kw)
+    return response_logprobs(policy, input_ids, attention_mask, response_len, **kw)
 
 
 def _scatter(real: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

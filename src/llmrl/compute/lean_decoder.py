@@ -10,7 +10,7 @@ Numerics follow HF under autocast: the residual stream and RMSNorm stay in fp32,
 run in the compute dtype (`autocast_dtype`, else the weights' own dtype: fp32 gives HF's logits to ~1e-6).
 
 In bf16 on CPU the decode steps (one token a row) go through `decode`, which does the ops between the matmuls in
-C (rollout/kernels.py: four calls a layer instead of ~20 PyTorch ops) on a cache with the keys transposed. On
+C (compute/decode_kernels.py: four calls a layer instead of ~20 PyTorch ops) on a cache with the keys transposed. On
 SmolLM2-135M at 16 rows a step takes ~23 instead of ~30 ms (2026-12-03, 2-core Xeon); the prefill stays here.
 
 Notation: n rows in the batch, S new positions, L cache capacity, H query heads, K key/value heads, D head dim.
@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .kernels import kernels, ptr
+from llmrl.compute.decode_kernels import kernels, ptr
+from llmrl.compute.weights import policy_weights, write_rows
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")     # position-independent inv_freq (not "dynamic")
@@ -47,16 +48,6 @@ def lean_supported(model, max_len: int) -> bool:
                                        or "sliding_attention" in (getattr(cfg, "layer_types", None) or ()))
     return (rope in ROPE_TYPES and cfg.hidden_act == "silu" and not getattr(cfg, "mlp_bias", False)
             and not (windowed and max_len > window))
-
-
-def write_rows(srcs: list[torch.Tensor], dst: torch.Tensor) -> torch.Tensor:
-    """The tensors of `srcs`, one after another along dim 0, cast into the first rows of `dst` (one pass: no
-    concatenated copy in the source dtype first)."""
-    row = 0
-    for t in srcs:
-        dst[row:row + len(t)].copy_(t)
-        row += len(t)
-    return dst
 
 
 def _has_dropout(cfg) -> bool:
@@ -109,7 +100,6 @@ class LeanDecoder:
     """The model's weights in the compute dtype, and `forward` over a pre-allocated KV cache."""
 
     def __init__(self, model, dtype: torch.dtype | None = None):
-        from .vllm_engine import policy_weights     # plain HF names, a LoRA adapter merged in
 
         base = _base(model)
         cfg = base.config
@@ -204,7 +194,7 @@ class LeanDecoder:
         start: int,
         keys: torch.Tensor,         # [n, L] bool: the slots each row attends to (set through `start`, 0 after)
     ) -> torch.Tensor:              # [n, V] logits, compute dtype
-        """`forward` for one token a row with the ops between the matmuls in C (rollout/kernels.py, needs `self.c`):
+        """`forward` for one token a row with the ops between the matmuls in C (compute/decode_kernels.py, needs `self.c`):
         four calls a layer instead of ~20 PyTorch ops. The same arithmetic to bf16 rounding (decode_kernels.c)."""
         c, n, H, K, D = self.c, len(ids), self.H, self.K, self.D
         E, I, L = self.norm.shape[0], self.layers[0].down.w_in, kt.shape[-1]

@@ -13,7 +13,7 @@ on one rank), sample and score them, and then everything that needs the whole ba
                    its own rows (`global_credit`): a group baseline sees the whole group, batch whitening
                    (reinforce_pp, batch_mean) the whole batch
     loss           every aggregation divides by the optimizer batch's global counts (`batch_counts`); the
-                   gradient sync in `train/parallel.py` turns the ranks' gradients into their sum
+                   gradient sync in `distributed/parallel.py` turns the ranks' gradients into their sum
     KL control     the adaptive controller sees the ranks' mean sampled KL (`mean`)
     metrics        gathered and reduced (`reduce_metrics`, `evaluate_split`)
 

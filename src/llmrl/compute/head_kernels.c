@@ -1,7 +1,7 @@
-/* The LM head's softmax passes (objectives/logprobs.py, ChunkedHead) over bf16 logits, one pass per row where
+/* The LM head's softmax passes (compute/logprobs.py, ChunkedHead) over bf16 logits, one pass per row where
  * PyTorch makes four to six over an fp32 copy: the log-normaliser, log-prob of the target and entropy in the
  * forward; the logits' gradient, written over the logits themselves, in the backward. Compiled at first use by
- * llmrl/kernels.py with the system C compiler; raw pointers only. Rows are split over `threads` POSIX threads.
+ * llmrl/compute/kernels.py with the system C compiler; raw pointers only. Rows are split over `threads` POSIX threads.
  *
  * Numerics: x = z / tau in fp32 from the bf16 logits z (PyTorch's path casts the same bf16 matmul output to fp32),
  * exp by Cephes' expf polynomial (~1 ulp), sums in fp32 over 16 lanes; the gradient is rounded to bf16 (round to

@@ -44,7 +44,7 @@ import torch
 import yaml
 
 from llmrl.config import config_to_dict
-from llmrl.train import distributed as D
+from llmrl.distributed import runtime as D
 
 log = logging.getLogger("llmrl.train")
 

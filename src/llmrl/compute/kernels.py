@@ -1,7 +1,7 @@
 """Small C kernels, compiled with the system C compiler at first use and called through ctypes on tensors' memory.
 
-Two sources use this: `rollout/decode_kernels.c` (a decode step's small ops, for the lean sampler) and
-`objectives/head_kernels.c` (the LM head's softmax passes over bf16 logits, for `ChunkedHead`). Each library is
+Two sources use this: `compute/decode_kernels.c` (a decode step's small ops, for the lean sampler) and
+`compute/head_kernels.c` (the LM head's softmax passes over bf16 logits, for `ChunkedHead`). Each library is
 built once per source, compiler and CPU into `cache_dir()/kernels/` (written to a temporary name and renamed, so
 that concurrent processes do not see a half-written file), with `-march=native`: the CPU's flags are part of its
 name. ctypes releases the GIL for the call.
@@ -23,6 +23,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from llmrl.cache import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +75,6 @@ def load(source: Path, signatures: dict[str, list], switch: str, what: str):
     compiler = os.environ.get("CC", "cc")
     if shutil.which(compiler) is None or platform.system() != "Linux":
         return None
-    from llmrl.models.loading import cache_dir
-
     try:
         lib = ctypes.CDLL(str(build(source, cache_dir() / "kernels", compiler)))
     except (OSError, subprocess.CalledProcessError) as e:

@@ -15,7 +15,7 @@ def _clean(v):
 
 
 class MetricsLog:
-    """One JSON line per record; each record also goes to the `sinks` (TensorBoard, W&B: `llmrl.train.sinks`).
+    """One JSON line per record; each record also goes to the `sinks` (TensorBoard, W&B: `llmrl.runio.sinks`).
     enabled=False writes nothing (the ranks other than 0 under torchrun)."""
 
     def __init__(self, path: Path, mode: str = "w", sinks: Sequence = (), *, enabled: bool = True):   # "a": resumed

@@ -1,6 +1,6 @@
-/* The small ops of one decode step of a Llama-family decoder (rollout/lean_decoder.py), one call each where
+/* The small ops of one decode step of a Llama-family decoder (compute/lean_decoder.py), one call each where
  * PyTorch runs five to ten: at 16 rows a 135M model's decode step is bound by per-op overhead, not arithmetic.
- * Compiled at first use by rollout/kernels.py with the system C compiler; no PyTorch headers, raw pointers only.
+ * Compiled at first use by compute/decode_kernels.py with the system C compiler; no PyTorch headers, raw pointers only.
  *
  * Numerics follow the PyTorch ops they replace under bf16 autocast: the residual stream and RMSNorm in fp32, every
  * value that PyTorch stores in bf16 rounded to bf16 (round to nearest even) at the same point, RoPE in fp32. The

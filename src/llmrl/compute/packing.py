@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llmrl.objectives.attention import segment_attention  # registered below as "llmrl_segments"
+from llmrl.compute.attention import segment_attention  # registered below as "llmrl_segments"
 
 MASKED_ATTENTION = ("sdpa", "eager")    # attention implementations that take a custom 4D mask
 

@@ -39,7 +39,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from llmrl.objectives.logprobs import compute_dtype
+from llmrl.compute.logprobs import compute_dtype
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 
 from llmrl.config import config_to_dict
-from llmrl.train.metrics import MetricsLog
+from llmrl.runio.metrics import MetricsLog
 
 
 def scalars(record: dict) -> tuple[int | None, dict[str, float]]:

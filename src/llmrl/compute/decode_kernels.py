@@ -1,4 +1,4 @@
-"""The decode step's small ops in C (`decode_kernels.c`), built and loaded by `llmrl.kernels`.
+"""The decode step's small ops in C (`decode_kernels.c`), built and loaded by `llmrl.compute.kernels`.
 
 A decode step of a 135M model at 16 rows spends more time in PyTorch's per-op overhead than in arithmetic: ~20 small
 ops a layer (norms, casts, RoPE, cache writes, attention, SiLU, residual adds) around four matmuls whose weights
@@ -13,7 +13,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from llmrl.kernels import F, I, L, P, load, ptr  # noqa: F401  (ptr: re-exported for the decoder)
+from llmrl.compute.kernels import F, I, L, P, load, ptr  # noqa: F401  (ptr: re-exported for the decoder)
 
 SOURCE = Path(__file__).with_name("decode_kernels.c")
 SIGNATURES = {

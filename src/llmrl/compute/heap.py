@@ -26,7 +26,7 @@ nothing run first, when the second batch added 530 MB instead. glibc's mallinfo2
 training forward) splits the growth: the bytes in use grow ~12 MB a step (~7 of them oneDNN's primitive cache),
 the free bytes the heap keeps by the rest (384 MiB after step 1, 1023 after step 12): fragmentation. malloc_trim
 before each phase, one arena and a 4 MiB mmap threshold did not stop it. Packs padded to a multiple of 64 slots
-(objectives/packing.py, PACK_ALIGN) cut the in-use growth (with checkpointing, 21 steps: 122 against 349 MiB) and
+(compute/packing.py, PACK_ALIGN) cut the in-use growth (with checkpointing, 21 steps: 122 against 349 MiB) and
 the peak (3541 against 3917 MiB); the free bytes still grow (docs/benchmarks.md).
 
 2026-11-25, later: the gradients are freed right after the optimizer step (train/update.py; they were held

@@ -29,19 +29,8 @@ import contextlib
 import torch
 from torch import nn
 
-from llmrl.objectives.logprobs import response_logprobs
-from llmrl.train import distributed as D
-
-
-class LogprobForward(nn.Module):
-    """`response_logprobs(model, ...)` as a module's forward, so a DDP / FSDP wrapper's hooks see it."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, response_len: int, **kw):
-        return response_logprobs(self.model, input_ids, attention_mask, response_len, **kw)
+from llmrl.compute.logprobs import LogprobForward
+from llmrl.distributed import runtime as D
 
 
 def check_parallel(cfg, resume_from=None) -> None:
@@ -94,15 +83,6 @@ def wrap_policy(model: nn.Module, parallel: str) -> nn.Module:
         policy(ids, torch.ones_like(ids), 1, with_entropy=False)
     policy.reshard()
     return policy
-
-
-def policy_logprobs(policy, input_ids, attention_mask, response_len: int, **kw):
-    """(logp [N, T], entropy [N, T] or None) through a wrapped policy's forward, or `response_logprobs`."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    if isinstance(policy, (DistributedDataParallel, LogprobForward)):
-        return policy(input_ids, attention_mask, response_len, **kw)
-    return response_logprobs(policy, input_ids, attention_mask, response_len, **kw)
 
 
 def loss_scale() -> float:
