@@ -103,7 +103,10 @@ def run_traced(steps: int, log: Path, overrides: list[str]) -> None:
     import importlib
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import llmrl.train.build as build
     import llmrl.train.rl as rl
+    import llmrl.train.rules as rules
+    import llmrl.train.stages as stages
     from compare_trl import config
 
     fd = os.open(log, os.O_WRONLY | os.O_APPEND)
@@ -121,7 +124,7 @@ def run_traced(steps: int, log: Path, overrides: list[str]) -> None:
                 mark(f"{step[0]}:after_{name}")
         return w
 
-    collector = rl.rollout_collector
+    collector = build.make_collector
 
     def rollout_collector(*a, **k):
         collect = wrap("rollout", collector(*a, **k))
@@ -131,9 +134,9 @@ def run_traced(steps: int, log: Path, overrides: list[str]) -> None:
             return collect(*a2, **k2)
         return counted
 
-    rl.rollout_collector = rollout_collector
-    rl.batched_logprobs = wrap("reference", rl.batched_logprobs)
-    rl.policy_update = wrap("update", rl.policy_update)
+    build.make_collector = rollout_collector
+    stages.batched_logprobs = wrap("reference", stages.batched_logprobs)
+    rules.policy_update = wrap("update", rules.policy_update)
     optim = importlib.import_module("torch.optim.optimizer")
     optim.register_optimizer_step_pre_hook(lambda *_: mark(f"{step[0]}:optimizer_step"))
     optim.register_optimizer_step_post_hook(lambda *_: mark(f"{step[0]}:after_optimizer_step"))

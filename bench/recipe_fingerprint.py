@@ -26,9 +26,13 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# The tiny random model never answers right, so every advantage would be 0 and no weight would move: the tiny cases
+# add a reward that varies between samples (the share of characters that are digits), registered before the run.
+RUNNER = """import sys\nfrom llmrl.rewards import REWARDS\n@REWARDS.register("fingerprint_digits")\ndef _digits(completions, examples):\n    return [sum(ch.isdigit() for ch in c) / max(1, len(c)) for c in completions]\nfrom llmrl.cli import main\nsys.exit(main(sys.argv[1:]))\n"""
+VARIED = "reward.terms=[{name: correct, weight: 1.0}, {name: fingerprint_digits, weight: 1.0}]"
 TINY = ["model.name=tiny", "model.autocast=none", "task.heldout_size=8", "rollout.prompts_per_step=2",
         "rollout.group_size=4", "rollout.max_new_tokens=8", "run.steps=3", "run.eval_every=2", "run.progress=false",
-        "run.threads=1", "run.samples_every=1"]
+        "run.threads=1", "run.samples_every=1", VARIED]
 CASES: dict[str, list[str]] = {
     "grpo": ["examples/grpo_arithmetic.yaml", *TINY],
     "grpo_bf16": ["examples/grpo_arithmetic.yaml", *TINY, "model.autocast=bfloat16"],
@@ -38,7 +42,7 @@ CASES: dict[str, list[str]] = {
     "trpo": ["examples/trpo_arithmetic.yaml", *TINY],
     "vineppo": ["examples/vineppo_arithmetic.yaml", *TINY, "credit.mc_samples=2"],
     "process": ["examples/grpo_arithmetic.yaml", *TINY, "credit.estimator=process", "credit.options={}",
-                "credit.steps=regex", "credit.step_pattern=[=.]", "credit.step_reward=equations"],
+                "credit.steps=regex", "credit.step_pattern='[=.]'", "credit.step_reward=equations"],
     "epochs": ["examples/grpo_arithmetic.yaml", *TINY, "objective.epochs=2", "objective.minibatches=2",
                "objective.early_stop_kl=0.5"],
     "lora": ["examples/grpo_arithmetic.yaml", *TINY, "model.lora_r=4"],
@@ -49,7 +53,7 @@ CASES: dict[str, list[str]] = {
                 "optim.warmup_steps=1"],
 }
 MAIN = {"main": ["examples/main_arithmetic.yaml", "run.progress=false"]}
-WALL_CLOCK = ("time_", "tokens_per_s")
+WALL_CLOCK = ("time_", "tokens_per_s", "mc_time")
 
 
 def metrics_digest(path: Path) -> str:
@@ -75,7 +79,7 @@ def weights_digest(folder: Path) -> str:
 
 def run_case(name: str, args: list[str], src: Path, out_dir: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(src.resolve())}
-    cmd = [sys.executable, "-m", "llmrl", "train", *args, f"run.name={name}", f"run.output_dir={out_dir}"]
+    cmd = [sys.executable, "-c", RUNNER, "train", *args, f"run.name={name}", f"run.output_dir={out_dir}"]
     proc = subprocess.run(cmd, cwd=src.resolve().parent, env=env, capture_output=True, text=True)
     if proc.returncode:
         return {"error": proc.stderr[-2000:]}

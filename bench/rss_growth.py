@@ -37,7 +37,10 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. run.retain_heap=false")
     args = ap.parse_args()
 
+    import llmrl.train.build as build
     import llmrl.train.rl as rl
+    import llmrl.train.rules as rules
+    import llmrl.train.stages as stages
 
     trace: dict[str, list[int]] = {p: [] for p in PHASES}
 
@@ -49,11 +52,11 @@ def main() -> None:
             return out
         return call
 
-    collector = rl.rollout_collector                     # held-out evaluation samples greedily: not a step
-    rl.rollout_collector = lambda *a, **kw: recorded("rollout", collector(*a, **kw),
+    collector = build.make_collector                     # held-out evaluation samples greedily: not a step
+    build.make_collector = lambda *a, **kw: recorded("rollout", collector(*a, **kw),
                                                       skip=lambda kw: kw.get("temperature") == 0.0)
-    rl.batched_logprobs = recorded("reference", rl.batched_logprobs)   # the native sampler: only the reference
-    rl.policy_update = recorded("update", rl.policy_update)
+    stages.batched_logprobs = recorded("reference", stages.batched_logprobs)   # the native sampler: only the reference
+    rules.policy_update = recorded("update", rules.policy_update)
     with tempfile.TemporaryDirectory() as out:
         rl.train(config(args.steps, "rss_growth", f"run.output_dir={out}", "run.progress=false", *args.overrides))
     for phase in PHASES:

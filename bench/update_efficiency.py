@@ -53,7 +53,8 @@ from llmrl.models import load_model  # noqa: E402
 from llmrl.objectives.policy import ppo_clip_objective  # noqa: E402
 from llmrl.rollout.types import Rollout  # noqa: E402
 from llmrl.compute.heap import retain_heap  # noqa: E402
-from llmrl.train.update import policy_update  # noqa: E402
+from llmrl.compute.settings import Execution  # noqa: E402
+from llmrl.train.update import Passes, policy_update  # noqa: E402
 
 # kinds of aten op for the breakdown, by op name (the rest: "elementwise and other")
 OP_KINDS = {"matmul": ("mm", "bmm", "addmm", "matmul", "linear"),
@@ -116,10 +117,10 @@ def flops_linear(model, rollout: Rollout) -> float:
 
 def update_fn(model, optimizer, rollout, advantages, *, pack_tokens, micro_batch_size, autocast_dtype):
     """One `policy_update` call as a function of nothing: one epoch, one minibatch, PPO clip."""
-    return partial(policy_update, model, optimizer, rollout, advantages, partial(ppo_clip_objective),
-                  epochs=1, minibatches=1, micro_batch_size=micro_batch_size, max_grad_norm=1.0, temperature=1.0,
-                  autocast_dtype=autocast_dtype, max_len=rollout.response_mask.shape[1],
-                  zero_advantage_is_zero_loss=True, pack_tokens=pack_tokens)
+    ex = Execution(autocast_dtype=autocast_dtype, pack_tokens=pack_tokens, micro_batch_size=micro_batch_size,
+                   max_len=rollout.response_mask.shape[1])
+    return partial(policy_update, model, optimizer, rollout, advantages, partial(ppo_clip_objective), ex,
+                   Passes(max_grad_norm=1.0), skip_zero_advantage=True)
 
 
 def op_breakdown(fn) -> tuple[float, dict[str, tuple[float, int]]]:

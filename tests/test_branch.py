@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llmrl.config import load_config
-from llmrl.credit import step_ids_for_batch
+from llmrl.credit import CREDIT, step_boundaries, step_ids_for_batch
 from llmrl.data import Example
 from llmrl.presets import PRESETS
 from llmrl.rewards import REWARDS, score
@@ -34,7 +34,8 @@ def test_values_are_the_mean_reward_of_continuations_from_each_step(tiny):
                         generator=torch.Generator().manual_seed(3))
     steps = step_ids_for_batch(tok, r.response_ids, r.response_mask, mode="regex", pattern="[ 0-9]")
     terms = [("test_count_sevens", 1.0, {})]
-    values, stats = monte_carlo_values(model, tok, r, steps, terms, samples=3, max_new_tokens=10, temperature=0.0)
+    values, stats = monte_carlo_values(model, tok, r, step_boundaries(steps),
+                                       lambda t, e: score(t, e, terms).total, samples=3, max_new_tokens=10, temperature=0.0)
     P = r.prompt_len
     checked = 0
     for i in range(len(r.completions)):
@@ -67,7 +68,12 @@ def test_mismatched_credit_sources_fail_before_training(overrides, message):
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_has_consistent_credit_sources(name):
-    check_credit_sources(load_config(None, [f"preset={name}"], presets=PRESETS))
+    """Each preset passes the checks, and gives its estimator every source it declares it needs."""
+    cfg = load_config(None, [f"preset={name}"], presets=PRESETS)
+    check_credit_sources(cfg)                              # raises on an inconsistent preset
+    needs = set(CREDIT.info(cfg.credit.estimator).get("needs", ()))
+    assert "values" not in needs or cfg.credit.values != "none"
+    assert ("steps" not in needs) or cfg.credit.steps != "none"
 
 
 def test_process_rewards_flow_from_the_config_to_step_advantages(tmp_path):

@@ -100,9 +100,9 @@ def test_prompt_longer_than_the_context_fails_before_training(tmp_path, capsys):
 
 
 def test_ctrl_c_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    import llmrl.train.rl as rl
+    import llmrl.train.rules as rules
 
-    real, calls = rl.policy_update, {"n": 0}
+    real, calls = rules.policy_update, {"n": 0}
 
     def interrupt_on_second(*a, **kw):
         calls["n"] += 1
@@ -110,7 +110,7 @@ def test_ctrl_c_keeps_the_last_checkpoint(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(rl, "policy_update", interrupt_on_second)
+    monkeypatch.setattr(rules, "policy_update", interrupt_on_second)
     assert run(tmp_path, "run.save_every=1", steps=3) == 130
     from llmrl.runio.checkpoint import latest
 

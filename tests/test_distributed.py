@@ -34,7 +34,8 @@ from llmrl.rollout.collect import collect_rollout
 from llmrl.distributed import runtime as D
 from llmrl.train.evaluate import evaluate
 from llmrl.distributed.parallel import full_model, full_params, wrap_policy
-from llmrl.train.update import policy_update
+from llmrl.compute.settings import Execution
+from llmrl.train.update import CriticTraining, Passes, policy_update
 
 W, N = 2, 8
 ATOL = 2e-6
@@ -114,10 +115,10 @@ def _update(case, rollout, adv, returns, seed: int):
     opt = torch.optim.SGD(list(policy.parameters()), lr=0.1)
     objective = partial(ppo_clip_objective, aggregation=aggregation,
                         **({"kl_coef": 0.1, "kl_estimator": "k2", "entropy_coef": 0.01} if extra == "kl" else {}))
-    out = policy_update(policy, opt, rollout, adv, objective, epochs=epochs, minibatches=minibatches,
-                        micro_batch_size=2, max_grad_norm=1e9, temperature=1.0, autocast_dtype=None, max_len=8,
-                        zero_advantage_is_zero_loss=extra == "", generator=torch.Generator().manual_seed(seed),
-                        critic=critic, critic_optimizer=critic_opt, returns=returns, value_objective=value_objective)
+    trained = None if critic is None else CriticTraining(critic, critic_opt, value_objective, returns)
+    out = policy_update(policy, opt, rollout, adv, objective, Execution(micro_batch_size=2, max_len=8),
+                        Passes(epochs, minibatches, 1e9), skip_zero_advantage=extra == "",
+                        generator=torch.Generator().manual_seed(seed), critic=trained)
     full = lambda p: p.full_tensor() if hasattr(p, "full_tensor") else p  # noqa: E731
     weights = {n: full(p).detach().clone() for n, p in model.named_parameters()}
     if critic is not None:

@@ -96,19 +96,20 @@ class StandInEngine:
 @pytest.mark.parametrize("epochs", [1, 2])   # 1: the update's forward gives pi_old and w; 2: a forward before it
 def test_recipe_with_an_engine_logs_the_mismatch_and_syncs(tmp_path, monkeypatch, cap, truncated, epochs):
     import llmrl.rollout.vllm_engine as vllm_engine
-    import llmrl.train.rl as rl
+    import llmrl.train.build as build
+    import llmrl.train.rules as rules
 
-    engines, weights, real_update = [], [], rl.policy_update
+    engines, weights, real_update = [], [], rules.policy_update
 
-    def update_spy(model, optimizer, rollout, advantages, objective, **kw):   # the weights the objective sees
+    def update_spy(model, optimizer, rollout, advantages, objective, *a, **kw):   # the weights the objective sees
         def spied(*a, **k):
             weights.append(k["is_weight"])
             return objective(*a, **k)
-        return real_update(model, optimizer, rollout, advantages, spied, **kw)
+        return real_update(model, optimizer, rollout, advantages, spied, *a, **kw)
 
     monkeypatch.setattr(vllm_engine, "vllm_available", lambda: True)
-    monkeypatch.setattr(rl, "make_engine", lambda cfg: engines.append(StandInEngine()) or engines[-1])
-    monkeypatch.setattr(rl, "policy_update", update_spy)
+    monkeypatch.setattr(build, "make_engine", lambda cfg: engines.append(StandInEngine()) or engines[-1])
+    monkeypatch.setattr(rules, "policy_update", update_spy)
     assert main(["train", *TINY, f"run.output_dir={tmp_path}", "run.name=r", "run.steps=2", "rollout.engine=vllm",
                  f"rollout.tis_cap={cap}", "reward.terms=[test_vowels]", f"objective.epochs={epochs}"]) == 0
     rows = [r for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if r["kind"] == "train"]

@@ -13,7 +13,9 @@ from llmrl.compute.logprobs import response_logprobs
 from llmrl.compute.packing import first_fit_decreasing, length_buckets, pack_layout
 from llmrl.objectives.policy import ppo_clip_objective
 from llmrl.rollout.types import Rollout
-from llmrl.train.update import batched_logprobs, policy_update
+from llmrl.compute.batches import batched_logprobs
+from llmrl.compute.settings import Execution
+from llmrl.train.update import Passes, policy_update
 
 PAD = 3
 
@@ -192,8 +194,7 @@ def test_shared_prompt_packing_critic_and_update(tiny):
     def step(pack_tokens):
         m = copy.deepcopy(tiny[0]).train()
         policy_update(m, torch.optim.SGD(m.parameters(), lr=0.1), rollout, adv, ppo_clip_objective,
-                      epochs=1, minibatches=1, micro_batch_size=N, max_grad_norm=1e9, temperature=1.0,
-                      autocast_dtype=None, max_len=T, zero_advantage_is_zero_loss=False, pack_tokens=pack_tokens)
+                      Execution(pack_tokens=pack_tokens, micro_batch_size=N, max_len=T), Passes(max_grad_norm=1e9))
         return torch.cat([p.detach().flatten() for p in m.parameters()])
 
     assert torch.allclose(step(1000), step(None), atol=1e-6)
@@ -238,16 +239,14 @@ def test_policy_update_with_packing_takes_the_same_step(tiny):
     def step(pack_tokens):   # two minibatches: logp_old from batched_logprobs, a second step after the first
         m = copy.deepcopy(tiny[0]).train()
         policy_update(m, torch.optim.SGD(m.parameters(), lr=0.1), rollout, adv, partial(ppo_clip_objective, entropy_coef=0.1),
-                      epochs=1, minibatches=2, micro_batch_size=2, max_grad_norm=1e9, temperature=1.0,
-                      autocast_dtype=None, max_len=T, zero_advantage_is_zero_loss=False, pack_tokens=pack_tokens,
+                      Execution(pack_tokens=pack_tokens, micro_batch_size=2, max_len=T), Passes(1, 2, 1e9),
                       generator=torch.Generator().manual_seed(0))
         return torch.cat([p.detach().flatten() for p in m.parameters()])
 
     assert torch.allclose(step(16), step(None), atol=1e-6)
     with torch.no_grad():
-        assert torch.allclose(batched_logprobs(tiny[0], rollout, micro_batch_size=3, temperature=1.0, autocast_dtype=None,
-                                               pack_tokens=16),
-                              batched_logprobs(tiny[0], rollout, micro_batch_size=3, temperature=1.0, autocast_dtype=None),
+        assert torch.allclose(batched_logprobs(tiny[0], rollout, Execution(pack_tokens=16, micro_batch_size=3)),
+                              batched_logprobs(tiny[0], rollout, Execution(micro_batch_size=3)),
                               atol=1e-5)
 
 

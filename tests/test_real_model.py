@@ -27,8 +27,9 @@ def test_two_grpo_steps_on_smollm2(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "held-out accuracy" in r.stdout
     summary = yaml.safe_load((tmp_path / "smoke" / "summary.yaml").read_text())
-    assert 0.0 <= summary["after"]["heldout_accuracy"] <= 1.0
+    assert summary["before"]["heldout_accuracy"] > 0       # SmolLM2-135M-Instruct adds some 2-digit numbers
     assert summary["before"]["heldout_kl_to_ref"] == pytest.approx(0.0, abs=1e-6)
+    assert summary["after"]["heldout_kl_to_ref"] > 1e-4    # two updates moved the policy off the reference
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "smoke" / "final")
     assert model.config.num_hidden_layers == 30
     r = llmrl("eval", "--model", str(tmp_path / "smoke" / "final"), "--task", "arithmetic", "--n", "8",

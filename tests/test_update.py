@@ -10,7 +10,9 @@ from functools import partial
 from llmrl.data import Example
 from llmrl.objectives.policy import AGGREGATIONS, ppo_clip_objective
 from llmrl.rollout.collect import collect_rollout
-from llmrl.train.update import micro_batches, policy_update
+from llmrl.compute.batches import micro_batches
+from llmrl.compute.settings import Execution
+from llmrl.train.update import Passes, policy_update
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +27,8 @@ def step(model, rollout, adv, *, micro, skip, aggregation="token-mean", tokens=N
     m = copy.deepcopy(model).train()
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     objective = partial(ppo_clip_objective, aggregation=aggregation)
-    policy_update(m, opt, rollout, adv, objective, epochs=1, minibatches=1, micro_batch_size=micro,
-                  max_grad_norm=1e9, temperature=1.0, autocast_dtype=None, max_len=6,
-                  zero_advantage_is_zero_loss=skip, micro_batch_tokens=tokens)
+    policy_update(m, opt, rollout, adv, objective, Execution(micro_batch_size=micro, micro_batch_tokens=tokens, max_len=6),
+                  Passes(max_grad_norm=1e9), skip_zero_advantage=skip)
     return torch.cat([p.detach().flatten() for p in m.parameters()])
 
 
@@ -82,9 +83,8 @@ def test_early_stop_on_kl_target_cuts_the_epochs(tiny, rollout):
     def passes(early_stop_kl):
         m = copy.deepcopy(model).train()
         out = policy_update(m, torch.optim.SGD(m.parameters(), lr=0.5), rollout, adv, ppo_clip_objective,
-                            epochs=4, minibatches=2, micro_batch_size=6, max_grad_norm=1e9, temperature=1.0,
-                            autocast_dtype=None, max_len=6, zero_advantage_is_zero_loss=False,
-                            generator=torch.Generator().manual_seed(0), early_stop_kl=early_stop_kl)
+                            Execution(micro_batch_size=6, max_len=6), Passes(4, 2, 1e9, early_stop_kl),
+                            generator=torch.Generator().manual_seed(0))
         return out["update_passes"], out["early_stopped"]
 
     assert passes(None) == (8.0, 0.0)
@@ -100,23 +100,22 @@ def test_bf16_autocast_matches_fp32_loss_and_gradient(tiny):
     2^-8 = 0.4%; measured here: 1.3e-3 on the KL term, cosine 0.999997, norm error 4.6e-3). Rounding the
     returned log-probs to bf16 (instead of keeping the head's fp32 log-softmax) fails the KL term's bound."""
     from llmrl.models import build_tiny
-    from llmrl.train.update import batched_logprobs
+    from llmrl.compute.batches import batched_logprobs
 
     model, tok = tiny
     exs = [Example("What is 1 + 2?", "3"), Example("Say hi", "hi"), Example("abc", "d")]
     r = collect_rollout(model, tok, exs, group_size=2, max_new_tokens=12, temperature=1.0,
                         generator=torch.Generator().manual_seed(0))
     reference, _ = build_tiny(1)
-    r = r.with_(logp_ref=batched_logprobs(reference, r, micro_batch_size=6, temperature=1.0, autocast_dtype=None))
+    r = r.with_(logp_ref=batched_logprobs(reference, r, Execution(micro_batch_size=6)))
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -1.5])[:, None] * r.response_mask    # sums to != 0
 
     def update(amp):   # SGD with lr 1 and no clipping: the step is minus the gradient
         m = copy.deepcopy(model).train()
         before = [p.detach().clone() for p in m.parameters()]
         out = policy_update(m, torch.optim.SGD(m.parameters(), lr=1.0), r, adv,
-                            partial(ppo_clip_objective, kl_coef=1.0, entropy_coef=0.1), epochs=1, minibatches=1,
-                            micro_batch_size=3, max_grad_norm=1e9, temperature=1.0, autocast_dtype=amp, max_len=12,
-                            zero_advantage_is_zero_loss=False)
+                            partial(ppo_clip_objective, kl_coef=1.0, entropy_coef=0.1),
+                            Execution(autocast_dtype=amp, micro_batch_size=3, max_len=12), Passes(max_grad_norm=1e9))
         assert all(p.dtype == torch.float32 for p in m.parameters())    # fp32 master weights
         return out, torch.cat([(b - p.detach()).flatten() for b, p in zip(before, m.parameters())])
 
@@ -132,18 +131,17 @@ def test_engine_tis_in_the_update_equals_a_forward_before_it(tiny, rollout):
     """engine_tis_cap: pi_old and the TIS weight from the update's own forward give the step that a separate
     forward over the rollout (logp_old = pi, is_weight = min(pi / mu, cap)) gives, and the mismatch stats."""
     from llmrl.objectives.mismatch import truncated_is_weight
-    from llmrl.train.update import batched_logprobs
+    from llmrl.compute.batches import batched_logprobs
 
     model, _ = tiny
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -1.5])[:, None] * rollout.response_mask
-    pi = batched_logprobs(model, rollout, micro_batch_size=6, temperature=1.0, autocast_dtype=None)
+    pi = batched_logprobs(model, rollout, Execution(micro_batch_size=6))
     mu = (pi - 0.3 * torch.linspace(-1, 1, 6)[:, None]) * rollout.response_mask    # engine: off by -0.3 .. +0.3
 
     def run(r, **kw):
         m = copy.deepcopy(model).train()
-        out = policy_update(m, torch.optim.SGD(m.parameters(), lr=0.1), r, adv, ppo_clip_objective, epochs=1,
-                            minibatches=1, micro_batch_size=2, max_grad_norm=1e9, temperature=1.0,
-                            autocast_dtype=None, max_len=6, zero_advantage_is_zero_loss=False, **kw)
+        out = policy_update(m, torch.optim.SGD(m.parameters(), lr=0.1), r, adv, ppo_clip_objective,
+                            Execution(micro_batch_size=2, max_len=6), Passes(max_grad_norm=1e9), **kw)
         return out, torch.cat([p.detach().flatten() for p in m.parameters()])
 
     out, got = run(rollout.with_(logp_old=mu), engine_tis_cap=1.2)
@@ -152,9 +150,8 @@ def test_engine_tis_in_the_update_equals_a_forward_before_it(tiny, rollout):
     assert out["mismatch_logp_abs_max"] == pytest.approx(0.3, abs=1e-4)
     assert 0 < out["tis_truncated_fraction"] < 1          # exp(0.3) > 1.2 > exp(0.1): some rows are truncated
     with pytest.raises(ValueError, match="one on-policy"):
-        policy_update(model, None, rollout, adv, ppo_clip_objective, epochs=2, minibatches=1, micro_batch_size=2,
-                      max_grad_norm=1.0, temperature=1.0, autocast_dtype=None, max_len=6,
-                      zero_advantage_is_zero_loss=False, engine_tis_cap=1.2)
+        policy_update(model, None, rollout, adv, ppo_clip_objective, Execution(micro_batch_size=2, max_len=6),
+                      Passes(epochs=2), engine_tis_cap=1.2)
 
 
 def test_gradients_are_freed_after_the_step(tiny, rollout):
@@ -165,8 +162,7 @@ def test_gradients_are_freed_after_the_step(tiny, rollout):
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, 0.0])[:, None] * rollout.response_mask
     before = [p.detach().clone() for p in m.parameters()]
-    policy_update(m, opt, rollout, adv, ppo_clip_objective, epochs=1, minibatches=2, micro_batch_size=2,
-                  max_grad_norm=1.0, temperature=1.0, autocast_dtype=None, max_len=6,
-                  zero_advantage_is_zero_loss=True)
+    policy_update(m, opt, rollout, adv, ppo_clip_objective, Execution(micro_batch_size=2, max_len=6),
+                  Passes(minibatches=2), skip_zero_advantage=True)
     assert any(not torch.equal(a, p) for a, p in zip(before, m.parameters()))     # it did step
     assert all(p.grad is None for p in m.parameters())

@@ -19,7 +19,8 @@ from llmrl.models import load_model, resolve_model_path  # noqa: E402
 from llmrl.rollout.collect import encode_prompt, stop_ids  # noqa: E402
 from llmrl.rollout.types import Rollout  # noqa: E402
 from llmrl.rollout.vllm_engine import PROMPT_ALLOWANCE, VLLMEngine  # noqa: E402
-from llmrl.train.update import batched_logprobs  # noqa: E402
+from llmrl.compute.batches import batched_logprobs  # noqa: E402
+from llmrl.compute.settings import Execution  # noqa: E402
 
 AMP = torch.bfloat16
 
@@ -50,7 +51,7 @@ def recomputed_logp(policy, tok, samples, temperature):
                 response_mask=samples.response_mask, logp_old=samples.logp,
                 group_ids=torch.zeros(len(samples.logp), dtype=torch.long),
                 completions=[""] * len(samples.logp), examples=[None] * len(samples.logp))
-    return batched_logprobs(policy, r, micro_batch_size=16, temperature=temperature, autocast_dtype=AMP)
+    return batched_logprobs(policy, r, Execution(autocast_dtype=AMP, micro_batch_size=16, temperature=temperature))
 
 
 def test_samples_layout_and_stops(setup):

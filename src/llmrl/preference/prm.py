@@ -190,7 +190,8 @@ def build_step_labels(model, tokenizer, task, n_prompts: int, *, samples_per_pro
                             system_prompt=system_prompt, autocast_dtype=autocast_dtype, generator=generator)
         step_ids = step_ids_for_batch(tokenizer, r.response_ids, r.response_mask, mode=segmenter, pattern=pattern)
         outcome = score(r.completions, r.examples, terms).total                                        # [N]
-        values, _ = monte_carlo_values(model, tokenizer, r, step_ids, terms, samples=mc_samples,        # [N, T]
+        values, _ = monte_carlo_values(model, tokenizer, r, step_boundaries(step_ids),                  # [N, T]
+                                       lambda texts, exs: score(texts, exs, terms).total, samples=mc_samples,
                                        max_new_tokens=max_new_tokens, temperature=temperature,
                                        autocast_dtype=autocast_dtype, generator=generator)
         for i, (texts, starts) in enumerate(zip(step_texts(tokenizer, r.response_ids, step_ids),

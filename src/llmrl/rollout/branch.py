@@ -1,7 +1,7 @@
 """Monte-Carlo values from branched rollouts (VinePPO, Kazemnejad et al. 2024, sec. 4).
 
 From each reasoning-step boundary of each sampled response, K continuations are sampled with the same
-sampler and scored with the same reward; their mean reward is V(prefix). The value is written at the
+sampler and scored with the same reward (`score`: texts, examples -> rewards [n]); their mean reward is V(prefix). The value is written at the
 first token of the step that starts there — the layout the `vineppo` credit estimator reads.
 Cost: one generation of K samples per step boundary (reported as `mc_continuations`, `mc_time`).
 """
@@ -9,11 +9,10 @@ Cost: one generation of K samples per step boundary (reported as `mc_continuatio
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 
-from llmrl.credit.steps import step_boundaries
-from llmrl.rewards import score
 from llmrl.rollout.collect import stop_ids
 from llmrl.rollout.sampler import generate
 from llmrl.rollout.types import Rollout
@@ -24,8 +23,8 @@ def monte_carlo_values(
     model,
     tokenizer,
     rollout: Rollout,
-    step_ids: torch.Tensor,          # [N, T] step of each response token (-1 = none)
-    reward_terms: list,              # the same (name, weight, options) terms the outcome reward uses
+    boundaries: list[list[int]],     # per row, the response positions where a step starts (credit.step_boundaries)
+    score: Callable,                 # (texts, examples) -> rewards [n]: the outcome reward of the recipe
     *,
     samples: int,                    # K continuations per boundary
     max_new_tokens: int,             # response budget; a continuation gets what is left of it
@@ -40,7 +39,7 @@ def monte_carlo_values(
     P = rollout.prompt_len
     values = torch.zeros_like(rollout.response_mask)
     jobs = []                                                       # (row, boundary t, prefix token ids)
-    for i, starts in enumerate(step_boundaries(step_ids)):
+    for i, starts in enumerate(boundaries):
         prompt = rollout.input_ids[i, :P][rollout.attention_mask[i, :P].bool()].tolist()
         response = rollout.input_ids[i, P:].tolist()
         for t in starts:
@@ -61,7 +60,7 @@ def monte_carlo_values(
                 for g in range(samples):
                     texts.append(tokenizer.decode(head + cont[k * samples + g].tolist(), skip_special_tokens=True))
                     examples.append(rollout.examples[i])
-            means = score(texts, examples, reward_terms).total.view(len(chunk), samples).mean(-1)   # [jobs]
+            means = score(texts, examples).view(len(chunk), samples).mean(-1)   # [jobs]
             for (i, t, _), v in zip(chunk, means.tolist()):
                 values[i, t] = v
     finally:

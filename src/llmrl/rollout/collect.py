@@ -22,7 +22,7 @@ def encode_prompt(tokenizer, text: str, *, chat_template: bool = True, system_pr
 
 
 def stop_ids(tokenizer) -> tuple[int, ...]:
-    """Token ids that end a response: the tokenizer's EOS and the model's generation-config EOS ids."""
+    """Token ids that end a response: the tokenizer's EOS token (the model's generation config is not read)."""
     ids = {tokenizer.eos_token_id}
     return tuple(sorted(i for i in ids if i is not None))
 

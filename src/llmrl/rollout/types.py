@@ -57,6 +57,7 @@ class Rollout:
     values: torch.Tensor | None = None     # [N, T] float, critic values
     step_ids: torch.Tensor | None = None   # [N, T] long, which reasoning step each token is in (-1: none)
     is_weight: torch.Tensor | None = None  # [N, T] float, truncated IS weight pi_old / mu when another engine sampled
+    step_scores: torch.Tensor | None = None  # [N, S] float, a score per reasoning step (NaN: no such step)
     extras: dict = field(default_factory=dict)  # anything else a stage wants to carry (not tensors the math reads)
 
     @property
@@ -88,5 +89,5 @@ class Rollout:
             response_mask=self.response_mask[idx], logp_old=self.logp_old[idx], group_ids=self.group_ids[idx],
             completions=[self.completions[i] for i in rows], examples=[self.examples[i] for i in rows],
             logp_ref=pick(self.logp_ref), values=pick(self.values), step_ids=pick(self.step_ids),
-            is_weight=pick(self.is_weight),
+            is_weight=pick(self.is_weight), step_scores=pick(self.step_scores),
         )

@@ -36,7 +36,7 @@ def evaluate(
     from tqdm.auto import tqdm
 
     from llmrl.compute.logprobs import response_kl
-    from llmrl.train.update import trim
+    from llmrl.compute.batches import trim
 
     correct, lengths, kls, calls, samples = [], [], [], [], []
     bar = tqdm(total=len(examples), desc="evaluating", disable=not progress, dynamic_ncols=True)
