@@ -11,6 +11,8 @@ returns those declarations, so the code that checks a composition reads them ins
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Callable, Generic, TypeVar
 
 F = TypeVar("F", bound=Callable)
@@ -47,3 +49,11 @@ class Registry(Generic[F]):
 
     def __contains__(self, name: str) -> bool:
         return name in self._items
+
+
+def import_all(package: str, skip: tuple[str, ...] = ()) -> None:
+    """Import every module of `package` (by its dotted name): a piece registers itself by being a file there, so
+    adding an objective, an estimator, a reward or a task is adding one file (docs/architecture.md)."""
+    for info in pkgutil.iter_modules(importlib.import_module(package).__path__):
+        if info.name not in skip:
+            importlib.import_module(f"{package}.{info.name}")

@@ -5,3 +5,7 @@ from llmrl.credit.steps import segment_steps, step_boundaries, step_ids_for_batc
 
 __all__ = ["CREDIT", "Credit", "CreditInputs", "assign_credit", "segment_steps", "step_boundaries",
            "step_ids_for_batch"]
+
+from llmrl.registry import import_all  # noqa: E402
+
+import_all(__name__)   # every module of the package: each registers its pieces (a new one is a new file)
