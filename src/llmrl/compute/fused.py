@@ -20,7 +20,7 @@ casts and the saved tensors it no longer makes.
 The forward is HF's under autocast bit for bit. The backward is the same arithmetic (silu's own backward kernel,
 the same matmuls) with one difference: the gradients that reach a norm's shared bf16 output (from q, k and v;
 from gate and up) are summed in bf16, where HF sums their fp32 casts; the result is as close to fp32's gradients
-as HF's (tests/test_fused.py).
+as HF's (tests/compute/test_fused.py).
 
 `fuse_decoder_ops(model)` swaps the `forward` of each decoder layer's `input_layernorm`, `post_attention_layernorm`,
 `mlp` and plain linears for these, on the model types above only, after checking on a random input that the

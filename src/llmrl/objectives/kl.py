@@ -11,7 +11,7 @@ Estimators of KL(pi || pi_ref) from a token x ~ pi (Schulman 2020, "Approximatin
 
 A KL term can sit in two places, and the estimator that gives the right gradient differs between them.
 Results on one state (a categorical pi with logits as parameters, x ~ pi, pi_ref fixed), proven EXACTLY in
-tests/test_kl_gradients.py by summing over actions weighted by pi (no sampling); "g_rev" = grad KL(pi || pi_ref)
+tests/objectives/test_kl_gradients.py by summing over actions weighted by pi (no sampling); "g_rev" = grad KL(pi || pi_ref)
 (the seed's constraint), "g_fwd" = grad KL(pi_ref || pi):
 
     placement                                         k1              k2                    k3

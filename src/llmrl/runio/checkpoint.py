@@ -18,7 +18,7 @@ last `run.keep_checkpoints` are kept; an older one is renamed away before it is 
 Data position: the recipe draws exactly one batch of `rollout.prompts_per_step` examples from the task's seeded
 train stream per step, so a run resumed after step k recreates the stream and skips k batches.
 Exactness: with the same threads and fp32 on CPU, a resumed run ends with bitwise the same weights as one that was
-never stopped (tests/test_resume.py). Evaluations are greedy and draw no random numbers; nothing else does between
+never stopped (tests/runio/test_resume.py). Evaluations are greedy and draw no random numbers; nothing else does between
 the checkpoint and the next step.
 
 Under torchrun (DDP: every rank holds the same weights and optimizer state) rank 0 writes, with every rank's

@@ -19,7 +19,7 @@ def llmrl(*args, cwd):
 
 
 def test_two_grpo_steps_on_smollm2(tmp_path):
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     r = llmrl("train", str(repo / "examples/main_arithmetic.yaml"), f"run.output_dir={tmp_path}", "run.name=smoke",
               "run.steps=2", "run.eval_every=0", "task.heldout_size=16", "rollout.prompts_per_step=2",
               "rollout.group_size=4", "rollout.max_new_tokens=16", "run.progress=false", "objective.kl_coef=0.04",

@@ -278,7 +278,7 @@ def _torchrun(tmp_path, *overrides):
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "llmrl", "train",
-           str(Path(__file__).parents[1] / "examples" / "tiny_smoke.yaml"), f"run.output_dir={tmp_path}", "run.name=r",
+           str(Path(__file__).parents[2] / "examples" / "tiny_smoke.yaml"), f"run.output_dir={tmp_path}", "run.name=r",
            *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -7,7 +7,7 @@ import pytest
 from llmrl.cli import main
 from llmrl.runio.metrics import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PREFERENCE = ("dpo_", "rm_", "prm_")
 RL_EXAMPLES = sorted(p.name for p in (ROOT / "examples").glob("*.yaml")
                      if not p.name.startswith(PREFERENCE) and p.name not in ("arithmetic_base.yaml",))
