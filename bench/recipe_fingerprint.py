@@ -1,6 +1,6 @@
 """Does a refactor keep the RL recipe bit for bit? Runs a set of short training jobs with the code under `--src`
 and records, for each, a SHA-256 of the final weights and of metrics.jsonl with the wall-clock fields dropped
-(time_*, tokens_per_s). Run it once with the old code and once with the new, then compare:
+(time_*, *_time, tokens_per_s). Run it once with the old code and once with the new, then compare:
 
     python bench/recipe_fingerprint.py --src /path/to/old/checkout/src --out /tmp/old.json
     python bench/recipe_fingerprint.py --src src --out /tmp/new.json
@@ -53,14 +53,14 @@ CASES: dict[str, list[str]] = {
                 "optim.warmup_steps=1"],
 }
 MAIN = {"main": ["examples/main_arithmetic.yaml", "run.progress=false"]}
-WALL_CLOCK = ("time_", "tokens_per_s", "mc_time")
+WALL_CLOCK = ("time_", "tokens_per_s")    # and any key ending in _time (mc_time, trpo_time)
 
 
 def metrics_digest(path: Path) -> str:
     """SHA-256 of metrics.jsonl, every record without its wall-clock fields."""
     h = hashlib.sha256()
     for line in path.read_text().splitlines():
-        rec = {k: v for k, v in json.loads(line).items() if not k.startswith(WALL_CLOCK)}
+        rec = {k: v for k, v in json.loads(line).items() if not k.startswith(WALL_CLOCK) and not k.endswith("_time")}
         h.update(json.dumps(rec, sort_keys=True).encode())
     return h.hexdigest()
 
