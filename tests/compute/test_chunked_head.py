@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from llmrl.objectives import logprobs as L
+from llmrl.compute import logprobs as L
 from llmrl.compute.logprobs import ChunkedHead, _head_logp_entropy
 
 M, H, V = 37, 16, 300
