@@ -1,5 +1,6 @@
-"""Process reward models (llmrl.preference.prm): step-labelled data and its errors, Math-Shepherd labels, the loss at
-each step's last token, training on a learnable toy rule, save/load, the `prm` step reward, the config, the CLI."""
+"""Process reward models (llmrl.train.prm, models.heads, data.step_labels, rewards.learned): step-labelled data and its
+errors, Math-Shepherd labels, the loss at each step's last token, training on a learnable toy rule, save/load, the
+`prm` step reward, the config, the CLI. Checkpointing, resuming and the time limit: tests/train/test_supervised.py."""
 
 import json
 import math
@@ -11,17 +12,23 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForTokenClassification
 
-import llmrl.preference.prm as prm_module
-from llmrl.config import ConfigError
+import llmrl.train.prm as prm_module
+from llmrl.cli import main
+from llmrl.config import ConfigError, PrmTrainConfig, load_config
 from llmrl.credit import step_boundaries
 from llmrl.data import make_task
+from llmrl.data.step_labels import load_step_labels, save_step_labels
 from llmrl.models import save_pretrained_model
-from llmrl.preference.cli import main
-from llmrl.preference.prm import (build_step_labels, encode_steps, load_prm, load_prm_config, load_step_labels,
-                                  prm_step_scores, save_step_labels, step_logits, train_prm)
+from llmrl.models.heads import load_prm, step_logits
+from llmrl.rewards.learned import encode_steps, prm_step_scores
 from llmrl.rewards import REWARDS, RewardResult
 from llmrl.rewards.process import score_steps
 from llmrl.train.metrics import read_metrics
+from llmrl.train.prm import build_step_labels, train_prm
+
+
+def load_prm_config(path=None, overrides=()):
+    return load_config(path, overrides, schema=PrmTrainConfig)
 
 
 @pytest.fixture(autouse=True)
@@ -267,7 +274,7 @@ def test_config_layers(tmp_path):
     assert cfg.optim.lr == 0.1 and cfg.optim.micro_batch_size == 8             # this config's own defaults stay
     assert cfg.lora.r == 8 and cfg.lora.alpha == 32.0 and cfg.run.name == "prm"
     assert load_prm_config(path).lora is None and load_prm_config(path, ["task=null", "prm.data_path=x"]).task is None
-    cfg = load_prm_config(Path(__file__).parents[1] / "examples" / "prm_arithmetic.yaml")      # the example
+    cfg = load_prm_config(Path(__file__).parents[2] / "examples" / "prm_arithmetic.yaml")      # the example
     assert cfg.model.name == "smollm2-135m-instruct" and cfg.prm.data_path is None and cfg.lora is None
     assert cfg.prm.steps == "regex" and cfg.run.name == "prm_arithmetic"
     assert next(make_task(cfg.task.name, options=cfg.task.options).train_stream(0)).prompt.count("+") == 2
