@@ -86,8 +86,8 @@ def cmd_pairs(args) -> int:
     import yaml
 
     from llmrl.data import make_task
-    from llmrl.models import load_model
     from llmrl.data.pairs import save_pairs
+    from llmrl.models import load_model
     from llmrl.train.pairs import build_pairs_from_task
 
     if args.threads:
@@ -101,7 +101,8 @@ def cmd_pairs(args) -> int:
         return 2
     amp = torch.bfloat16 if args.autocast == "bfloat16" else None
     pairs = build_pairs_from_task(model, tokenizer, task, args.n, samples_per_prompt=args.samples_per_prompt,
-                                  pairs_per_prompt=args.pairs_per_prompt, temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                  pairs_per_prompt=args.pairs_per_prompt, temperature=args.temperature,
+                                  max_new_tokens=args.max_new_tokens, seed=args.seed,
                                   chat_template=not args.no_chat_template, autocast_dtype=amp,
                                   progress=not args.no_progress)
     save_pairs(pairs, args.out)
@@ -114,8 +115,8 @@ def cmd_prm_data(args) -> int:
     import yaml
 
     from llmrl.data import make_task
-    from llmrl.models import load_model
     from llmrl.data.step_labels import save_step_labels
+    from llmrl.models import load_model
     from llmrl.train.prm import build_step_labels
 
     if args.threads:

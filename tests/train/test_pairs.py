@@ -67,7 +67,8 @@ def test_build_pairs_pairs_pass_with_fail(tiny, monkeypatch):
     many = build_pairs_from_task(model, tok, task, 3, pairs_per_prompt=10, **kw)
     # prompt 0: 2 passing x 2 failing = 4 combinations; prompt 2: 1 x 3 = 3; each combination once
     assert [p.prompt for p in many] == [prompts[0]] * 4 + [prompts[2]] * 3
-    assert len({(p.chosen, p.rejected) for p in many[:4]}) == len({p.chosen for p in many[:4]}) * len({p.rejected for p in many[:4]})
+    assert len({(p.chosen, p.rejected) for p in many[:4]}) == \
+        len({p.chosen for p in many[:4]}) * len({p.rejected for p in many[:4]})
     assert len(build_pairs_from_task(model, tok, task, 3, pairs_per_prompt=2, **kw)) == 2 + 2
     monkeypatch.setattr("llmrl.train.pairs.score", fake_scores([1] * 12))
     assert build_pairs_from_task(model, tok, task, 3, **kw) == []                   # all pass: no pair

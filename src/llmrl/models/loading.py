@@ -212,9 +212,8 @@ def build_tiny(seed: int = 0, *, vocab_extra: int = 0) -> tuple[PreTrainedModel,
         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=512,
         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id)
-    with torch.random.fork_rng(devices=[]):   # the global RNG stays as it was: a run that builds the cached copy
-        torch.manual_seed(seed)                # draws the same numbers afterwards as one that finds it
-        model = LlamaForCausalLM(config).to(torch.float32)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.float32)
     return model, tok
 
 
@@ -223,7 +222,8 @@ def _resolve_tiny() -> Path:
 
 
 def _save_tiny(out: Path) -> None:
-    model, tok = build_tiny(0)
+    with torch.random.fork_rng(devices=[]):   # the global RNG stays as it was: a run that builds the cached copy
+        model, tok = build_tiny(0)             # draws the same numbers afterwards as one that finds it
     model.save_pretrained(out)
     tok.save_pretrained(out)
     (out / SOURCE_FILE).write_text(json.dumps({"built_by": "llmrl.models.build_tiny", "seed": 0}) + "\n")

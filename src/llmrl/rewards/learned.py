@@ -7,7 +7,8 @@ Models are loaded once per path and kept (a run scores every step with the same 
 Learned-reward inference lives here: `reward_model_scores` (a Bradley-Terry reward model, `llmrl rm`) and
 `prm_step_scores` (a process reward model, `llmrl prm`; the `prm` step reward of `llmrl.rewards.process`), with
 the prompt and response encoding their training uses too (`llmrl.train.rm`, `llmrl.train.prm`), so that a model is
-scored on exactly the tokens it was trained on.
+scored on exactly the tokens it was trained on. Models, the sampler and transformers are imported where they are
+used, so that importing `llmrl.rewards` stays light.
 """
 
 from __future__ import annotations
@@ -17,10 +18,7 @@ import re
 
 import torch
 
-from llmrl.models.heads import load_prm, load_reward_model, sequence_rewards, step_logits
 from llmrl.rewards.functions import REWARDS
-from llmrl.rollout.collect import encode_prompt
-from llmrl.rollout.sampler import left_pad
 
 Messages = list[dict]
 
@@ -35,6 +33,8 @@ JUDGE_RUBRIC = (
 def encode_any_prompt(tokenizer, prompt: str | Messages, chat_template: bool = True, *,
                       system_prompt: str | None = None) -> list[int]:
     """A text prompt (one user message) or the conversation so far -> prompt ids ending in the generation prompt."""
+    from llmrl.rollout.collect import encode_prompt
+
     if isinstance(prompt, str):
         return encode_prompt(tokenizer, prompt, chat_template=chat_template, system_prompt=system_prompt)
     if not chat_template:
@@ -70,6 +70,9 @@ def reward_model_scores(model, tokenizer, prompts: list, completions: list[str],
                         system_prompt: str | None = None, batch_size: int = 16,
                         autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
     """r(prompt, completion) [N] for N (prompt, completion) pairs; prompts are text or chat messages."""
+    from llmrl.models.heads import sequence_rewards
+    from llmrl.rollout.sampler import left_pad
+
     if len(prompts) != len(completions):
         raise ValueError(f"reward_model_scores: {len(prompts)} prompts but {len(completions)} completions")
     was_training = model.training
@@ -88,6 +91,8 @@ def prm_step_scores(model, tokenizer, prompts: list, step_texts: list[list[str]]
                     autocast_dtype: torch.dtype | None = None) -> list[list[float]]:
     """P(good) = sigmoid(logit at the step's last token) for each step of each (prompt, steps); NaN for an empty
     step. Prompts are text or chat messages, encoded as in training."""
+    from llmrl.models.heads import step_logits
+
     if len(prompts) != len(step_texts):
         raise ValueError(f"prm_step_scores: {len(prompts)} prompts but {len(step_texts)} step lists")
     was_training = model.training
@@ -102,12 +107,16 @@ def prm_step_scores(model, tokenizer, prompts: list, step_texts: list[list[str]]
 
 @functools.lru_cache(maxsize=4)
 def _prm_model(path: str):
+    from llmrl.models.heads import load_prm
+
     model, tokenizer = load_prm(path)
     return model.eval().requires_grad_(False), tokenizer
 
 
 @functools.lru_cache(maxsize=4)
 def _reward_model(path: str):
+    from llmrl.models.heads import load_reward_model
+
     model, tokenizer = load_reward_model(path)
     return model.eval().requires_grad_(False), tokenizer
 

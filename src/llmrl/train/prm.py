@@ -114,7 +114,8 @@ class PrmTask:
                                      segmenter=p.steps, pattern=p.step_pattern, labels=p.labels,
                                      temperature=p.build_temperature, max_new_tokens=p.build_max_new_tokens,
                                      seed=cfg.run.seed, chat_template=m.chat_template, system_prompt=m.system_prompt,
-                                     autocast_dtype=self.amp, progress=cfg.run.progress if progress is None else progress)
+                                     autocast_dtype=self.amp,
+                                     progress=cfg.run.progress if progress is None else progress)
             save_step_labels(rows, built)
         train_rows, heldout_rows = ((rows, load_step_labels(p.heldout_path)) if p.heldout_path
                                     else split_by_prompt(rows, p.heldout_fraction, cfg.run.seed))
