@@ -20,11 +20,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from common import markdown_table, write_section  # noqa: E402
 
-from llmrl.config import load_config  # noqa: E402
-from llmrl.preference.config import load_preference_config  # noqa: E402
-from llmrl.preference.dpo import train_dpo  # noqa: E402
+from llmrl.config import PreferenceTrainConfig, load_config  # noqa: E402
 from llmrl.presets import PRESETS  # noqa: E402
 from llmrl.runio.metrics import read_metrics  # noqa: E402
+from llmrl.train.dpo import train_dpo  # noqa: E402
 from llmrl.train.rl import train  # noqa: E402
 
 
@@ -41,7 +40,8 @@ def main() -> None:
     common = [f"run.output_dir={args.out_dir}", "run.progress=false", "run.eval_every=0"]
 
     t = time.perf_counter()
-    dpo = train_dpo(load_preference_config(ROOT / "examples/dpo_arithmetic.yaml", [*common, "run.name=dpo", *args.dpo]))
+    dpo = train_dpo(load_config(ROOT / "examples/dpo_arithmetic.yaml", [*common, "run.name=dpo", *args.dpo],
+                                schema=PreferenceTrainConfig))
     dpo_wall = time.perf_counter() - t - eval_seconds(dpo["run_dir"])
     print(f"dpo: {dpo_wall / 60:.1f} min without evaluation", flush=True)
 

@@ -9,7 +9,7 @@ K discrete answers (a one-token "language model" whose logits are the parameters
 (b) RL              gradient ascent on E_pi[r] - beta KL(pi || pi_ref) with the exact policy gradient
                     E_{a~pi}[grad log pi(a) (r(a) - beta log(pi(a) / pi_ref(a)))] (the score-function estimator,
                     summed over all K answers instead of sampled), run to convergence
-(c) DPO             `llmrl.preference.dpo_loss` on pairs (a, b) drawn from pi_ref, labelled by Bradley-Terry
+(c) DPO             `llmrl.objectives.preference.dpo_loss` on pairs (a, b) drawn from pi_ref, labelled by Bradley-Terry
                     P(a > b) = sigmoid(r(a) - r(b)), minimised to convergence (L-BFGS; the loss is convex here)
 
 Then outcome rewards r(a) in {0, 1} ("passes the test"), with pairs labelled by a rule that is not Bradley-Terry
@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from llmrl.preference.losses import dpo_loss
+from llmrl.objectives.preference import dpo_loss
 
 K = 6                                  # answers
 BETA = 0.5                             # KL strength of the RL objective and DPO's beta

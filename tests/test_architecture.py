@@ -42,7 +42,7 @@ LAYERS = [
     {"runio"},
     {"train"},
     {"report", "evals", "studio", "audit", "doctor"},
-    {"cli", "__main__"},
+    {"cli", "cli_supervised", "__main__"},
 ]
 MAX_FUNCTION_LINES = 100
 

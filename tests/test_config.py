@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from llmrl.config import (
-    SECTIONS, ConfigError, RewardTerm, RolloutConfig, TrainConfig, config_to_dict, describe, load_config,
-    save_config, validate_names,
+    SECTIONS, ConfigError, LoraConfig, PreferenceConfig, PreferenceTrainConfig, PrmConfig, PrmTrainConfig, RewardTerm,
+    RolloutConfig, TrainConfig, config_to_dict, describe, load_config, save_config, sections, validate_names,
 )
 
 
@@ -258,7 +258,52 @@ def test_every_example_config_loads():
 
     examples = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*_arithmetic.yaml"))
     assert len(examples) >= 9
+    schemas = {"dpo": PreferenceTrainConfig, "rm": PreferenceTrainConfig, "prm": PrmTrainConfig}
     for path in examples:
-        if path.name.startswith(("dpo_", "rm_", "prm_")):
-            continue
-        load_config(path, presets=PRESETS)
+        schema = schemas.get(path.name.partition("_")[0], TrainConfig)   # one loader, each command's schema
+        assert isinstance(load_config(path, presets=PRESETS if schema is TrainConfig else None, schema=schema), schema)
+
+
+# ----------------------------------------------------------------------------- one loader for every command
+
+def test_the_supervised_schemas_take_extends_overrides_and_null_sections(tmp_path):
+    write(tmp_path, "model: {name: tiny}\ntask: {name: arithmetic, options: {digits: 3}}\nrun: {threads: 1}\n",
+          "base.yaml")
+    path = write(tmp_path, "extends: base.yaml\npreference: {beta: 0.3}\nlora: null\n", "dpo.yaml")
+    cfg = load_config(path, ["preference.kind=ipo", "task.options.ops=['+']"], schema=PreferenceTrainConfig)
+    assert cfg.model.name == "tiny" and cfg.run.threads == 1 and cfg.preference.beta == 0.3
+    assert cfg.preference.kind == "ipo" and cfg.task.options == {"digits": 3, "ops": ["+"]} and cfg.lora is None
+    assert cfg.run.name == "dpo" and cfg.optim.lr == 5e-6        # the schema's own defaults for its sections
+    assert load_config(path, ["lora.r=4"], schema=PreferenceTrainConfig).lora == LoraConfig(r=4)   # back, defaults
+    cleared = load_config(path, ["task=null", "preference.data_path=p.jsonl"], schema=PreferenceTrainConfig)
+    assert cleared.task is None
+    prm = load_config(path.parent / "base.yaml", ["prm.data_path=x", "lora.r=2"], schema=PrmTrainConfig)
+    assert prm.prm.data_path == "x" and prm.lora.r == 2 and prm.run.name == "prm" and prm.optim.micro_batch_size == 8
+
+
+@pytest.mark.parametrize("schema,overrides,message", [
+    (PreferenceTrainConfig, ["preset=grpo"], r"unknown key 'preset'; valid top-level keys: lora, model, optim, "),
+    (PreferenceTrainConfig, ["preference.beta=x", "preference.data_path=p"], r"preference.beta must be a number"),
+    (PreferenceTrainConfig, ["lora=3"], r"lora must be a mapping of keys or null, got 3"),
+    (PrmTrainConfig, ["prm.data_path=x", "model=3"], r"model must be a mapping of keys, got 3"),
+    (PrmTrainConfig, ["prm.data_path=x", "task.name=jsonl"], r"task.train_path is required"),
+    (TrainConfig, ["lora.r=4"], r"unknown key 'lora'; valid top-level keys: credit, critic, model, objective, optim, preset, "),
+])
+def test_each_schema_reports_its_own_keys(schema, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides, schema=schema)
+
+
+def test_a_null_section_that_cannot_be_null_is_left_as_it_is(tmp_path):
+    assert load_config(write(tmp_path, "critic:\nrun: {steps: 3}\n")).critic == TrainConfig().critic
+
+
+def test_sections_descriptions_and_round_trip_of_the_supervised_schemas(tmp_path):
+    assert sections(PreferenceTrainConfig) == {"model": SECTIONS["model"], "task": SECTIONS["task"],
+                                               "preference": PreferenceConfig, "lora": LoraConfig,
+                                               "optim": SECTIONS["optim"], "run": SECTIONS["run"]}
+    assert sections(PrmTrainConfig)["prm"] is PrmConfig
+    for cls in (LoraConfig, PreferenceConfig, PrmConfig):
+        assert all(help_ for _, _, help_ in describe(cls))
+    cfg = load_config(None, ["prm.data_path=x", "lora.r=3", "task.name=arithmetic"], schema=PrmTrainConfig)
+    assert load_config(save_config(cfg, tmp_path / "c.yaml"), schema=PrmTrainConfig) == cfg   # a run's config.yaml

@@ -30,13 +30,8 @@ def before_after_table(summary: dict) -> str:
     ])
 
 
-def split_config_arg(args) -> None:
-    """`llmrl CMD key=value ...` with no config file: the first positional is an override, not a file."""
-    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
-        args.overrides, args.config = [args.config, *args.overrides], None
-
-
 def cmd_train(args) -> int:
+    from llmrl.cli_supervised import split_config_arg
     from llmrl.config import ConfigError, load_config, validate_names
     from llmrl.credit import CREDIT
     from llmrl.objectives.policy import OBJECTIVES
@@ -161,9 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("presets", help="list the named algorithm compositions")
     p.set_defaults(fn=cmd_presets)
 
-    from llmrl.preference.cli import add_subcommands as add_preference_subcommands
+    from llmrl.cli_supervised import add_subcommands as add_supervised_subcommands
 
-    add_preference_subcommands(sub)       # dpo | rm | pairs
+    add_supervised_subcommands(sub)       # dpo | rm | prm | pairs | prm-data
     from llmrl.report import add_subcommand as add_report_subcommand
 
     add_report_subcommand(sub)            # report RUN_DIR [--out FILE]

@@ -1,16 +1,22 @@
-"""Typed training config: one small dataclass per concern, loaded from YAML plus dotted overrides.
+"""Typed config of every command: one small dataclass per concern, loaded from YAML plus dotted overrides by one
+loader, `load_config`.
 
-    cfg = load_config("run.yaml", ["rollout.group_size=8", "optim.lr=3e-6", "task.options.digits=3"])
+    cfg = load_config("run.yaml", ["rollout.group_size=8", "optim.lr=3e-6", "task.options.digits=3"])   # train
+    cfg = load_config("dpo.yaml", ["preference.beta=0.2", "lora=null"], schema=PreferenceTrainConfig)   # dpo, rm
+    cfg = load_config("prm.yaml", ["prm.labels=hard"], schema=PrmTrainConfig)                           # prm
 
-Precedence: overrides > file > preset > defaults. A section in a file (or preset) changes only the
-keys it names; a value, a dict such as `task.options` included, is replaced whole, so use a dotted
-override (`task.options.digits=3`) to change one entry. The right-hand side of an override is YAML.
-Everything is checked at load, and every error names the full dotted key.
+Precedence: overrides > file (after the files it `extends:`) > preset (train only) > the schema's defaults. A
+section in a file (or preset) changes only the keys it names; a value, a dict such as `task.options` included, is
+replaced whole, so use a dotted override (`task.options.digits=3`) to change one entry. A section that may be null
+(`task`, `lora` of the supervised commands) is cleared by `task=null`. The right-hand side of an override is YAML.
+Everything is checked at load (each schema's `check()` adds its cross-field rules), and every error names the full
+dotted key.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import typing
 from dataclasses import dataclass, fields
@@ -166,11 +172,12 @@ class RunConfig:
     seed: int = f(0, "seed for sampling and initialisation")
     eval_every: int = f(10, "evaluate every N steps (0 = only before and after)", ge=0)
     eval_max_new_tokens: int | None = f(None, "max new tokens at evaluation (null = rollout.max_new_tokens)", ge=1)
-    save_every: int = f(0, "checkpoint every N steps (0 = only the final model): train writes the full resumable state "
-                           "to RUN_DIR/checkpoints, dpo a model to RUN_DIR/checkpoint-last", ge=0)
-    keep_checkpoints: int = f(2, "train: resumable checkpoints kept (the newest)", ge=1)
-    resume: str = f("auto", "train: continue from the run folder's newest checkpoint: auto (if there is one) | must (fail "
-                            "if there is none; `llmrl train --resume`) | never (start over, removing old checkpoints)",
+    save_every: int = f(0, "write the full resumable state to RUN_DIR/checkpoints every N steps (0 = only the final "
+                           "model); every command (train, dpo, rm, prm)", ge=0)
+    keep_checkpoints: int = f(2, "resumable checkpoints kept (the newest)", ge=1)
+    resume: str = f("auto", "continue from the run folder's newest checkpoint: auto (if there is one) | must (fail "
+                            "if there is none; `llmrl train|dpo|rm|prm --resume`) | never (start over, removing old "
+                            "checkpoints)",
                     choices=("auto", "must", "never"))
     samples_every: int = f(5, "write 2 groups of sampled completions with per-token advantages to samples.jsonl every N steps (0 = never)", ge=0)
     threads: int | None = f(None, "torch threads (null = leave as is)", ge=1)
@@ -202,30 +209,161 @@ class TrainConfig:
     optim: OptimConfig = f(OptimConfig(), "optimizer")
     run: RunConfig = f(RunConfig(), "run bookkeeping")
 
+    def check(self) -> None:
+        """Rules across fields, run after every field is checked on its own."""
+        if self.task.name == "jsonl" and not self.task.train_path:
+            raise ConfigError("task.train_path is required when task.name is 'jsonl'")
+        if not self.reward.terms:
+            raise ConfigError("reward.terms must list at least one reward term")
+        if len(set(self.rollout.tools)) != len(self.rollout.tools):
+            raise ConfigError(f"rollout.tools lists a tool twice: {self.rollout.tools}")
+        names = [term.name for term in self.reward.terms]
+        for i, term in enumerate(self.reward.terms):
+            if not math.isfinite(term.weight):
+                raise ConfigError(f"reward.terms[{i}].weight must be finite, got {term.weight}")
+            if term.gate is not None and term.gate not in names:
+                raise ConfigError(f"reward.terms[{i}].gate {term.gate!r} is not a term; terms: {', '.join(names)}")
 
-SECTIONS: dict[str, type] = {k: v for k, v in typing.get_type_hints(TrainConfig).items() if k != "preset"}
+
+# ----------------------------------------------------------------------------- supervised commands: dpo, rm, prm
+
+@dataclass
+class LoraConfig:
+    r: int = f(16, "LoRA rank", ge=1)
+    alpha: float = f(32.0, "LoRA alpha (the update is scaled by alpha / r)", gt=0)
+    dropout: float = f(0.0, "dropout on the LoRA input", ge=0, lt=1)
+    target_modules: list[str] | None = f(None, "module names to adapt (null = every linear layer but the head)")
+
+
+@dataclass
+class PreferenceConfig:
+    data_path: str | None = f(None, "JSONL of {prompt, chosen, rejected} pairs (null = build pairs from `task`)")
+    heldout_path: str | None = f(None, "JSONL of held-out pairs (null = hold out heldout_fraction of the prompts)")
+    heldout_fraction: float = f(0.1, "fraction of prompts whose pairs are held out when heldout_path is null",
+                                ge=0, lt=1)
+    build_prompts: int = f(256, "building from a task: training prompts to sample", ge=1)
+    build_samples_per_prompt: int = f(8, "building from a task: completions sampled per prompt", ge=2)
+    build_pairs_per_prompt: int = f(1, "building from a task: distinct (passing, failing) pairs kept per prompt, "
+                                    "at most passing x failing; held-out pairs are split off by prompt", ge=1)
+    build_temperature: float = f(1.0, "building from a task: sampling temperature", gt=0)
+    build_max_new_tokens: int = f(64, "building from a task: maximum tokens per completion", ge=1)
+    kind: str = f("dpo", "DPO loss: dpo (sigmoid; with label_smoothing > 0, conservative DPO) | ipo",
+                  choices=("dpo", "ipo"))
+    beta: float = f(0.1, "DPO's beta (KL strength; IPO's tau): the implicit reward is beta * log(pi / pi_ref)", gt=0)
+    label_smoothing: float = f(0.0, "conservative DPO: assumed probability that a label is flipped", ge=0, lt=0.5)
+    per_token_mean: bool | None = f(None, "average log-probs over response tokens (null = true for ipo, as TRL; "
+                                          "false for dpo, as the paper)")
+    epochs: int = f(1, "passes over the training pairs (run.steps > 0 caps the optimizer steps)", ge=1)
+    batch_size: int = f(16, "pairs per optimizer step (split into micro-batches of optim.micro_batch_size pairs)",
+                        ge=1)
+    max_length: int | None = f(None, "prompt + response tokens; longer responses are cut (null = model context)",
+                               ge=2)
+
+
+@dataclass
+class PreferenceTrainConfig:
+    """`llmrl dpo` and `llmrl rm`. `task` names where pairs are built from (when no `preference.data_path` is
+    given) and the task whose held-out accuracy DPO measures before and after. `lora: null`: full fine-tuning."""
+    model: ModelConfig = f(ModelConfig(), "policy model (for `rm`: the causal LM the reward model starts from)")
+    task: TaskConfig | None = f(None, "task to build pairs from and to measure held-out accuracy on (null = none)")
+    preference: PreferenceConfig = f(PreferenceConfig(), "pairs and the preference loss")
+    lora: LoraConfig | None = f(LoraConfig(), "LoRA adapter; the reference is the model with it disabled "
+                                              "(null = full fine-tuning against a frozen copy)")
+    optim: OptimConfig = f(OptimConfig(lr=5e-6, micro_batch_size=4), "optimizer (micro_batch_size counts pairs)")
+    run: RunConfig = f(RunConfig(name="dpo", steps=0, eval_every=0), "run bookkeeping (steps: cap on optimizer "
+                                                                      "steps, 0 = no cap)")
+
+    def check(self) -> None:
+        if self.preference.data_path is None and self.task is None:
+            raise ConfigError("preference.data_path is required unless `task` names a task to build pairs from")
+        _check_jsonl_task(self.task)
+        if self.preference.kind == "ipo" and self.preference.label_smoothing:
+            raise ConfigError("preference.label_smoothing applies to preference.kind 'dpo' only")
+
+
+@dataclass
+class PrmConfig:
+    data_path: str | None = f(None, "JSONL of {prompt, steps, labels} (null = build step labels from `task`)")
+    heldout_path: str | None = f(None, "JSONL of held-out step labels (null = hold out heldout_fraction of prompts)")
+    heldout_fraction: float = f(0.1, "fraction of prompts held out when heldout_path is null", ge=0, lt=1)
+    build_prompts: int = f(64, "building from a task: prompts to sample", ge=1)
+    build_samples_per_prompt: int = f(4, "building from a task: responses sampled per prompt", ge=1)
+    build_mc_samples: int = f(8, "building from a task: completions sampled from each step's end", ge=1)
+    build_temperature: float = f(1.0, "building from a task: sampling temperature", gt=0)
+    build_max_new_tokens: int = f(64, "building from a task: maximum tokens per response", ge=1)
+    steps: str = f("blank_line", "building from a task: step segmenter", choices=("blank_line", "numbered", "regex"))
+    step_pattern: str | None = f(None, "building from a task: regex that starts a step, with steps: regex")
+    labels: str = f("soft", "building: soft (the completion rate) | hard (1 if any completion is right)",
+                    choices=("soft", "hard"))
+    epochs: int = f(1, "passes over the training responses (run.steps > 0 caps the optimizer steps)", ge=1)
+    batch_size: int = f(16, "responses per optimizer step (micro-batches of optim.micro_batch_size)", ge=1)
+    max_length: int | None = f(None, "prompt + response tokens; steps past it are cut (null = model context)", ge=2)
+
+
+@dataclass
+class PrmTrainConfig:
+    """`llmrl prm`: a process reward model on step-labelled responses (read, or built from `task`)."""
+    model: ModelConfig = f(ModelConfig(), "the causal LM the PRM starts from (and that samples, when building)")
+    task: TaskConfig | None = f(None, "task to build step labels from (null = prm.data_path)")
+    prm: PrmConfig = f(PrmConfig(), "step labels and training")
+    lora: LoraConfig | None = f(None, "LoRA adapter (null = full fine-tuning; the head is always trained in full)")
+    optim: OptimConfig = f(OptimConfig(lr=1e-5, micro_batch_size=8), "optimizer (micro_batch_size counts responses)")
+    run: RunConfig = f(RunConfig(name="prm", steps=0, eval_every=0), "run bookkeeping (steps: cap, 0 = none)")
+
+    def check(self) -> None:
+        if self.prm.data_path is None and self.task is None:
+            raise ConfigError("prm.data_path is required unless `task` names a task to build step labels from")
+        _check_jsonl_task(self.task)
+        if self.prm.steps == "regex" and not self.prm.step_pattern:
+            raise ConfigError("prm.steps=regex needs prm.step_pattern")
+
+
+def _check_jsonl_task(task: TaskConfig | None) -> None:
+    if task is not None and task.name == "jsonl" and not task.train_path:
+        raise ConfigError("task.train_path is required when task.name is 'jsonl'")
+
+
+def sections(schema: type) -> dict[str, type]:
+    """{section name: its dataclass} of a config schema (a `X | None` section gives X)."""
+    hints = typing.get_type_hints(schema)
+    out = {}
+    for fd in fields(schema):
+        tp = hints[fd.name]
+        tp = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
+        if dataclasses.is_dataclass(tp):
+            out[fd.name] = tp
+    return out
+
+
+def _nullable(schema: type, section: str) -> bool:
+    return type(None) in typing.get_args(typing.get_type_hints(schema)[section])
+
+
+SECTIONS: dict[str, type] = sections(TrainConfig)
 
 
 # ----------------------------------------------------------------------------- loading
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = (),
-                presets: Mapping[str, Mapping[str, Any]] | None = None) -> TrainConfig:
-    """Defaults <- preset <- YAML file (after the files it `extends`) <- `section.key=value` overrides, validated."""
+                presets: Mapping[str, Mapping[str, Any]] | None = None, *, schema: type = TrainConfig):
+    """Defaults <- preset <- YAML file (after the files it `extends`) <- `section.key=value` overrides, validated,
+    as an instance of `schema`: TrainConfig (`llmrl train`), PreferenceTrainConfig (dpo, rm), PrmTrainConfig (prm).
+    Only a schema with a `preset` field takes presets."""
     file_layers = _read_with_bases(Path(path)) if path is not None else [{}]
     parsed = [_parse_override(o) for o in overrides]
-    merged = _layered(file_layers, parsed)
+    merged = _layered(schema, file_layers, parsed)
     name = merged.get("preset")
     # A saved config gives every value, so its preset changes nothing and needs no preset table.
-    if name is not None and not (presets is None and _complete(merged)):
+    if name is not None and not (presets is None and _complete(schema, merged)):
         if not isinstance(name, str):
             raise ConfigError(f"preset must be a string or null, got {name!r}")
         if presets is None or name not in presets:
             raise ConfigError(_not_one_of("preset", name, sorted(presets or ())))
         preset = {k: v for k, v in presets[name].items() if k != "preset"}
-        merged = _layered([preset, *file_layers], parsed)
+        merged = _layered(schema, [preset, *file_layers], parsed)
         merged["preset"] = name
-    return config_from_dict(merged)
+    return config_from_dict(merged, schema)
 
 
 def _read_with_bases(path: Path, seen: tuple = ()) -> list[dict]:
@@ -244,21 +382,13 @@ def _read_with_bases(path: Path, seen: tuple = ()) -> list[dict]:
     return [*_read_with_bases(base_path, (*seen, path.resolve())), data]
 
 
-def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
-    """Build and validate a TrainConfig from a (possibly partial) mapping of sections; no presets."""
-    cfg = _convert(data, TrainConfig, "")
-    if cfg.task.name == "jsonl" and not cfg.task.train_path:
-        raise ConfigError("task.train_path is required when task.name is 'jsonl'")
-    if not cfg.reward.terms:
-        raise ConfigError("reward.terms must list at least one reward term")
-    if len(set(cfg.rollout.tools)) != len(cfg.rollout.tools):
-        raise ConfigError(f"rollout.tools lists a tool twice: {cfg.rollout.tools}")
-    names = [term.name for term in cfg.reward.terms]
-    for i, term in enumerate(cfg.reward.terms):
-        if not math.isfinite(term.weight):
-            raise ConfigError(f"reward.terms[{i}].weight must be finite, got {term.weight}")
-        if term.gate is not None and term.gate not in names:
-            raise ConfigError(f"reward.terms[{i}].gate {term.gate!r} is not a term; terms: {', '.join(names)}")
+def config_from_dict(data: Mapping[str, Any], schema: type = TrainConfig):
+    """Build and validate a `schema` config from a (possibly partial) mapping of sections; no presets. A section
+    given as a mapping changes only the keys it names, on top of the schema's own default for that section."""
+    defaults = {fd.name: _default(fd) for fd in fields(schema)}
+    full = {k: (config_to_dict(defaults.get(k)) or {}) | v if isinstance(v, Mapping) else v for k, v in data.items()}
+    cfg = _convert(full, schema, "")
+    cfg.check()
     return cfg
 
 
@@ -312,44 +442,53 @@ def _parse_override(text: str) -> tuple[tuple[str, ...], Any]:
         raise ConfigError(f"override {text!r}: the value is not valid YAML: {e}") from e
 
 
-def _layered(layers: list[Mapping], overrides: list[tuple[tuple[str, ...], Any]]) -> dict:
+def _layered(schema: type, layers: list[Mapping], overrides: list[tuple[tuple[str, ...], Any]]) -> dict:
     """Apply layers (mappings of sections) then overrides to an empty raw mapping, later ones winning."""
     merged: dict[str, Any] = {}
     for path, value in [((k,), v) for layer in layers for k, v in layer.items()] + overrides:
-        _set(merged, path, value)
+        _set(schema, merged, path, value)
     return merged
 
 
-def _set(merged: dict, path: tuple[str, ...], value: Any) -> None:
-    """Set one dotted key; `section=<mapping>` sets each key it names, leaving the others."""
+def _set(schema: type, merged: dict, path: tuple[str, ...], value: Any) -> None:
+    """Set one dotted key; `section=<mapping>` sets each key it names, leaving the others; `section=null` clears a
+    section that may be null (and leaves any other as it is)."""
     section, rest = path[0], path[1:]
-    if path == ("preset",):
+    known = sections(schema)
+    has_preset = "preset" in {fd.name for fd in fields(schema)}
+    if has_preset and section == "preset":
+        if rest:
+            raise ConfigError(f"cannot set {'.'.join(path)!r}: preset takes a name, e.g. preset=NAME")
         merged["preset"] = value
-    elif section == "preset":
-        raise ConfigError(f"cannot set {'.'.join(path)!r}: preset takes a name, e.g. preset=NAME")
-    elif section not in SECTIONS:
-        raise _unknown(str(section), "", ["preset", *SECTIONS])
-    elif not rest:
-        if not isinstance(value, Mapping | None):
-            raise ConfigError(f"{section} must be a mapping of keys, got {value!r}")
-        for key, v in (value or {}).items():
-            _set(merged, (section, key), copy.deepcopy(v))
-    else:
-        target = merged.setdefault(section, {})
-        for depth, part in enumerate(rest[:-1]):  # a dotted path into a dict-valued field
-            if depth == 0:
-                fds = {fd.name: fd for fd in fields(SECTIONS[section])}
-                if part not in fds:
-                    raise _unknown(f"{section}.{part}", section, list(fds))
-                target.setdefault(part, _default(fds[part]))
-            target = target.setdefault(part, {})
-            if not isinstance(target, dict):
-                raise ConfigError(f"cannot set {'.'.join(path)!r}: {'.'.join(path[:depth + 2])!r} is not a mapping")
-        target[rest[-1]] = value
+        return
+    if section not in known:
+        raise _unknown(str(section), "", ["preset", *known] if has_preset else list(known))
+    nullable = _nullable(schema, section)
+    if not rest:
+        if value is None:
+            if nullable:
+                merged[section] = None
+            return
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{section} must be a mapping of keys{' or null' if nullable else ''}, got {value!r}")
+        for key, v in value.items():
+            _set(schema, merged, (section, key), copy.deepcopy(v))
+        return
+    if merged.get(section) is None:
+        merged[section] = {}
+    target = merged[section]
+    fds = {fd.name: fd for fd in fields(known[section])}
+    if rest[0] not in fds:
+        raise _unknown(f"{section}.{rest[0]}", section, list(fds))
+    for depth, part in enumerate(rest[:-1]):     # a dotted path into a dict-valued field, e.g. task.options.digits
+        if depth == 0 and part not in target:
+            target[part] = _default(fds[part])
+        target = target.setdefault(part, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"cannot set {'.'.join(path)!r}: {'.'.join(path[:depth + 2])!r} is not a mapping")
+    target[rest[-1]] = value
 
 
-def _complete(merged: Mapping) -> bool:
+def _complete(schema: type, merged: Mapping) -> bool:
     return all(isinstance(merged.get(s), dict) and all(fd.name in merged[s] for fd in fields(cls))
-               for s, cls in SECTIONS.items())
-
-
+               for s, cls in sections(schema).items())

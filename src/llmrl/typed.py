@@ -1,7 +1,7 @@
 """Typed config sections: dataclass fields with a help line and checks (`f`), built from plain data with every
 error naming the full dotted key (`_build`, `_convert`), and turned back into plain data (`config_to_dict`).
 
-`llmrl.config` declares the training sections with these; the preference recipes declare theirs.
+`llmrl.config` declares the sections of every command with these, and loads them (`load_config`).
 """
 
 from __future__ import annotations

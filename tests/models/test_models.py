@@ -52,6 +52,17 @@ def test_tiny_is_deterministic():
     assert a.config.tie_word_embeddings
 
 
+def test_building_the_cached_tiny_model_leaves_the_global_rng_alone(tmp_path, monkeypatch):
+    """A run that builds the cached tiny model draws the same random numbers afterwards (a LoRA adapter's init, a
+    new head) as a run that finds it cached."""
+    monkeypatch.setenv("LLMRL_CACHE", str(tmp_path))
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    resolve_model_path("tiny")                 # builds and saves the cached copy
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_tiny_vocab_extra():
     m, tok = build_tiny(vocab_extra=5)
     m0, tok0 = build_tiny()

@@ -1,6 +1,6 @@
 """Metric sinks: every numeric field of every record reaches TensorBoard (read back with its EventAccumulator) and
 Weights & Biases (offline); a resumed run leaves no duplicate events; a sink whose package is missing is a clear
-error; the preference recipes get the same `run` fields."""
+error; the supervised trainers (dpo, rm, prm) get the same `run` fields."""
 
 import sys
 
@@ -9,11 +9,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from llmrl.cli import main
-from llmrl.config import load_config
-from llmrl.preference.config import load_preference_config
-from llmrl.preference.data import PreferencePair, save_pairs
-from llmrl.preference.dpo import train_dpo
-from llmrl.preference.prm import load_prm_config
+from llmrl.config import PreferenceTrainConfig, PrmTrainConfig, load_config
+from llmrl.data.pairs import PreferencePair, save_pairs
+from llmrl.train.dpo import train_dpo
 from llmrl.runio.metrics import read_metrics
 from llmrl.runio.sinks import open_metrics, scalars
 
@@ -108,15 +106,13 @@ def test_tensorboard_null_means_when_installed(tmp_path, monkeypatch):
 def test_preference_recipes_take_the_same_run_fields_and_log_to_tensorboard(tmp_path):
     pairs = save_pairs([PreferencePair(f"What is {i} + {i}?", str(2 * i), str(2 * i + 1)) for i in range(6)],
                        tmp_path / "pairs.jsonl")
-    cfg = load_preference_config(None, [
+    cfg = load_config(None, schema=PreferenceTrainConfig, overrides=[
         "model.name=tiny", "model.autocast=none", f"preference.data_path={pairs}", "preference.batch_size=3",
         "preference.heldout_fraction=0.3", "optim.micro_batch_size=3", "run.progress=false", "run.steps=2",
         f"run.output_dir={tmp_path}", "run.name=dpo", "run.tensorboard=true", "run.wandb_project=null"])
     train_dpo(cfg)
     ev = events(tmp_path / "dpo")
     assert [s for s, _ in ev["train/loss_preference"]] == [1, 2] and "eval/heldout_loss_preference" in ev
-    prm = load_prm_config(None, ["prm.data_path=x.jsonl", "run.tensorboard=false", "run.wandb_project=p"])
+    prm = load_config(None, ["prm.data_path=x.jsonl", "run.tensorboard=false", "run.wandb_project=p"],
+                      schema=PrmTrainConfig)
     assert prm.run.wandb_project == "p" and prm.run.tensorboard is False
-    from llmrl.config import ConfigError
-    with pytest.raises(ConfigError, match="only `llmrl train`"):
-        load_preference_config(None, [f"preference.data_path={pairs}", "run.resume=must"])

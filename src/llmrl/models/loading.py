@@ -215,7 +215,8 @@ def _resolve_tiny() -> Path:
 
 
 def _save_tiny(out: Path) -> None:
-    model, tok = build_tiny(0)
+    with torch.random.fork_rng(devices=[]):   # the global RNG stays as it was: a run that builds the cached copy
+        model, tok = build_tiny(0)             # draws the same numbers afterwards as one that finds it
     model.save_pretrained(out)
     tok.save_pretrained(out)
     (out / SOURCE_FILE).write_text(json.dumps({"built_by": "llmrl.models.build_tiny", "seed": 0}) + "\n")

@@ -8,12 +8,24 @@ import copy
 from torch import nn
 
 
-def add_lora(model, *, r: int, alpha: float, dropout: float, targets: list[str]):
-    """Wrap `model` in a peft LoRA adapter; only the adapter's parameters stay trainable."""
+def linear_targets(model: nn.Module) -> list[str]:
+    """The names of every linear layer inside the backbone (the head, a top-level module such as `lm_head` or a
+    classifier's `score`, is not one), sorted: LoRA's default targets."""
+    return sorted({name.rpartition(".")[2] for name, module in model.named_modules()
+                   if isinstance(module, nn.Linear) and "." in name})
+
+
+def add_lora(model, *, r: int, alpha: float, dropout: float, targets: list[str] | None = None,
+             task_type: str = "CAUSAL_LM"):
+    """Wrap `model` in a peft LoRA adapter (B = 0 at the start, so the wrapped model equals the base); only the
+    adapter's parameters stay trainable, and a classifier's new head (task_type SEQ_CLS or TOKEN_CLS), which peft
+    trains in full. targets=None: every linear layer but the head (`linear_targets`). The one LoRA entry point of
+    every trainer: RL (`model.lora_*`), DPO, reward and process reward models (the `lora` section)."""
     from peft import LoraConfig, get_peft_model
 
-    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
-                                            task_type="CAUSAL_LM"))
+    targets = linear_targets(model) if targets is None else list(targets)
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                                            task_type=task_type))
 
 
 class _AdapterOff(nn.Module):

@@ -3,7 +3,7 @@
 Outcome supervision scores the final answer; process supervision scores every step (Uesato et al. 2022, "Solving
 math word problems with process- and outcome-based feedback"; Lightman et al. 2023, "Let's Verify Step by Step",
 whose PRM800K labels are human step ratings; Wang et al. 2024, Math-Shepherd, whose labels are Monte-Carlo
-completion rates, built by `llmrl.preference.prm.build_step_labels`). One registry, one signature:
+completion rates, built by `llmrl.train.prm.build_step_labels`). One registry, one signature:
 
     fn(completions: list[str], step_texts: list[list[str]], examples: list[Example], **options) -> list[list[float]]
 
@@ -19,7 +19,6 @@ Built-ins: `equations` (a rule: the arithmetic a step states is true), `step_jud
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import numbers
@@ -29,7 +28,7 @@ import torch
 
 from llmrl.data.tasks import Example
 from llmrl.registry import Registry
-from llmrl.rewards.learned import _judge_model, parse_score
+from llmrl.rewards.learned import _judge_model, _prm_model, parse_score, prm_step_scores
 from llmrl.rewards.score import RewardTimeout, _time_limit
 
 log = logging.getLogger("llmrl.rewards")
@@ -233,21 +232,11 @@ def step_judge(completions: list[str], step_texts: list[list[str]], examples: li
 
 # ----------------------------------------------------------------------------- prm: a trained process reward model
 
-@functools.lru_cache(maxsize=4)
-def _prm_model(path: str):
-    from llmrl.preference.prm import load_prm
-
-    model, tokenizer = load_prm(path)
-    return model.eval().requires_grad_(False), tokenizer
-
-
 @STEP_REWARDS.register("prm")
 def prm(completions: list[str], step_texts: list[list[str]], examples: list[Example], *, path: str,
         batch_size: int = 16, chat_template: bool = True, system_prompt: str | None = None) -> list[list[float]]:
     """P(step is good) from a process reward model (`llmrl prm`), read at each step's last token (Lightman et al.
     2023, sec. 2.6). chat_template / system_prompt must match how the PRM was trained."""
-    from llmrl.preference.prm import prm_step_scores
-
     model, tokenizer = _prm_model(path)
     return prm_step_scores(model, tokenizer, [ex.prompt for ex in examples], step_texts, batch_size=batch_size,
                            chat_template=chat_template, system_prompt=system_prompt)

@@ -5,9 +5,9 @@
         optimizer.pt     the optimizer's and the LR scheduler's state dicts
         critic.pt        the critic's trainable parameters and its optimizer (only with a critic)
         rng.pt           python `random`, torch's global CPU RNG, the recipe's torch.Generator, numpy's global RNG
-        state.json       step, data position, the KL controller (beta), the evaluations so far
-        metrics.jsonl    RUN_DIR's metrics.jsonl and samples.jsonl as they were at this step: resuming puts them back,
-        samples.jsonl    so no record is duplicated or lost
+        state.json       step, data position, the KL controller (beta; RL only), the evaluations so far
+        metrics.jsonl    RUN_DIR's metrics.jsonl and samples.jsonl (RL) as they were at this step: resuming puts them
+        samples.jsonl    back, so no record is duplicated or lost
         config.yaml      the resolved config; resuming refuses one that differs in anything but CONTINUABLE keys
 
 Atomic: every file goes into `.step-000010.tmp-XXXX/` beside the final folder and is fsynced, then the folder is
@@ -15,8 +15,10 @@ renamed into place and the parent fsynced. So a folder named `step-NNNNNN` is al
 SIGKILL) mid-write leaves only a temporary folder, which `latest` ignores and removes (the next run calls it). The
 last `run.keep_checkpoints` are kept; an older one is renamed away before it is deleted, for the same reason.
 
-Data position: the recipe draws exactly one batch of `rollout.prompts_per_step` examples from the task's seeded
-train stream per step, so a run resumed after step k recreates the stream and skips k batches.
+Every trainer uses it: RL (`train/rl.py`) and the supervised loop of DPO, reward and process reward models
+(`train/supervised.py`). Data position: each step draws exactly one batch (RL: `rollout.prompts_per_step` examples
+of the task's seeded train stream; supervised: a batch of a seeded shuffle per epoch), so a run resumed after step
+k recreates the stream and skips k batches.
 Exactness: with the same threads and fp32 on CPU, a resumed run ends with bitwise the same weights as one that was
 never stopped (tests/runio/test_resume.py). Evaluations are greedy and draw no random numbers; nothing else does between
 the checkpoint and the next step.
@@ -60,7 +62,7 @@ class TrainingState:
     optimizer: torch.optim.Optimizer
     scheduler: Any                      # an LR scheduler
     generator: torch.Generator          # the recipe's sampling / shuffling generator
-    beta: Any                           # FixedKLController | AdaptiveKLController
+    beta: Any = None                    # RL: FixedKLController | AdaptiveKLController
     critic: torch.nn.Module | None = None
     critic_optimizer: torch.optim.Optimizer | None = None
 
@@ -81,12 +83,13 @@ def latest(run_dir: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name[5:]), default=None)
 
 
-def resume_point(cfg) -> Path | None:
+def resume_point(cfg, *, check_steps: bool = True) -> Path | None:
     """The checkpoint `cfg` continues from, by `run.resume` (never | auto | must), or None to start fresh.
 
-    Called before the run folder is touched. Raises ValueError when `must` finds none, or when the checkpoint's
-    config differs from `cfg` in anything but CONTINUABLE keys (the message lists them). `never` removes the
-    checkpoints of an earlier run in the folder (its metrics are about to be overwritten too)."""
+    Called before the run folder is touched. Raises ValueError when `must` finds none, when the checkpoint's
+    config differs from `cfg` in anything but CONTINUABLE keys (the message lists them), or (check_steps) when its
+    step is past run.steps (the supervised loop knows its last step only once its data is read, and checks then).
+    `never` removes the checkpoints of an earlier run in the folder (its metrics are about to be overwritten too)."""
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     root = checkpoints_dir(run_dir)
     if cfg.run.resume == "never":
@@ -106,7 +109,7 @@ def resume_point(cfg) -> Path | None:
                          f"{', '.join(changed)}. Only {', '.join(CONTINUABLE)} may change; to start over instead, "
                          "set run.resume=never (removes the checkpoints) or choose another run.name")
     step = json.loads((found / "state.json").read_text())["step"]
-    if step > cfg.run.steps:
+    if check_steps and step > cfg.run.steps:
         raise ValueError(f"cannot resume from {found}: it is past run.steps={cfg.run.steps}")
     log.info("resuming from %s", found)
     return found
@@ -169,9 +172,11 @@ def save(run_dir: Path, step: int, state: TrainingState, evals: list[dict], *, k
         _write(tmp / "rng.pt", lambda f: torch.save(rng, f))
         for name in LOGS:
             src = Path(run_dir) / name
-            data = src.read_bytes() if src.exists() else b""
-            _write(tmp / name, lambda f: f.write(data))
-        meta = {"step": step, "batches_drawn": step, "beta": state.beta.state_dict(),
+            if src.exists():
+                data = src.read_bytes()
+                _write(tmp / name, lambda f: f.write(data))
+        meta = {"step": step, "batches_drawn": step,
+                **({"beta": state.beta.state_dict()} if state.beta is not None else {}),
                 "evals": [{k: v for k, v in e.items() if k != "samples"} for e in evals]}
         _write(tmp / "state.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
         _fsync(tmp)
@@ -247,7 +252,8 @@ def restore(path: Path, state: TrainingState, run_dir: Path) -> tuple[int, list[
         saved = torch.load(path / "critic.pt", weights_only=True)
         _load_trainable(state.critic, saved["critic"], "critic")
         state.critic_optimizer.load_state_dict(saved["optimizer"])
-    state.beta.load_state_dict(meta["beta"])
+    if state.beta is not None:
+        state.beta.load_state_dict(meta["beta"])
     rng = torch.load(path / "rng.pt", weights_only=True)
     if D.world() > 1:                           # this rank's own sampling generator
         written = len(rng.get("rank_generators", [None]))
@@ -255,6 +261,8 @@ def restore(path: Path, state: TrainingState, run_dir: Path) -> tuple[int, list[
             raise ValueError(f"{path} was written by {written} process(es); resume it with as many, not {D.world()}")
         rng["generator"] = rng["rank_generators"][D.rank()]
     for name in LOGS if D.is_main() else ():    # back to this step: records written after it are dropped
+        if not (path / name).exists():
+            continue
         tmp = Path(run_dir) / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
         shutil.copyfile(path / name, tmp)
         os.replace(tmp, Path(run_dir) / name)

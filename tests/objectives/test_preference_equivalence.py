@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "examples" / "dpo_equivalence.py"
+_PATH = Path(__file__).resolve().parents[2] / "examples" / "dpo_equivalence.py"
 _spec = importlib.util.spec_from_file_location("dpo_equivalence", _PATH)
 eq = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(eq)

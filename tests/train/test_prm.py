@@ -1,5 +1,6 @@
-"""Process reward models (llmrl.preference.prm): step-labelled data and its errors, Math-Shepherd labels, the loss at
-each step's last token, training on a learnable toy rule, save/load, the `prm` step reward, the config, the CLI."""
+"""Process reward models (llmrl.train.prm, models.heads, data.step_labels, rewards.learned): step-labelled data and its
+errors, Math-Shepherd labels, the loss at each step's last token, training on a learnable toy rule, save/load, the
+`prm` step reward, the config, the CLI. Checkpointing, resuming and the time limit: tests/train/test_supervised.py."""
 
 import json
 import math
@@ -11,17 +12,22 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForTokenClassification
 
-import llmrl.preference.prm as prm_module
-from llmrl.config import ConfigError
-from llmrl.credit import step_boundaries
+import llmrl.train.prm as prm_module
+from llmrl.cli import main
+from llmrl.config import ConfigError, PrmTrainConfig, load_config
 from llmrl.data import make_task
+from llmrl.data.step_labels import load_step_labels, save_step_labels
 from llmrl.models import save_pretrained_model
-from llmrl.preference.cli import main
-from llmrl.preference.prm import (build_step_labels, encode_steps, load_prm, load_prm_config, load_step_labels,
-                                  prm_step_scores, save_step_labels, step_logits, train_prm)
+from llmrl.models.heads import load_prm, step_logits
+from llmrl.rewards.learned import encode_steps, prm_step_scores
 from llmrl.rewards import REWARDS, RewardResult
 from llmrl.rewards.process import score_steps
 from llmrl.runio.metrics import read_metrics
+from llmrl.train.prm import build_step_labels, train_prm
+
+
+def load_prm_config(path=None, overrides=()):
+    return load_config(path, overrides, schema=PrmTrainConfig)
 
 
 @pytest.fixture(autouse=True)
@@ -109,9 +115,9 @@ def test_labels_are_the_completion_rates_after_each_step(tiny, monkeypatch):
     seen = {}
     real_mc = prm_module.monte_carlo_values
 
-    def recording_mc(model, tokenizer, rollout, step_ids, terms, **kw):
-        values, stats = real_mc(model, tokenizer, rollout, step_ids, terms, **kw)
-        seen.update(values=values, step_ids=step_ids, completions=rollout.completions, samples=kw["samples"])
+    def recording_mc(model, tokenizer, rollout, boundaries, score, **kw):
+        values, stats = real_mc(model, tokenizer, rollout, boundaries, score, **kw)
+        seen.update(values=values, boundaries=boundaries, completions=rollout.completions, samples=kw["samples"])
         return values, stats
 
     monkeypatch.setattr(prm_module, "monte_carlo_values", recording_mc)
@@ -119,11 +125,10 @@ def test_labels_are_the_completion_rates_after_each_step(tiny, monkeypatch):
                              segmenter="regex", pattern="[ 0-9]", max_new_tokens=12, batch_prompts=2, seed=1,
                              reward_terms=[("test_prm_has_vowel", 1.0, {})])
     assert seen["samples"] == 4 and len(rows) == 6              # every tiny response has a step here
-    values, step_ids = seen["values"], seen["step_ids"]
-    assert len(set(values[step_ids >= 0].tolist())) > 2         # the rates differ: a shifted label would show
+    values, boundaries = seen["values"], seen["boundaries"]
+    assert len({values[i, t].item() for i, b in enumerate(boundaries) for t in b}) > 2   # a shifted label would show
     for i, row in enumerate(rows):
-        starts = [t for t in range(step_ids.shape[1])
-                  if step_ids[i, t] >= 0 and (t == 0 or step_ids[i, t - 1] != step_ids[i, t])]
+        starts = boundaries[i]
         outcome = _has_vowel([seen["completions"][i]], None)[0]
         expected = [values[i, t].item() for t in starts[1:]] + [outcome]   # V(before step s+1), then the outcome
         assert row["labels"] == row["completion_rates"] == pytest.approx(expected)
@@ -134,9 +139,9 @@ def test_labels_are_the_completion_rates_after_each_step(tiny, monkeypatch):
 def test_hard_labels_say_whether_any_completion_succeeds(tiny, monkeypatch):
     model, tok = tiny
 
-    def fake_mc(model, tokenizer, rollout, step_ids, terms, **kw):   # V(before step s) = [0.5, 0.0, 0.25, 0.0, ...]
-        values = torch.zeros(step_ids.shape)
-        for i, starts in enumerate(step_boundaries(step_ids)):
+    def fake_mc(model, tokenizer, rollout, boundaries, score, **kw):   # V(before step s) = [0.5, 0.0, 0.25, 0.0, ...]
+        values = torch.zeros(rollout.response_mask.shape)
+        for i, starts in enumerate(boundaries):
             values[i, starts] = torch.tensor([0.5, 0.0, 0.25, 0.0] * 8)[:len(starts)]
         return values, {}
 
@@ -267,7 +272,7 @@ def test_config_layers(tmp_path):
     assert cfg.optim.lr == 0.1 and cfg.optim.micro_batch_size == 8             # this config's own defaults stay
     assert cfg.lora.r == 8 and cfg.lora.alpha == 32.0 and cfg.run.name == "prm"
     assert load_prm_config(path).lora is None and load_prm_config(path, ["task=null", "prm.data_path=x"]).task is None
-    cfg = load_prm_config(Path(__file__).parents[1] / "examples" / "prm_arithmetic.yaml")      # the example
+    cfg = load_prm_config(Path(__file__).parents[2] / "examples" / "prm_arithmetic.yaml")      # the example
     assert cfg.model.name == "smollm2-135m-instruct" and cfg.prm.data_path is None and cfg.lora is None
     assert cfg.prm.steps == "regex" and cfg.run.name == "prm_arithmetic"
     assert next(make_task(cfg.task.name, options=cfg.task.options).train_stream(0)).prompt.count("+") == 2
@@ -286,7 +291,7 @@ def test_cli_prm_and_prm_data(tmp_path, monkeypatch, capsys):
     assert "no such file" in capsys.readouterr().err
     monkeypatch.setattr(prm_module, "score", lambda c, e, t: RewardResult(torch.ones(len(c)), {}, {}))
     monkeypatch.setattr(prm_module, "monte_carlo_values",
-                        lambda m, t, r, ids, terms, **kw: (torch.full(ids.shape, 0.5), {}))   # every rate 0.5
+                        lambda m, t, r, starts, score, **kw: (torch.full(r.response_mask.shape, 0.5), {}))  # all 0.5
     out_file = tmp_path / "labels.jsonl"
     assert main(["prm-data", "--model", "tiny", "--task", "arithmetic", "--n", "2", "--out", str(out_file),
                  "--samples-per-prompt", "2", "--mc-samples", "1", "--max-new-tokens", "6", "--autocast", "none",

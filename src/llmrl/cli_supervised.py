@@ -1,18 +1,26 @@
-"""Preference subcommands of `llmrl`: dpo | rm | pairs | prm | prm-data. `llmrl.cli` calls `add_subcommands(sub)`.
+"""The supervised subcommands of `llmrl`: dpo | rm | prm | pairs | prm-data. `llmrl.cli` calls `add_subcommands(sub)`.
 
     llmrl dpo examples/dpo_arithmetic.yaml preference.beta=0.2 lora=null
-    llmrl rm examples/rm_arithmetic.yaml optim.lr=1e-5
+    llmrl rm examples/rm_arithmetic.yaml optim.lr=1e-5 run.save_every=20
+    llmrl rm examples/rm_arithmetic.yaml run.save_every=20 --resume          # continue a killed run
     llmrl pairs --model smollm2-135m-instruct --task arithmetic --n 64 --out pairs.jsonl
     llmrl prm examples/prm_arithmetic.yaml prm.labels=hard
     llmrl prm-data --model smollm2-135m-instruct --task arithmetic --n 64 --out step_labels.jsonl
 
-Also runnable alone: `python -m llmrl.preference.cli dpo CONFIG [overrides]`.
+dpo, rm and prm load their config with the one loader of every command (`llmrl.config.load_config`) and train on
+the shared supervised loop (`llmrl.train.supervised`): run.save_every, --resume / run.resume, run.time_limit_minutes,
+TensorBoard / W&B and the progress bar work as for `llmrl train`.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
+
+
+def split_config_arg(args) -> None:
+    """`llmrl CMD key=value ...` with no config file: the first positional is an override, not a file."""
+    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        args.overrides, args.config = [args.config, *args.overrides], None
 
 
 def _fmt(x) -> str:
@@ -29,15 +37,14 @@ def summary_table(summary: dict) -> str:
     return "\n".join(rows)
 
 
-def _run_recipe(args, recipe, load=None, unit: str = "pairs") -> int:
-    from llmrl.config import ConfigError
-    from llmrl.preference.config import load_preference_config
-
-    from llmrl.cli import split_config_arg
+def _run_recipe(args, recipe, schema, unit: str = "pairs") -> int:
+    from llmrl.config import ConfigError, load_config
 
     split_config_arg(args)
+    if args.resume:
+        args.overrides.append("run.resume=must")
     try:
-        cfg = (load or load_preference_config)(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, schema=schema)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -46,6 +53,9 @@ def _run_recipe(args, recipe, load=None, unit: str = "pairs") -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if summary.get("interrupted"):
+        print(f"interrupted at step {summary['step']}; run folder: {summary['run_dir']}")
+        return 130
     print()
     print(summary_table(summary))
     print(f"\n{summary['steps']} steps on {summary[f'train_{unit}']} {unit} ({summary[f'heldout_{unit}']} held out); "
@@ -54,18 +64,21 @@ def _run_recipe(args, recipe, load=None, unit: str = "pairs") -> int:
 
 
 def cmd_dpo(args) -> int:
-    from llmrl.preference.dpo import train_dpo
-    return _run_recipe(args, train_dpo)
+    from llmrl.config import PreferenceTrainConfig
+    from llmrl.train.dpo import train_dpo
+    return _run_recipe(args, train_dpo, PreferenceTrainConfig)
 
 
 def cmd_rm(args) -> int:
-    from llmrl.preference.rm import train_rm
-    return _run_recipe(args, train_rm)
+    from llmrl.config import PreferenceTrainConfig
+    from llmrl.train.rm import train_rm
+    return _run_recipe(args, train_rm, PreferenceTrainConfig)
 
 
 def cmd_prm(args) -> int:
-    from llmrl.preference.prm import load_prm_config, train_prm
-    return _run_recipe(args, train_prm, load_prm_config, "examples")
+    from llmrl.config import PrmTrainConfig
+    from llmrl.train.prm import train_prm
+    return _run_recipe(args, train_prm, PrmTrainConfig, "examples")
 
 
 def cmd_pairs(args) -> int:
@@ -73,8 +86,9 @@ def cmd_pairs(args) -> int:
     import yaml
 
     from llmrl.data import make_task
+    from llmrl.data.pairs import save_pairs
     from llmrl.models import load_model
-    from llmrl.preference.data import build_pairs_from_task, save_pairs
+    from llmrl.train.pairs import build_pairs_from_task
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -87,7 +101,8 @@ def cmd_pairs(args) -> int:
         return 2
     amp = torch.bfloat16 if args.autocast == "bfloat16" else None
     pairs = build_pairs_from_task(model, tokenizer, task, args.n, samples_per_prompt=args.samples_per_prompt,
-                                  pairs_per_prompt=args.pairs_per_prompt, temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                  pairs_per_prompt=args.pairs_per_prompt, temperature=args.temperature,
+                                  max_new_tokens=args.max_new_tokens, seed=args.seed,
                                   chat_template=not args.no_chat_template, autocast_dtype=amp,
                                   progress=not args.no_progress)
     save_pairs(pairs, args.out)
@@ -100,8 +115,9 @@ def cmd_prm_data(args) -> int:
     import yaml
 
     from llmrl.data import make_task
+    from llmrl.data.step_labels import save_step_labels
     from llmrl.models import load_model
-    from llmrl.preference.prm import build_step_labels, save_step_labels
+    from llmrl.train.prm import build_step_labels
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -151,6 +167,8 @@ def add_subcommands(sub) -> None:
         p = sub.add_parser(name, help=f"{what}, from a YAML config plus key=value overrides")
         p.add_argument("config", nargs="?", help="YAML config file (omit to use the defaults)")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. preference.beta=0.2 lora=null")
+        p.add_argument("--resume", action="store_true", help="continue from the run folder's newest checkpoint "
+                       "(run.resume=must; the default, auto, continues when there is one)")
         p.set_defaults(fn=fn)
 
     p = sub.add_parser("pairs", help="sample a model on a task and pair passing with failing completions (JSONL)")
@@ -169,24 +187,3 @@ def add_subcommands(sub) -> None:
     p.add_argument("--labels", default="soft", choices=["soft", "hard"],
                    help="soft: the completion rate; hard: 1 if any completion is right")
     p.set_defaults(fn=cmd_prm_data)
-
-
-def main(argv: list[str] | None = None) -> int:
-    import logging
-
-    parser = argparse.ArgumentParser(prog="llmrl-preference",
-                                     description="Preference learning: DPO, reward models, process reward models.")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    add_subcommands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    return args.fn(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

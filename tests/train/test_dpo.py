@@ -1,22 +1,21 @@
-"""Preference recipes end to end on the tiny model: DPO with LoRA and full fine-tuning, reference log-probs computed
-once, pairs built from a task, the reward model, the config's errors, and the CLI."""
+"""The DPO trainer end to end on the tiny model: LoRA and full fine-tuning, reference log-probs computed once, pairs
+built from a task, micro-batch invariance, the config's errors and layers, and the CLI (`llmrl dpo`, `llmrl pairs`).
+Checkpointing, resuming and the time limit: tests/train/test_supervised.py."""
 
 import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM
 
-import llmrl.preference.dpo as dpo_module
-from llmrl.config import ConfigError
+import llmrl.train.dpo as dpo_module
+from llmrl.cli import main
+from llmrl.config import ConfigError, PreferenceTrainConfig, load_config
+from llmrl.data.pairs import PreferencePair, load_pairs, save_pairs
 from llmrl.models import build_tiny
-from llmrl.preference.batch import collate_pairs, pair_logps
-from llmrl.preference.cli import main
-from llmrl.preference.config import load_preference_config
-from llmrl.preference.data import PreferencePair, encode_pair, load_pairs, save_pairs
-from llmrl.preference.dpo import train_dpo
-from llmrl.preference.rm import load_reward_model, reward_model_scores, train_rm
 from llmrl.rewards import RewardResult
+from llmrl.train.dpo import collate_pairs, pair_logps, train_dpo
+from llmrl.train.pairs import encode_pair
 from llmrl.runio.metrics import read_metrics
 
 PAIRS = [PreferencePair(f"What is {i} + {i}?", str(2 * i), str(2 * i + 1)) for i in range(6)]
@@ -30,7 +29,7 @@ def pairs_file(tmp_path):
 
 
 def config(tmp_path, pairs_file, *overrides):
-    return load_preference_config(None, [
+    return load_config(None, schema=PreferenceTrainConfig, overrides=[
         "model.name=tiny", "model.autocast=none", f"preference.data_path={pairs_file}", "preference.batch_size=3",
         "preference.heldout_fraction=0.3", "optim.micro_batch_size=2", "optim.lr=1e-2", "run.progress=false",
         f"run.output_dir={tmp_path}", "run.name=r", *overrides])
@@ -92,8 +91,8 @@ def test_train_dpo_builds_pairs_from_a_task_and_measures_task_accuracy(tmp_path,
         return RewardResult(total=torch.tensor([float(i % 2) for i in range(len(completions))]), components={},
                             failures={})
 
-    monkeypatch.setattr("llmrl.preference.data.score", alternate)
-    cfg = load_preference_config(None, [
+    monkeypatch.setattr("llmrl.train.pairs.score", alternate)
+    cfg = load_config(None, schema=PreferenceTrainConfig, overrides=[
         "model.name=tiny", "model.autocast=none", "task.name=arithmetic", "task.heldout_size=3",
         "preference.build_prompts=4", "preference.build_samples_per_prompt=2", "preference.build_max_new_tokens=4",
         "preference.kind=ipo", "run.steps=1", "run.progress=false", f"run.output_dir={tmp_path}", "run.name=r"])
@@ -104,27 +103,6 @@ def test_train_dpo_builds_pairs_from_a_task_and_measures_task_accuracy(tmp_path,
     assert summary["before"]["heldout_kl_to_ref"] == pytest.approx(0.0, abs=1e-6)   # the policy starts as the reference
     assert summary["after"]["heldout_kl_to_ref"] >= 0.0
     assert torch.load(tmp_path / "r" / "ref_logps.pt")["per_token_mean"] is True     # ipo averages per token
-
-
-def test_train_rm_and_score(tmp_path, pairs_file):
-    summary = train_rm(config(tmp_path, pairs_file, "run.steps=3", "preference.epochs=2", "lora=null"))
-    assert summary["steps"] == 3 and "heldout_preference_accuracy" in summary["after"]
-    rows = read_metrics(tmp_path / "r" / "metrics.jsonl")
-    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3]
-    final = tmp_path / "r" / "final"
-    assert AutoModelForSequenceClassification.from_pretrained(final).config.num_labels == 1
-    model, tok = load_reward_model(str(final))
-    prompts = ["What is 1 + 1?", "a longer prompt, padded less", [{"role": "user", "content": "hi"}]]
-    scores = reward_model_scores(model, tok, prompts, ["2", "x", "hello"], batch_size=3)
-    assert scores.shape == (3,) and torch.isfinite(scores).all()
-    alone = torch.cat([reward_model_scores(model, tok, [p], [c]) for p, c in zip(prompts, ["2", "x", "hello"])])
-    assert torch.allclose(scores, alone, atol=1e-5)                  # left padding does not change a score
-
-
-def test_train_rm_with_lora_merges_before_saving(tmp_path, pairs_file):
-    summary = train_rm(config(tmp_path, pairs_file, "run.steps=1", "lora.r=2"))
-    model = AutoModelForSequenceClassification.from_pretrained(summary["checkpoint"])
-    assert not any("lora" in k or "modules_to_save" in k for k in model.state_dict())
 
 
 # ----------------------------------------------------------------------------- config and CLI
@@ -141,17 +119,17 @@ def test_train_rm_with_lora_merges_before_saving(tmp_path, pairs_file):
 ])
 def test_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        load_preference_config(None, overrides)
+        load_config(None, overrides, schema=PreferenceTrainConfig)
 
 
 def test_config_layers(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("task: {name: arithmetic}\nrun: {threads: 1}\nlora: null\n")
-    cfg = load_preference_config(path, ["task.options.digits=3", "lora.r=8"])
+    cfg = load_config(path, ["task.options.digits=3", "lora.r=8"], schema=PreferenceTrainConfig)
     assert cfg.task.options == {"digits": 3} and cfg.run.threads == 1
     assert cfg.run.name == "dpo" and cfg.run.steps == 0           # the section keeps this config's own defaults
     assert cfg.lora.r == 8 and cfg.lora.alpha == 32.0
-    assert load_preference_config(path).lora is None
+    assert load_config(path, schema=PreferenceTrainConfig).lora is None
 
 
 def test_cli_dpo_and_errors(tmp_path, pairs_file, capsys):
@@ -167,7 +145,7 @@ def test_cli_dpo_and_errors(tmp_path, pairs_file, capsys):
 
 
 def test_cli_pairs(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("llmrl.preference.data.score", lambda c, e, t: RewardResult(
+    monkeypatch.setattr("llmrl.train.pairs.score", lambda c, e, t: RewardResult(
         total=torch.tensor([float(i % 2) for i in range(len(c))]), components={}, failures={}))
     out = tmp_path / "p.jsonl"
     assert main(["pairs", "--model", "tiny", "--task", "arithmetic", "--n", "3", "--out", str(out),

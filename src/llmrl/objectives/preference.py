@@ -1,8 +1,9 @@
-"""Preference losses: DPO, conservative DPO, IPO, and the Bradley-Terry reward-model loss.
+"""Preference losses: DPO, conservative DPO, IPO, the Bradley-Terry reward-model loss, and the process-reward-model
+step loss (binary cross-entropy at each step's last token).
 
 Notation: P preference pairs; for each, a chosen response y_w and a rejected response y_l to the same prompt x.
 Sequence log-probs are sums over the response tokens, log pi(y | x) = sum_t log pi(y_t | x, y_<t)
-(`llmrl.preference.batch.pair_logps`); the recipe may pass per-token means instead (see `dpo_loss`).
+(`llmrl.train.dpo.pair_logps`); the recipe may pass per-token means instead (see `dpo_loss`).
 
     h        = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]     log-ratio difference
     DPO      = -log sigma(beta h)                                  Rafailov et al. 2023, eq. 7
@@ -11,9 +12,11 @@ Sequence log-probs are sums over the response tokens, log pi(y | x) = sum_t log 
     IPO      = (h - 1 / (2 beta))^2                                Azar et al. 2023, eq. 17 (beta is their tau)
     BT       = -log sigma(r(x, y_w) - r(x, y_l))                   Bradley & Terry 1952; reward model of
                                                                    Ouyang et al. 2022, eq. 1 (one pair per term)
+    PRM      = -[y log sigma(z) + (1 - y) log sigma(-z)]            per labelled step: z the logit at the step's last
+                                                                   token, y its label in [0, 1] (Lightman et al. 2023)
 
 The implicit reward of DPO is beta * log(pi / pi_ref) (Rafailov et al. 2023, section 5); the metrics report it.
-Every function returns a `PreferenceOutput`: the trainer sums the `loss_*` fields and logs the rest.
+The pair losses return a `PreferenceOutput`: the trainer sums the `loss_*` fields and logs the rest.
 """
 
 from __future__ import annotations
@@ -121,3 +124,25 @@ def bradley_terry_loss(
         },
         per_pair_loss=per_pair,
     )
+
+
+def step_bce_sum(
+    logits: torch.Tensor,    # [K] the logit of "good" at each labelled step's last token, carries gradient
+    labels: torch.Tensor,    # [K] labels in [0, 1]
+) -> torch.Tensor:
+    """The summed binary cross-entropy of K labelled steps (the trainer divides by the batch's step count, so that
+    micro-batches add up to the batch mean)."""
+    if logits.shape != labels.shape or logits.dim() != 1:
+        raise ValueError(f"expected 1-D logits and labels of the same shape [K], got {tuple(logits.shape)} and "
+                         f"{tuple(labels.shape)}")
+    return F.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
+
+
+def step_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:   # [K], [K]
+    """Mean BCE; step accuracy at threshold 0.5 (predicted good: P >= 0.5; good: label >= 0.5); the share of good
+    steps (always answering the majority class scores max(share, 1 - share)); the mean P on good and on bad steps."""
+    p, good = torch.sigmoid(logits), labels >= 0.5
+    mean = lambda x: float(x.mean()) if x.numel() else float("nan")  # noqa: E731
+    return {"loss_bce": float(F.binary_cross_entropy_with_logits(logits, labels)),
+            "step_accuracy": mean(((p >= 0.5) == good).float()), "good_fraction": mean(good.float()),
+            "p_good_steps": mean(p[good]), "p_bad_steps": mean(p[~good])}
