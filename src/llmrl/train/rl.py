@@ -43,7 +43,7 @@ from llmrl.train.checks import check_credit_sources, check_prompts_fit
 from llmrl.train import distributed as dist
 from llmrl.train.evaluate import evaluate
 from llmrl.train.heap import allocate_adam_state
-from llmrl.train.metrics import MetricsLog, sample_records
+from llmrl.train.metrics import MetricsLog, sample_records, zero_variance_fraction
 from llmrl.train.parallel import check_parallel, full_params, wrap_policy
 from llmrl.train.runs import save_checkpoint, start_run
 from llmrl.train.schedules import lr_multiplier
@@ -165,6 +165,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
     collect = rollout_collector(cfg, demo, engine)
     metrics_log = open_metrics(cfg, run_dir, start=start, enabled=dist.is_main())
     samples_log = MetricsLog(run_dir / "samples.jsonl", "a" if start else "w", enabled=dist.is_main())
+    heldout_log = MetricsLog(run_dir / "heldout_samples.jsonl", "a" if start else "w", enabled=dist.is_main())
 
     def run_eval(step: int) -> dict:
         t = time.perf_counter()
@@ -177,6 +178,8 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
         if "tool_calls" in ev:
             rec["heldout_tool_calls"] = ev["tool_calls"]
         metrics_log.write({"kind": "eval", **rec})
+        for row in ev["samples"]:       # the first held-out answers of each evaluation, for `llmrl studio`
+            heldout_log.write({"step": step, **row})
         log.info("step %d: held-out accuracy %.3f (n=%d)", step, ev["accuracy"], ev["n"])
         return {**rec, "samples": ev["samples"]}
 
@@ -299,6 +302,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
                    "reward_failures": sum(rewards.failures.values()),
                    "response_length": n_tokens / len(rollout.completions),
                    "truncated_fraction": float(rollout.extras["truncated"].float().mean()),
+                   "zero_variance_groups": zero_variance_fraction(rewards.total, rollout.group_ids),
                    **{k: float(rollout.extras[k].float().mean()) for k in ("tool_calls", "turns", "tool_errors")
                       if k in rollout.extras},
                    "lr": scheduler.get_last_lr()[0], **upd, **stage_stats,
@@ -329,6 +333,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
     samples_log.close()
     if interrupted:
         metrics_log.close()
+        heldout_log.close()
         if engine is not None:
             engine.close()
         return {"run_dir": str(run_dir), "interrupted": True, "step": step, "before": before, "evals": evals}
@@ -340,6 +345,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
         engine.close()
     final = save_checkpoint(model, tokenizer, run_dir / "final", config_yaml)
     metrics_log.close()
+    heldout_log.close()
     summary = {"run_dir": str(run_dir), "checkpoint": str(final), "steps": step,
                "before": {k: v for k, v in before.items() if k != "samples"},
                "after": {k: v for k, v in after.items() if k != "samples"},
