@@ -17,6 +17,7 @@ tie, keyboard shortcuts) writing `LABELS/pairs.jsonl` in the format `llmrl dpo` 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import sys
 from pathlib import Path
@@ -41,6 +42,7 @@ def cmd_studio(args) -> int:
     if args.steps not in MODES:
         print(f"error: --steps {args.steps!r}; valid: {', '.join(MODES)}", file=sys.stderr)
         return 2
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)   # its request lines would print the access token
     try:
         options = yaml.safe_load(Path(args.audit_config).read_text()) if args.audit_config else {}
         settings = Settings(runs=[Path(p) for p in args.run_dirs], pair_files=[Path(p) for p in args.pairs or []],

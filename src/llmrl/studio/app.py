@@ -20,9 +20,9 @@ from urllib.parse import urlencode
 from flask import Flask, abort, redirect, render_template, request, url_for
 from werkzeug.exceptions import BadRequest
 
-from llmrl.report.charts import CHART_CSS, curves_html
+from llmrl.report.charts import CHART_CSS
 from llmrl.report.html import CSS as REPORT_CSS, sample_tokens
-from llmrl.studio.data import (PairItem, SampleFilter, StepItem, filter_samples, load_run_folder, pair_items,
+from llmrl.studio.data import (PairItem, SampleFilter, StepItem, load_run_folder, pair_items,
                                sample_length, step_items)
 from llmrl.studio.store import LabelStore
 

@@ -10,7 +10,7 @@ from werkzeug.exceptions import BadRequest
 from llmrl.report.charts import curves_html
 from llmrl.studio.app import (GROUPS_PER_PAGE, LABELLER_COOKIE, MARKS, Studio, _filter_from_args, _group_views,
                               _step_scales, go, labeller, page, url_with, valid_name)
-from llmrl.studio.data import groups_of, response_text, text_of
+from llmrl.studio.data import filter_samples, groups_of, response_text, text_of
 
 
 def _run(studio: Studio, run_id: int):
