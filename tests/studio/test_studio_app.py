@@ -68,8 +68,9 @@ def test_hostile_text_is_escaped_and_control_characters_shown(client):
         assert "<script>alert" not in html and "<b>bold?</b>" not in html
         assert "\x1b" not in html
     html = get(c, "/run/0", step=1).get_data(as_text=True)
-    assert "&lt;b&gt;bold?&lt;/b&gt;" in html and "␛" in html
-    assert visible("a\x1b[31mb\x00c\nd\te") == "a␛[31mb\\x00c\nd\te"
+    assert "&lt;b&gt;bold?&lt;/b&gt;" in html and "\\x1b[" in html
+    assert "\\x1b[31mred\\x1b[0m" in get(c, "/steps").get_data(as_text=True)
+    assert visible("a\x1b[31mb\x00c\r\nd\te") == "a\\x1b[31mb\\x00c\\x0d\nd\te"
 
 
 def test_rollout_filters(run_dir):

@@ -83,7 +83,7 @@ def test_label_in_a_browser_then_train_rm_and_prm(browser, tmp_path):
         with pytest.raises(NoAlertPresentException):
             d.switch_to.alert.text
         shown = d.find_element("css selector", ".toks").text.replace("\n", "")
-        assert "<script>alert('pwned')</script>" in shown.replace("·", " ") and "␛[31mred␛[0m" in shown
+        assert "<script>alert('pwned')</script>" in shown.replace("·", " ") and "\\x1b[31mred\\x1b[0m" in shown
         assert d.execute_script("return document.documentElement.scrollWidth <= window.innerWidth + 1")
 
         # preference pairs: a key, a click, the arrow key, tie

@@ -42,7 +42,7 @@ nav.top .who{margin-left:auto;color:#555}.flash{background:#eef6ee;border:1px so
 .side{display:grid;grid-template-columns:repeat(auto-fill,minmax(280px,1fr));gap:8px}.side.two{grid-template-columns:1fr 1fr}
 .card{border:1px solid #ddd;border-radius:6px;padding:6px 8px;min-width:0;background:#fff}
 .card pre,.step pre,.prompt{white-space:pre-wrap;overflow-wrap:anywhere;max-height:24em;overflow:auto}
-.card .meta{font-size:12px;color:#444;margin-bottom:4px}kbd{border:1px solid #bbb;border-radius:3px;padding:0 4px;
+.card .toks{max-height:24em;overflow:auto}.card .meta{font-size:12px;color:#444;margin-bottom:4px}kbd{border:1px solid #bbb;border-radius:3px;padding:0 4px;
 font:11px ui-monospace,monospace;background:#fafafa}.center{text-align:center}button{font-size:14px;padding:4px 12px}
 .step{display:flex;gap:10px;align-items:flex-start;border:1px solid #e4e4e4;border-radius:6px;padding:6px;margin:6px 0}
 .step.focus{outline:2px solid #36c}.step pre{flex:1;min-width:0}.snum{font-weight:600;color:#555}
@@ -67,9 +67,8 @@ class Settings:
 
 
 def visible(text) -> str:
-    """Control characters as visible marks (ESC as ␛, others as \\xNN); HTML escaping is Jinja's job."""
-    return CONTROL.sub(lambda m: "␛" if m.group() == "\x1b" else f"\\x{ord(m.group()):02x}", "" if text is None
-                       else str(text))
+    """Control characters (ANSI escapes, NUL, CR, ...) as the visible text \\xNN; HTML escaping is Jinja's job."""
+    return CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", "" if text is None else str(text))
 
 
 class Studio:
