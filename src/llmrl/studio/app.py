@@ -5,7 +5,7 @@
 Safety: every request needs the access token (the `token` query parameter, then a SameSite=Strict cookie; a POST
 needs it as a form field too, so another site cannot post labels); request bodies are capped
 (`MAX_CONTENT_LENGTH`); all run and model text goes through Jinja's autoescaping, after `visible` has turned
-control characters (ANSI escapes, NUL, CR) into visible marks.
+control characters (ANSI escapes, NUL, CR) into the visible text `\\xNN`.
 """
 
 from __future__ import annotations
@@ -15,15 +15,12 @@ import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlencode
 
-from flask import Flask, abort, redirect, render_template, request, url_for
-from werkzeug.exceptions import BadRequest
+from flask import Flask, abort, request
 
 from llmrl.report.charts import CHART_CSS
-from llmrl.report.html import CSS as REPORT_CSS, sample_tokens
-from llmrl.studio.data import (PairItem, SampleFilter, StepItem, load_run_folder, pair_items,
-                               sample_length, step_items)
+from llmrl.report.html import CSS as REPORT_CSS
+from llmrl.studio.data import PairItem, StepItem, load_run_folder, pair_items, step_items
 from llmrl.studio.store import LabelStore
 
 MAX_BODY = 64 * 1024                      # bytes of a request body; labels are small forms
@@ -95,53 +92,6 @@ class Studio:
         return next((it for it in order if it.key not in done), None)
 
 
-def _number(name: str, kind=float):
-    raw = request.args.get(name, "").strip()
-    if not raw:
-        return None
-    try:
-        return kind(raw)
-    except ValueError:
-        raise BadRequest(f"filter {name}={raw!r} is not a number") from None
-
-
-def _filter_from_args() -> SampleFilter:
-    truncated = {"yes": True, "no": False}.get(request.args.get("truncated", ""))
-    return SampleFilter(step=_number("step", int), min_reward=_number("min_reward"), max_reward=_number("max_reward"),
-                        component=request.args.get("component") or None, min_component=_number("min_component"),
-                        max_component=_number("max_component"), min_length=_number("min_length", int),
-                        max_length=_number("max_length", int), truncated=truncated)
-
-
-def _group_views(groups: dict, all_groups: dict, scales: dict) -> list[dict]:
-    out = []
-    for (step, group), rows in groups.items():
-        rewards = [float(s["reward"]) for s in rows if isinstance(s.get("reward"), (int, float))]
-        out.append({"step": step, "group": group, "size": len(all_groups.get((step, group), rows)),
-                    "prompt": rows[0].get("prompt", ""), "mean": sum(rewards) / len(rewards) if rewards else 0.0,
-                    "samples": [_sample_view(s, scales.get(step) or 1.0) for s in rows]})
-    return out
-
-
-def _sample_view(s: dict, scale: float) -> dict:
-    toks = s.get("tokens") if isinstance(s.get("tokens"), list) and s.get("tokens") else [s.get("completion", "")]
-    shown = {**s, "tokens": [visible(t) for t in toks]}
-    return {"reward": s.get("reward"), "correct": s.get("correct"), "length": sample_length(s),
-            "truncated": s.get("truncated") is True, "heat": sample_tokens(shown, scale),
-            "components": s.get("reward_components") if isinstance(s.get("reward_components"), dict) else {}}
-
-
-def _step_scales(samples: list[dict]) -> dict[int, float]:
-    """step -> the largest |advantage| of a chosen token at that step (the heatmap's full colour)."""
-    out: dict[int, float] = {}
-    for s in samples:
-        adv, mask = s.get("advantages") or [], s.get("response_mask") or []
-        vals = [abs(a) for i, a in enumerate(adv) if isinstance(a, (int, float)) and (i >= len(mask) or mask[i])]
-        if vals and isinstance(s.get("step"), int):
-            out[s["step"]] = max(out.get(s["step"], 0.0), max(vals))
-    return out
-
-
 def create_app(settings: Settings) -> Flask:
     from llmrl.studio.routes import register
 
@@ -157,14 +107,14 @@ def create_app(settings: Settings) -> Flask:
     @app.before_request
     def require_token():
         given = request.form.get("token", "") if request.method == "POST" else (
-            request.args.get("token") or request.cookies.get(TOKEN_COOKIE, ""))
+            request.args.get("token") or request.cookies.get(token_cookie(), ""))
         if not hmac.compare_digest(given.encode(), token.encode()):
             abort(403, "missing or wrong access token: open the URL `llmrl studio` printed")
 
     @app.after_request
     def remember_token(resp):
         if request.args.get("token") == token:
-            resp.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="Strict")
+            resp.set_cookie(token_cookie(), token, httponly=True, samesite="Strict")
         resp.headers["X-Content-Type-Options"] = "nosniff"
         resp.headers["Content-Security-Policy"] = ("default-src 'none'; style-src 'unsafe-inline'; "
                                                    "script-src 'unsafe-inline'; form-action 'self'; img-src 'self'")
@@ -175,32 +125,6 @@ def create_app(settings: Settings) -> Flask:
     return app
 
 
-def page(template: str, view: str, title: str, **kw):
-    studio: Studio = request_studio()
-    return render_template(template, view=view, title=title, css=CSS, token=studio.settings.token,
-                           labeller=labeller(), message=MESSAGES.get(request.args.get("msg", "")), **kw)
-
-
-def request_studio() -> Studio:
-    from flask import current_app
-
-    return current_app.extensions["llmrl_studio"]
-
-
-def labeller() -> str:
-    name = request.cookies.get(LABELLER_COOKIE, "")
-    return name if valid_name(name) else request_studio().settings.labeller
-
-
-def valid_name(name: str) -> bool:
-    return 0 < len(name) <= 64 and name.isprintable() and name.strip() == name
-
-
-def url_with(endpoint: str, **params) -> str:
-    return url_for(endpoint, **{k: v for k, v in params.items() if k in ("run_id",)}) + (
-        "?" + urlencode({k: v for k, v in params.items() if k != "run_id" and v not in (None, "")})
-        if any(v not in (None, "") for k, v in params.items() if k != "run_id") else "")
-
-
-def go(endpoint: str, **params):
-    return redirect(url_with(endpoint, **params), code=303)
+def token_cookie() -> str:
+    """The token cookie's name, per port: cookies do not tell ports apart, two studios on one host must not clash."""
+    return f"{TOKEN_COOKIE}_{request.host.rsplit(':', 1)[-1] if ':' in request.host else 'default'}"

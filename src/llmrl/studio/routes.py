@@ -4,13 +4,94 @@ from __future__ import annotations
 
 import math
 
-from flask import Flask, abort, request
+from urllib.parse import urlencode
+
+from flask import Flask, abort, current_app, redirect, render_template, request, url_for
 from werkzeug.exceptions import BadRequest
 
 from llmrl.report.charts import curves_html
-from llmrl.studio.app import (GROUPS_PER_PAGE, LABELLER_COOKIE, MARKS, Studio, _filter_from_args, _group_views,
-                              _step_scales, go, labeller, page, url_with, valid_name)
-from llmrl.studio.data import filter_samples, groups_of, response_text, text_of
+from llmrl.report.html import sample_tokens
+from llmrl.studio.app import CSS, GROUPS_PER_PAGE, LABELLER_COOKIE, MARKS, MESSAGES, Studio, visible
+from llmrl.studio.data import (SampleFilter, filter_samples, groups_of, response_text, sample_length,
+                               text_of)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def page(template: str, view: str, title: str, **kw):
+    studio: Studio = request_studio()
+    return render_template(template, view=view, title=title, css=CSS, token=studio.settings.token,
+                           labeller=labeller(), message=MESSAGES.get(request.args.get("msg", "")), **kw)
+
+
+def request_studio() -> Studio:
+    return current_app.extensions["llmrl_studio"]
+
+
+def labeller() -> str:
+    name = request.cookies.get(LABELLER_COOKIE, "")
+    return name if valid_name(name) else request_studio().settings.labeller
+
+
+def valid_name(name: str) -> bool:
+    return 0 < len(name) <= 64 and name.isprintable() and name.strip() == name
+
+
+def url_with(endpoint: str, **params) -> str:
+    return url_for(endpoint, **{k: v for k, v in params.items() if k in ("run_id",)}) + (
+        "?" + urlencode({k: v for k, v in params.items() if k != "run_id" and v not in (None, "")})
+        if any(v not in (None, "") for k, v in params.items() if k != "run_id") else "")
+
+
+def go(endpoint: str, **params):
+    return redirect(url_with(endpoint, **params), code=303)
+
+
+def _number(name: str, kind=float):
+    raw = request.args.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        return kind(raw)
+    except ValueError:
+        raise BadRequest(f"filter {name}={raw!r} is not a number") from None
+
+
+def _filter_from_args() -> SampleFilter:
+    truncated = {"yes": True, "no": False}.get(request.args.get("truncated", ""))
+    return SampleFilter(step=_number("step", int), min_reward=_number("min_reward"), max_reward=_number("max_reward"),
+                        component=request.args.get("component") or None, min_component=_number("min_component"),
+                        max_component=_number("max_component"), min_length=_number("min_length", int),
+                        max_length=_number("max_length", int), truncated=truncated)
+
+
+def _group_views(groups: dict, all_groups: dict, scales: dict) -> list[dict]:
+    out = []
+    for (step, group), rows in groups.items():
+        rewards = [float(s["reward"]) for s in rows if isinstance(s.get("reward"), (int, float))]
+        out.append({"step": step, "group": group, "size": len(all_groups.get((step, group), rows)),
+                    "prompt": rows[0].get("prompt", ""), "mean": sum(rewards) / len(rewards) if rewards else 0.0,
+                    "samples": [_sample_view(s, scales.get(step) or 1.0) for s in rows]})
+    return out
+
+
+def _sample_view(s: dict, scale: float) -> dict:
+    toks = s.get("tokens") if isinstance(s.get("tokens"), list) and s.get("tokens") else [s.get("completion", "")]
+    shown = {**s, "tokens": [visible(t) for t in toks]}
+    return {"reward": s.get("reward"), "correct": s.get("correct"), "length": sample_length(s),
+            "truncated": s.get("truncated") is True, "heat": sample_tokens(shown, scale),
+            "components": s.get("reward_components") if isinstance(s.get("reward_components"), dict) else {}}
+
+
+def _step_scales(samples: list[dict]) -> dict[int, float]:
+    """step -> the largest |advantage| of a chosen token at that step (the heatmap's full colour)."""
+    out: dict[int, float] = {}
+    for s in samples:
+        adv, mask = s.get("advantages") or [], s.get("response_mask") or []
+        vals = [abs(a) for i, a in enumerate(adv) if isinstance(a, (int, float)) and (i >= len(mask) or mask[i])]
+        if vals and isinstance(s.get("step"), int):
+            out[s["step"]] = max(out.get(s["step"], 0.0), max(vals))
+    return out
 
 
 def _run(studio: Studio, run_id: int):
@@ -27,6 +108,12 @@ def _item(items: list, key: str):
 
 
 def register(app: Flask, studio: Studio) -> None:
+    register_browse(app, studio)
+    register_labels(app, studio)
+
+
+def register_browse(app: Flask, studio: Studio) -> None:
+    """Runs, rollouts, held-out answers, audit."""
     s = studio.settings
 
     @app.get("/")
@@ -36,15 +123,6 @@ def register(app: Flask, studio: Studio) -> None:
                     n_steps_done=len(studio.step_store.keys() & {p.key for p in studio.steps}),
                     pairs_path=studio.pair_store.path, ties_path=studio.tie_store.path,
                     steps_path=studio.step_store.path)
-
-    @app.post("/labeller")
-    def set_labeller():
-        name = request.form.get("labeller", "").strip()
-        if not valid_name(name):
-            raise BadRequest("a labeller name is 1 to 64 printable characters")
-        resp = go("index", msg="labeller")
-        resp.set_cookie(LABELLER_COOKIE, name, httponly=True, samesite="Strict", max_age=365 * 86400)
-        return resp
 
     @app.get("/run/<int:run_id>")
     def rollouts(run_id: int):
@@ -75,6 +153,34 @@ def register(app: Flask, studio: Studio) -> None:
                     if isinstance(e.get("step"), int) and isinstance(e.get("heldout_accuracy"), (int, float))}
         return page("heldout.html", "heldout", f"{run.name} held-out", run=run, run_id=run_id, steps=steps,
                     prompts=list(prompts.values()), accuracy=accuracy)
+
+    @app.get("/audit")
+    def audit():
+        from llmrl.audit import DETECTORS, audit_run, load_run
+
+        reports = []
+        for run in studio.runs:
+            try:
+                findings, error = audit_run(load_run(run.path), s.audit_options), None
+            except (ValueError, FileNotFoundError) as e:
+                findings, error = [], str(e)
+            reports.append({"run": run, "findings": findings, "error": error, "curves": curves_html(run.metrics)})
+        return page("audit.html", "audit", "audit", reports=reports, detectors=DETECTORS.names(),
+                    config_name=s.audit_config_name)
+
+
+def register_labels(app: Flask, studio: Studio) -> None:
+    """The labeller's name, preference pairs, step labels."""
+    s = studio.settings
+
+    @app.post("/labeller")
+    def set_labeller():
+        name = request.form.get("labeller", "").strip()
+        if not valid_name(name):
+            raise BadRequest("a labeller name is 1 to 64 printable characters")
+        resp = go("index", msg="labeller")
+        resp.set_cookie(LABELLER_COOKIE, name, httponly=True, samesite="Strict", max_age=365 * 86400)
+        return resp
 
     @app.get("/pairs")
     def pairs():
@@ -120,17 +226,3 @@ def register(app: Flask, studio: Studio) -> None:
                                             "labels": [MARKS[m] for m in marks], "marks": marks,
                                             "source": item.source}, key=item.key, labeller=labeller())
         return go("steps", msg="saved" if written else "duplicate")
-
-    @app.get("/audit")
-    def audit():
-        from llmrl.audit import DETECTORS, audit_run, load_run
-
-        reports = []
-        for run in studio.runs:
-            try:
-                findings, error = audit_run(load_run(run.path), s.audit_options), None
-            except (ValueError, FileNotFoundError) as e:
-                findings, error = [], str(e)
-            reports.append({"run": run, "findings": findings, "error": error, "curves": curves_html(run.metrics)})
-        return page("audit.html", "audit", "audit", reports=reports, detectors=DETECTORS.names(),
-                    config_name=s.audit_config_name)
