@@ -48,15 +48,14 @@ def main(run_dirs: list[str]) -> None:
     last = len(run_dirs)                                    # the synthetic run's index
     try:
         driver.get(server.url)
-        views = {"rollouts": "run/0?step=" + ("" if run_dirs else "1"), "pairs": "pairs", "steps": "steps",
+        views = {"rollouts": "run/0" if run_dirs else "run/0?step=5", "pairs": "pairs", "steps": "steps",
                  "audit": "audit"}
-        if run_dirs:
-            views["steps"] = "steps"
         for name, path in views.items():
             driver.get(base + path)
-            if name == "steps":                      # show a response with several steps, some already marked
-                for _ in range(20):
-                    if len(driver.find_elements("css selector", ".step")) >= 3:
+            if name == "steps":                      # a short response with several steps, two already marked
+                for _ in range(200):
+                    texts = [e.text for e in driver.find_elements("css selector", ".step pre")]
+                    if len(texts) >= 3 and sum(map(len, texts)) < 400:
                         break
                     driver.find_element("id", "skip").click()
                 for i, mark in enumerate(("good", "good")):

@@ -194,3 +194,12 @@ def test_items_and_step_split(run_dir, tmp_path):
     file_items = pair_items([], [f])
     assert len(file_items) == 1 and {file_items[0].a, file_items[0].b} == {"good\n\nanswer", "bad"}
     assert sorted(i.steps for i in step_items([], [f])) == [["bad"], ["good\n\n", "answer"]]
+
+
+def test_cli_refuses_bad_inputs_before_serving(tmp_path, capsys):
+    from llmrl.cli import main
+
+    assert main(["studio", str(tmp_path / "missing"), "--labels", str(tmp_path / "l")]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err
+    assert main(["studio", "--steps", "sentences", "--labels", str(tmp_path / "l")]) == 2
+    assert "valid: blank_line" in capsys.readouterr().err
