@@ -129,7 +129,8 @@ def test_duplicate_completions_within_groups():
            group(s, g, [0, 1, 0, 1], ["same"] * 4 if s >= 30 else ["a", "b", "c", "d"])]
     f = detect("duplicate_completions", run(samples=dup))
     assert f and f.value == pytest.approx(0.75) and f.step == 30
-    across = [row for s in range(5, 41, 5) for g in range(2) for row in group(s, g, [0, 1, 0, 1], [f"g{g}"] + list("bcd"))]
+    across = [row for s in range(5, 41, 5) for g in range(2)
+              for row in group(s, g, [0, 1, 0, 1], [f"g{g}"] + list("bcd"))]
     assert detect("duplicate_completions", run(samples=across)) is None   # the same text in two groups is fine
 
 

@@ -130,7 +130,8 @@ def reward_vs_heldout(run: RunData, *, min_drop: float = 0.05, min_rise: float =
     if len(acc) < 2 or not reward:
         return None
     r_at = [_trailing(tr_steps, reward, s, window) for s in ev_steps]
-    hits = [(acc[i], -i, acc[i] - acc[j], r_at[j] - r_at[i], i, j) for i in range(len(acc)) for j in range(i + 1, len(acc))
+    hits = [(acc[i], -i, acc[i] - acc[j], r_at[j] - r_at[i], i, j)
+            for i in range(len(acc)) for j in range(i + 1, len(acc))
             if acc[i] - acc[j] >= min_drop and r_at[j] - r_at[i] >= min_rise]
     if not hits:
         return None

@@ -34,13 +34,16 @@ MESSAGES = {"saved": "Saved.", "duplicate": "That item was already labelled (ano
 CSS = REPORT_CSS + CHART_CSS + """
 nav.top{display:flex;gap:16px;align-items:baseline;border-bottom:1px solid #ddd;padding:0 0 8px;margin-bottom:14px}
 nav.top a{text-decoration:none;color:#245}nav.top a.on{font-weight:700;border-bottom:2px solid #245}
-nav.top .who{margin-left:auto;color:#555}.flash{background:#eef6ee;border:1px solid #9c9;padding:6px 10px;border-radius:4px}
+nav.top .who{margin-left:auto;color:#555}
+.flash{background:#eef6ee;border:1px solid #9c9;padding:6px 10px;border-radius:4px}
 .filters{display:flex;flex-wrap:wrap;gap:12px;background:#f6f6f6;padding:8px;border-radius:6px}
-.side{display:grid;grid-template-columns:repeat(auto-fill,minmax(280px,1fr));gap:8px}.side.two{grid-template-columns:1fr 1fr}
+.side{display:grid;grid-template-columns:repeat(auto-fill,minmax(280px,1fr));gap:8px}
+.side.two{grid-template-columns:1fr 1fr}
 .card{border:1px solid #ddd;border-radius:6px;padding:6px 8px;min-width:0;background:#fff}
 .card pre,.step pre,.prompt{white-space:pre-wrap;overflow-wrap:anywhere;max-height:24em;overflow:auto}
-.card .toks{max-height:24em;overflow:auto}.card .meta{font-size:12px;color:#444;margin-bottom:4px}kbd{border:1px solid #bbb;border-radius:3px;padding:0 4px;
-font:11px ui-monospace,monospace;background:#fafafa}.center{text-align:center}button{font-size:14px;padding:4px 12px}
+.card .toks{max-height:24em;overflow:auto}.card .meta{font-size:12px;color:#444;margin-bottom:4px}
+kbd{border:1px solid #bbb;border-radius:3px;padding:0 4px;font:11px ui-monospace,monospace;background:#fafafa}
+.center{text-align:center}button{font-size:14px;padding:4px 12px}
 .step{display:flex;gap:10px;align-items:flex-start;border:1px solid #e4e4e4;border-radius:6px;padding:6px;margin:6px 0}
 .step.focus{outline:2px solid #36c}.step pre{flex:1;min-width:0}.snum{font-weight:600;color:#555}
 .marks{display:flex;flex-direction:column;font-size:13px}.mark.good{color:#161}.mark.bad{color:#a22}
