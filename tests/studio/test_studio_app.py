@@ -203,3 +203,15 @@ def test_cli_refuses_bad_inputs_before_serving(tmp_path, capsys):
     assert "no metrics.jsonl" in capsys.readouterr().err
     assert main(["studio", "--steps", "sentences", "--labels", str(tmp_path / "l")]) == 2
     assert "valid: blank_line" in capsys.readouterr().err
+
+
+def test_a_run_still_training_shows_its_new_steps(run_dir, client):
+    c, studio = client
+    before = [p.key for p in studio.pairs]
+    assert "step 45" not in get(c, "/run/0").get_data(as_text=True)
+    rows = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines() if '"step": 5,' in x]
+    with open(run_dir / "samples.jsonl", "a") as fh:          # the trainer logs step 45
+        fh.writelines(json.dumps({**r, "step": 45, "completion": r["completion"] + " again"}) + "\n" for r in rows)
+    assert "step 45 · group 0" in get(c, "/run/0").get_data(as_text=True)
+    after = [p.key for p in studio.pairs]
+    assert len(after) > len(before) and after[:len(before)] == before     # new items queue after the old ones

@@ -76,13 +76,25 @@ class Studio:
 
     def __init__(self, s: Settings):
         self.settings = s
-        self.runs = [load_run_folder(p) for p in s.runs]
-        self.pairs: list[PairItem] = pair_items(self.runs, s.pair_files, s.pairs_per_group)
-        self.steps: list[StepItem] = step_items(self.runs, s.pair_files, s.step_mode, s.step_pattern)
+        self._stamp = None
+        self.refresh()
         s.labels_dir.mkdir(parents=True, exist_ok=True)
         self.pair_store = LabelStore(s.labels_dir / "pairs.jsonl")
         self.tie_store = LabelStore(s.labels_dir / "ties.jsonl", share_lock_with=self.pair_store)
         self.step_store = LabelStore(s.labels_dir / "step_labels.jsonl")
+
+    def refresh(self) -> None:
+        """(Re)load the run folders and items when a run's files changed (a run still training), else nothing."""
+        stamp = tuple((f.stat().st_mtime_ns, f.stat().st_size) if f.exists() else None for p in self.settings.runs
+                      for f in (p / "metrics.jsonl", p / "samples.jsonl", p / "heldout_samples.jsonl"))
+        if stamp == self._stamp:
+            return
+        s = self.settings
+        runs = [load_run_folder(p) for p in s.runs]
+        # items in a fixed order (runs, steps, groups): a run's new steps come after the ones already shown
+        self.pairs: list[PairItem] = pair_items(runs, s.pair_files, s.pairs_per_group)
+        self.steps: list[StepItem] = step_items(runs, s.pair_files, s.step_mode, s.step_pattern)
+        self.runs, self._stamp = runs, stamp
 
     def pair_keys(self) -> set[str]:
         return self.pair_store.keys() | self.tie_store.keys()
@@ -113,6 +125,10 @@ def create_app(settings: Settings) -> Flask:
             request.args.get("token") or request.cookies.get(token_cookie(), ""))
         if not hmac.compare_digest(given.encode(), token.encode()):
             abort(403, "missing or wrong access token: open the URL `llmrl studio` printed")
+
+    @app.before_request
+    def reload_changed_runs():
+        studio.refresh()
 
     @app.after_request
     def remember_token(resp):
