@@ -76,9 +76,11 @@ def test_length_drift_both_ways_from_where_it_starts():
     grow = planted("response_length", lambda s: 12 if s <= 20 else 12 + (s - 20) * 1.0)
     f = detect("length_drift", run(train=grow))
     assert f and "grew" in f.message and f.value > 1.5 and 20 <= f.step <= 27
-    shrink = planted("response_length", lambda s: 20 - 0.35 * s)
-    f = detect("length_drift", run(train=shrink))
-    assert f and "shrank" in f.message and f.value < 1 / 1.5
+    collapse = planted("response_length", lambda s: 20 * math.exp(-s / 8))
+    f = detect("length_drift", run(train=collapse))
+    assert f and "shrank" in f.message and f.value < 0.25 and f.threshold == 0.25
+    concise = planted("response_length", lambda s: 26 - 0.35 * s)      # answers get shorter as the policy learns
+    assert detect("length_drift", run(train=concise)) is None
     assert detect("length_drift", run(train=grow), max_ratio=3) is None
 
 

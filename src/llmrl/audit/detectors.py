@@ -175,18 +175,21 @@ def component_dominance(run: RunData, *, max_share: float = 0.8, min_gain: float
 
 
 @DETECTORS.register("length_drift")
-def length_drift(run: RunData, *, max_ratio: float = 1.5, window: int = 5) -> Finding | None:
-    """Mean response length late / early >= max_ratio (growth) or <= 1 / max_ratio (collapse)."""
+def length_drift(run: RunData, *, max_ratio: float = 1.5, min_ratio: float = 0.25, window: int = 5
+                 ) -> Finding | None:
+    """Mean response length late / early >= max_ratio (growth: the usual way a policy games a reward) or
+    <= min_ratio (collapse to near-empty answers; a policy that learns to answer concisely shrinks less)."""
     steps, vals = series(run.train, "response_length")
     if len(vals) < 2:
         return None
     early, late = early_late(vals, window)
     ratio = late / early if early > 0 else float("inf") if late > 0 else 1.0
-    if 1 / max_ratio < ratio < max_ratio:
+    if min_ratio < ratio < max_ratio:
         return None
     way = "grew" if ratio > 1 else "shrank"
     return Finding("length_drift", trend_start(steps, vals, window, early, late),
-                   f"mean response length {way} {early:.1f} -> {late:.1f} tokens ({ratio:.2f}x)", ratio, max_ratio)
+                   f"mean response length {way} {early:.1f} -> {late:.1f} tokens ({ratio:.2f}x)", ratio,
+                   max_ratio if ratio > 1 else min_ratio)
 
 
 @DETECTORS.register("truncation_growth")
@@ -224,12 +227,13 @@ def kl_accelerating(run: RunData, *, min_ratio: float = 2.0, min_rise: float = 0
     >= min_rise. Starts at the knee."""
     steps, vals = series(run.train, "kl_to_ref")
     key = "kl_to_ref"
-    if len(vals) < 4:
+    if len(vals) < 5:
         (steps, vals), key = series(run.evals, "heldout_kl_to_ref"), "heldout_kl_to_ref"
-    if len(vals) < 4:
+    if len(vals) < 5:
         return None
-    # the knee: the split whose two least-squares lines (early [0, k], late [k, n), sharing point k) fit best
-    k = min(range(1, len(vals) - 1), key=lambda k: sse(steps[:k + 1], vals[:k + 1]) + sse(steps[k:], vals[k:]))
+    # the knee: the split whose two least-squares lines (early [0, k], late [k, n), sharing point k, three points
+    # or more each) fit best
+    k = min(range(2, len(vals) - 2), key=lambda k: sse(steps[:k + 1], vals[:k + 1]) + sse(steps[k:], vals[k:]))
     early_s, late_s = slope(steps[:k + 1], vals[:k + 1]), slope(steps[k:], vals[k:])
     if late_s <= 0 or vals[-1] - vals[k] < min_rise or late_s < min_ratio * max(early_s, 0.0):
         return None
@@ -254,9 +258,10 @@ def zero_variance_groups(run: RunData, *, max_fraction: float = 0.9, window: int
 
 
 @DETECTORS.register("duplicate_completions")
-def duplicate_completions(run: RunData, *, max_fraction: float = 0.6, window: int = 2) -> Finding | None:
+def duplicate_completions(run: RunData, *, max_fraction: float = 0.75, window: int = 2) -> Finding | None:
     """Late in the run (the last `window` logged steps of samples.jsonl), the share of samples that repeat another
-    sample of their group word for word (1 - distinct / G, averaged over groups) is >= max_fraction."""
+    sample of their group word for word (1 - distinct / G, averaged over groups) is >= max_fraction (the default:
+    at most a quarter of a group's samples are distinct)."""
     steps, vals = group_series(run.samples, lambda g: 1 - len({str(s.get("completion", "")) for s in g}) / len(g))
     return _level_finding("duplicate_completions", steps, vals, window, max_fraction,
                           lambda late: f"{late:.0%} of the samples of a group repeat another one word for word")
