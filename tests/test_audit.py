@@ -197,3 +197,11 @@ def test_a_tiny_training_run_logs_what_the_audit_and_studio_read(tmp_path, capsy
     capsys.readouterr()
     assert main(["audit", str(tmp_path / "t"), "--warn-only"]) == 0
     assert "8 detectors" in capsys.readouterr().out
+
+
+def test_the_example_thresholds_are_the_defaults():
+    import yaml
+    from pathlib import Path
+
+    example = yaml.safe_load((Path(__file__).parents[1] / "examples" / "audit" / "thresholds.yaml").read_text())
+    assert resolve_options(example) == resolve_options()
