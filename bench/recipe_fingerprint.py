@@ -1,6 +1,7 @@
 """Does a refactor keep the RL recipe bit for bit? Runs a set of short training jobs with the code under `--src`
-and records, for each, a SHA-256 of the final weights and of metrics.jsonl with the wall-clock fields dropped
-(time_*, *_time, tokens_per_s). Run it once with the old code and once with the new, then compare:
+and records, for each, a SHA-256 of the final weights and metrics.jsonl with the wall-clock fields dropped
+(time_*, *_time, tokens_per_s); `--compare` wants the same weights and the same value of every metric both runs
+record (a metric only the newer code logs is listed, not counted as a difference). Run it once with the old code and once with the new, then compare:
 
     python bench/recipe_fingerprint.py --src /path/to/old/checkout/src --out /tmp/old.json
     python bench/recipe_fingerprint.py --src src --out /tmp/new.json
@@ -56,13 +57,10 @@ MAIN = {"main": ["examples/main_arithmetic.yaml", "run.progress=false"]}
 WALL_CLOCK = ("time_", "tokens_per_s")    # and any key ending in _time (mc_time, trpo_time)
 
 
-def metrics_digest(path: Path) -> str:
-    """SHA-256 of metrics.jsonl, every record without its wall-clock fields."""
-    h = hashlib.sha256()
-    for line in path.read_text().splitlines():
-        rec = {k: v for k, v in json.loads(line).items() if not k.startswith(WALL_CLOCK) and not k.endswith("_time")}
-        h.update(json.dumps(rec, sort_keys=True).encode())
-    return h.hexdigest()
+def metrics_records(path: Path) -> list[dict]:
+    """metrics.jsonl's records without their wall-clock fields."""
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith(WALL_CLOCK) and not k.endswith("_time")}
+            for line in path.read_text().splitlines()]
 
 
 def weights_digest(folder: Path) -> str:
@@ -84,16 +82,50 @@ def run_case(name: str, args: list[str], src: Path, out_dir: Path) -> dict:
     if proc.returncode:
         return {"error": proc.stderr[-2000:]}
     run = out_dir / name
-    return {"metrics": metrics_digest(run / "metrics.jsonl"), "weights": weights_digest(run / "final")}
+    return {"metrics": metrics_records(run / "metrics.jsonl"), "weights": weights_digest(run / "final")}
+
+
+def compare_case(a: dict, b: dict) -> tuple[bool, str]:
+    """(same, what differs): the weights' digests, and every metric both runs record (a metric only the newer code
+    records is listed, not a difference: new features add metrics)."""
+    if "error" in a or "error" in b:
+        return False, f"error: {a.get('error') or b.get('error')}"
+    if a["weights"] != b["weights"]:
+        return False, "final weights differ"
+    if len(a["metrics"]) != len(b["metrics"]):
+        return False, f"{len(a['metrics'])} against {len(b['metrics'])} records"
+    added = set()
+    for ra, rb in zip(a["metrics"], b["metrics"]):
+        diff = [k for k in set(ra) & set(rb) if ra[k] != rb[k]]
+        if diff:
+            return False, f"record {ra.get('kind')} step {ra.get('step')}: " + ", ".join(
+                f"{k} {ra[k]} -> {rb[k]}" for k in sorted(diff))
+        added |= set(rb) - set(ra)
+    return True, f"(metrics only in the second: {', '.join(sorted(added))})" if added else ""
 
 
 def compare(a: dict, b: dict) -> int:
     bad = 0
-    for name in sorted(set(a) | set(b)):
-        same = a.get(name) == b.get(name) and "error" not in a.get(name, {})
+    for name in sorted(set(a) & set(b)):
+        same, note = compare_case(a[name], b[name])
         bad += not same
-        print(f"{name:14s} {'same' if same else 'DIFFERENT'}" + ("" if same else f"\n  {a.get(name)}\n  {b.get(name)}"))
+        print(f"{name:14s} {'same' if same else 'DIFFERENT'} {note}")
     return 1 if bad else 0
+
+
+def compare_runs(a: Path, b: Path) -> int:
+    """Two run folders of the same config: every metric of the records both have (a run still going, or stopped,
+    is compared as far as it got), then the final weights if both wrote them."""
+    ra, rb = metrics_records(a / "metrics.jsonl"), metrics_records(b / "metrics.jsonl")
+    n = min(len(ra), len(rb))
+    finished = (a / "final").is_dir() and (b / "final").is_dir()
+    same, note = compare_case({"metrics": ra[:n], "weights": finished and weights_digest(a / "final")},
+                              {"metrics": rb[:n], "weights": finished and weights_digest(b / "final")})
+    last = ra[n - 1] if n else {}
+    print(f"{n} records compared (up to {last.get('kind')} step {last.get('step')}), final weights "
+          f"{'compared' if finished else 'not compared (a run has not finished)'}: "
+          f"{'same' if same else 'DIFFERENT'} {note}")
+    return 0 if same else 1
 
 
 def main() -> int:
@@ -102,7 +134,12 @@ def main() -> int:
     ap.add_argument("--out", type=Path, help="write the fingerprints here (JSON)")
     ap.add_argument("--case", action="append", help="only these cases (repeat); 'main' = the README's main job")
     ap.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"))
+    ap.add_argument("--compare-runs", nargs=2, type=Path, metavar=("RUN_A", "RUN_B"),
+                    help="two run folders (e.g. of the main job): their metrics over the records both have, and "
+                         "their final weights when both finished")
     args = ap.parse_args()
+    if args.compare_runs:
+        return compare_runs(*args.compare_runs)
     if args.compare:
         return compare(*(json.loads(p.read_text()) for p in args.compare))
     cases = {**CASES, **MAIN}
@@ -111,7 +148,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             results[name] = run_case(name, cases[name], args.src, Path(tmp))
-            print(name, json.dumps(results[name])[:200], flush=True)
+            print(name, results[name].get("weights", results[name].get("error", ""))[:200], flush=True)
     args.out.write_text(json.dumps(results, indent=1))
     return 0
 

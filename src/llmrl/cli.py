@@ -162,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     from llmrl.report import add_subcommand as add_report_subcommand
 
     add_report_subcommand(sub)            # report RUN_DIR [--out FILE]
+    from llmrl.audit import add_subcommand as add_audit_subcommand
+    from llmrl.studio import add_subcommand as add_studio_subcommand
+
+    add_audit_subcommand(sub)             # audit RUN_DIR [--config YAML] [--set D.OPT=V] [--warn-only]
+    add_studio_subcommand(sub)            # studio [RUN_DIR ...] [--host H] [--port P] [--labels DIR]
 
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging

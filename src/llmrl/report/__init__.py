@@ -18,12 +18,14 @@ fields are ignored:
        "advantages": [float, ...],      # per token
        "step_ids": [int, ...] or null,  # reasoning-step index per token, -1 = none
        "reward": float, "reward_components": {name: float}, "correct": float|null,
-       "tool_calls": int, "turns": int, "tool_errors": int}      # the last three only for tool episodes
+       "tool_calls": int, "turns": int, "tool_errors": int,      # these three only for tool episodes
+       "truncated": bool}                                        # cut at max_new_tokens
 
   `tokens`, `response_mask`, `advantages` and `step_ids` are aligned (same length T_i, the sample's own response
   length: write them without the batch's right padding). `group` is the prompt's group id within the step, so
   the samples of one prompt share `(step, group)`.
 - `config.yaml` (shown in a collapsible block) and `summary.yaml` (the before/after table).
+- `audit.json` (written by `llmrl audit`): its findings, shown in an Audit section.
 """
 
 from __future__ import annotations

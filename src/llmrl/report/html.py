@@ -213,6 +213,26 @@ def summary_html(text: str) -> str:
     return f"<table><tr><th></th><th>before</th><th>after</th></tr>{body}</table>{extra}"
 
 
+def audit_html(text: str) -> str:
+    """The findings `llmrl audit` wrote to audit.json: a table with the step where each starts."""
+    try:
+        audit = json.loads(text)
+    except ValueError:
+        audit = None
+    findings = audit.get("findings") if isinstance(audit, dict) else None
+    if not isinstance(findings, list):
+        return '<p class="warn">audit.json is unreadable; run `llmrl audit RUN_DIR` again.</p>'
+    when = f'<p class="note">from `llmrl audit`, {escape(str(audit.get("generated", "?")))}.</p>'
+    if not findings:
+        return when + "<p>No findings: every detector is within its thresholds.</p>"
+    rows = "".join(f'<tr class="finding"><td>{escape(str(f.get("detector")))}</td><td class="num">'
+                   f'{_int(f.get("step"))}</td><td>{escape(str(f.get("message")))}</td><td class="num">'
+                   f'{_f(f.get("value"), ".3g")} / {_f(f.get("threshold"), ".3g")}</td></tr>'
+                   for f in findings if isinstance(f, dict))
+    return (f'{when}<table><tr><th>detector</th><th>from step</th><th>finding</th><th>value / threshold</th></tr>'
+            f"{rows}</table>")
+
+
 def render(run_dir: Path) -> str:
     """The report page of one run folder as a string."""
     metrics, bad = read_jsonl(run_dir / "metrics.jsonl")
@@ -229,6 +249,8 @@ def render(run_dir: Path) -> str:
                      f"samples.jsonl.</p>")
     if (run_dir / "summary.yaml").exists():
         parts.append(f"<h2>Before / after</h2>{summary_html((run_dir / 'summary.yaml').read_text())}")
+    if (run_dir / "audit.json").exists():
+        parts.append(f"<h2>Audit</h2>{audit_html((run_dir / 'audit.json').read_text(errors='replace'))}")
     curves = curves_html(metrics)
     parts.append(f'<h2>Curves</h2><div class="charts">{curves}</div>' if curves else
                  '<h2>Curves</h2><p class="note">no numeric metrics logged yet.</p>')

@@ -45,13 +45,23 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def zero_variance_fraction(scores, group_ids) -> float:
+    """scores [N], group_ids [N] -> the fraction of groups whose samples all scored the same (a group baseline gives
+    them no gradient)."""
+    groups: dict[int, set[float]] = {}
+    for g, r in zip(group_ids.tolist(), scores.tolist()):
+        groups.setdefault(int(g), set()).add(round(float(r), 9))
+    return sum(len(v) == 1 for v in groups.values()) / max(1, len(groups))
+
+
 def sample_records(step: int, rollout, advantages, rewards, tokenizer, *, groups: int = 2) -> list[dict]:
     """The first `groups` groups of a step as JSON-ready rows: tokens with their mask and advantage (for reports).
     Tool outputs inside a multi-turn response are kept, with response_mask 0; each row also gets its tool calls,
-    turns and tool errors when the rollout has them."""
+    turns and tool errors when the rollout has them, and whether it was cut at max_new_tokens (`truncated`)."""
     keep = [i for i, g in enumerate(rollout.group_ids.tolist()) if g < groups]
     present = rollout.attention_mask[:, rollout.prompt_len:]                  # [N, T] sampled or tool output
     tool_stats = [k for k in ("tool_calls", "turns", "tool_errors") if k in rollout.extras]
+    truncated = rollout.extras.get("truncated")                               # [N] bool: cut at max_new_tokens
     rows = []
     for i in keep:
         n = int(present[i].nonzero().max()) + 1 if present[i].any() else 0
@@ -66,5 +76,6 @@ def sample_records(step: int, rollout, advantages, rewards, tokenizer, *, groups
             "reward_components": {k: float(v[i]) for k, v in rewards.components.items()},
             "correct": float(rewards.components["correct"][i]) if "correct" in rewards.components else None,
             **{k: int(rollout.extras[k][i]) for k in tool_stats},
+            **({"truncated": bool(truncated[i])} if truncated is not None else {}),
         })
     return rows

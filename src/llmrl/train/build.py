@@ -78,6 +78,7 @@ class Recipe:
     evals: list = field(default_factory=list)
     metrics_log: MetricsLog | None = None
     samples_log: MetricsLog | None = None
+    heldout_log: MetricsLog | None = None      # the first held-out answers of each evaluation
 
 
 def build(cfg: TrainConfig) -> Recipe:
@@ -136,7 +137,8 @@ def build(cfg: TrainConfig) -> Recipe:
         stages=stages_mod.plan(cfg, engine is not None and not tis_in_update), tis_in_update=tis_in_update,
         prompt_kw=prompt_kw, eval_tokens=eval_tokens, state=state, start=start, evals=evals,
         metrics_log=open_metrics(cfg, run_dir, start=start, enabled=dist.is_main()),
-        samples_log=MetricsLog(run_dir / "samples.jsonl", "a" if start else "w", enabled=dist.is_main()))
+        samples_log=MetricsLog(run_dir / "samples.jsonl", "a" if start else "w", enabled=dist.is_main()),
+        heldout_log=MetricsLog(run_dir / "heldout_samples.jsonl", "a" if start else "w", enabled=dist.is_main()))
 
 
 def _task(cfg: TrainConfig) -> tuple[list, Iterator[list], list]:

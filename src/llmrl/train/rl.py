@@ -28,7 +28,7 @@ from llmrl.distributed.parallel import full_params
 from llmrl.objectives.kl import kl_in_reward
 from llmrl.rewards import score
 from llmrl.runio import checkpoint
-from llmrl.runio.metrics import sample_records
+from llmrl.runio.metrics import sample_records, zero_variance_fraction
 from llmrl.runio.runs import save_checkpoint
 from llmrl.train.build import Recipe, build
 from llmrl.train.evaluate import evaluate
@@ -52,6 +52,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
     r.samples_log.close()
     if interrupted:
         r.metrics_log.close()
+        r.heldout_log.close()
         if r.engine is not None:
             r.engine.close()
         return {"run_dir": str(r.run_dir), "interrupted": True, "step": step, "before": r.evals[0], "evals": r.evals}
@@ -104,6 +105,7 @@ def rl_step(r: Recipe, prompts: list, step: int) -> dict:
            "reward_failures": sum(rewards.failures.values()),
            "response_length": n_tokens / len(rollout.completions),
            "truncated_fraction": float(rollout.extras["truncated"].float().mean()),
+           "zero_variance_groups": zero_variance_fraction(rewards.total, rollout.group_ids),
            **{k: float(rollout.extras[k].float().mean()) for k in ("tool_calls", "turns", "tool_errors")
               if k in rollout.extras},
            "lr": r.scheduler.get_last_lr()[0], **upd, **stage_stats,
@@ -128,6 +130,8 @@ def run_eval(r: Recipe, step: int) -> dict:
     if "tool_calls" in ev:
         rec["heldout_tool_calls"] = ev["tool_calls"]
     r.metrics_log.write({"kind": "eval", **rec})
+    for row in ev["samples"]:       # the first held-out answers of each evaluation, for `llmrl studio`
+        r.heldout_log.write({"step": step, **row})
     log.info("step %d: held-out accuracy %.3f (n=%d)", step, ev["accuracy"], ev["n"])
     return {**rec, "samples": ev["samples"]}
 
@@ -173,6 +177,7 @@ def finish(r: Recipe, step: int) -> dict:
         r.engine.close()
     final = save_checkpoint(r.model, r.tokenizer, r.run_dir / "final", r.config_yaml)
     r.metrics_log.close()
+    r.heldout_log.close()
     before = r.evals[0]
     summary = {"run_dir": str(r.run_dir), "checkpoint": str(final), "steps": step,
                "before": {k: v for k, v in before.items() if k != "samples"},
