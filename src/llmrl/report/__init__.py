@@ -24,6 +24,8 @@ fields are ignored:
   length: write them without the batch's right padding). `group` is the prompt's group id within the step, so
   the samples of one prompt share `(step, group)`.
 - `config.yaml` (shown in a collapsible block) and `summary.yaml` (the before/after table).
+- `sandbox.json` (written by `llmrl train` when a reward or tool ran model-written code): the sandbox layer that
+  ran it, its active layers and what was missing (`llmrl.sandbox.Status.as_dict`).
 """
 
 from __future__ import annotations
