@@ -1,7 +1,8 @@
-"""The sandbox tests' harness: `run` (remembers the sandbox uids a test used), the autouse check that the machine
-is unharmed after every test (the test process lives, no child or process of a sandbox uid is left), and the
-`outside` directory with a canary file the sandbox must not touch. Used by test_sandbox.py and
-test_sandbox_escapes.py."""
+"""The sandbox tests' harness: `run` (remembers the uids and PID namespaces a test's runs used), the autouse check
+that the machine is unharmed after every test (the test process lives; no child of it, no process of a sandbox
+uid, no process in a run's PID namespace and no run cgroup is left), the `outside` directory with a canary file
+the sandbox must not touch, and `MODES`: the sandbox modes that start here (bwrap, namespaces), to run a test in
+each. Used by every test in tests/sandbox/."""
 
 import json
 import os
@@ -10,13 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from llmrl.rewards import sandbox, sandbox_procs
-from llmrl.rewards.sandbox import LAYERS, run_python
-
+from llmrl.sandbox import bwrap, core, procs, run_python
+from llmrl.sandbox.cgroup import parent_dir
 
 ROOT = os.geteuid() == 0
-ALL = set(LAYERS) if ROOT else {"rlimits", "no_new_privs", "audit_hook", "process_group", "output_cap"}
+ACTIVE = core.status()
+BWRAP = ACTIVE.mode == "bwrap"
+MODES = [m for m in ("bwrap", "namespaces") if (m == "bwrap" and BWRAP) or (m == "namespaces" and ROOT)]
+needs_bwrap = pytest.mark.skipif(not BWRAP, reason=f"the bwrap layer cannot start here: {bwrap.get_plan()[1]}")
+needs_root = pytest.mark.skipif(not ROOT, reason="the namespaces fallback needs root")
 _uids: list[int] = []
+_namespaces: list[int] = []
 
 
 def _children() -> list[int]:
@@ -33,11 +38,21 @@ def _children() -> list[int]:
     return kids
 
 
-def run(code: str, **kw) -> sandbox.SandboxResult:
+def run_cgroups() -> list[str]:
+    """The run cgroups of this process that exist now (each run removes its own)."""
+    base = parent_dir()[0]
+    if base is None:
+        return []
+    return sorted(n for n in os.listdir(base) if n.startswith(f"llmrl-sandbox-{os.getpid()}-"))
+
+
+def run(code: str, **kw):
     kw.setdefault("timeout_s", 2.0)
     res = run_python(code, **kw)
     if res.uid is not None:
         _uids.append(res.uid)
+    if res.pidns is not None:
+        _namespaces.append((res.pidns, procs.boot_time()))
     return res
 
 
@@ -58,14 +73,17 @@ def outside():
 @pytest.fixture(autouse=True)
 def machine_unharmed():
     _uids.clear()
+    _namespaces.clear()
     before = _children()
     yield
     os.kill(os.getpid(), 0)  # alive
     assert _children() == before, "a sandboxed process outlived its run"
     for uid in _uids:
-        assert sandbox_procs.pids_of(uid) == [], f"processes of sandbox uid {uid} survived"
+        assert procs.pids_of(uid) == [], f"processes of sandbox uid {uid} survived"
+    for ns, ended in _namespaces:
+        assert procs.pids_in_namespace(ns, ended) == [], f"processes of PID namespace {ns} survived"
+    assert run_cgroups() == [], "a run's cgroup was left"
 
 
 def lines(res) -> list:
     return [json.loads(line) for line in res.stdout.splitlines()]
-

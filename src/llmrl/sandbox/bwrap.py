@@ -33,7 +33,7 @@ import time
 
 from llmrl.sandbox import seccomp
 from llmrl.sandbox.cgroup import RunCgroup, parent_dir
-from llmrl.sandbox.procs import communicate, exited, kill_group, namespace_of, wait_pidfd
+from llmrl.sandbox.procs import communicate, exited, kill_group, namespace_of, pids_in_namespace, wait_pidfd
 from llmrl.sandbox.result import Limits, SandboxResult, finish, fresh_uid, log, runner_argv, runner_env
 
 WORKDIR = "/sandbox"
@@ -100,7 +100,7 @@ class Plan:
 
     def mount_args(self) -> list[str]:
         # the directories on the way, world-traversable (bwrap would make them 0700, which only root could use)
-        dirs = {os.path.dirname(p) for p in [*self.binds, *(p for p, _ in self.links)]}
+        dirs = {os.path.dirname(p) for p in [*self.binds, *(p for p, _ in self.links), *DEVICES]}
         dirs = {"/".join(d.split("/")[:i + 1]) for d in dirs for i in range(1, d.count("/") + 1)}
         args = []
         for d in sorted(dirs - {"", "/"} - {p for p, _ in self.links}, key=lambda d: (d.count("/"), d)):
@@ -266,7 +266,7 @@ def run(plan: Plan, code: str, stdin: str, lim: Limits, disable: frozenset, star
                 os.close(fd)
         info = _read_info(info_r, start + lim.timeout_s)
         init_pid, pidns = info.get("child-pid"), info.get("pid-namespace")
-        if init_pid is not None:
+        if init_pid is not None and hasattr(os, "pidfd_open"):
             init_fd = os.pidfd_open(init_pid)   # pins PID 1 of the run; checked to be it just below
             if namespace_of(init_pid) != pidns:
                 os.close(init_fd)
@@ -293,6 +293,10 @@ def run(plan: Plan, code: str, stdin: str, lim: Limits, disable: frozenset, star
                 signal.pidfd_send_signal(init_fd, signal.SIGKILL)
                 gone = wait_pidfd(init_fd, 2.0)
             os.close(init_fd)
+        elif pidns is not None:                 # no pidfds (Python < 3.9 or kernel < 5.3): look
+            deadline = time.monotonic() + 2.0
+            while (gone := not pids_in_namespace(pidns)) is False and time.monotonic() < deadline:
+                time.sleep(0.005)
         left = cg.remove() if cg else []
         for fd in (info_r, block_w):
             if fd is not None:

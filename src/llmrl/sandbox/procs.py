@@ -99,12 +99,36 @@ def namespace_of(pid: int) -> int | None:
         return None
 
 
-def pids_in_namespace(inode: int) -> list[int]:
-    """Processes (as seen from here) whose PID namespace is `inode`: the check that a run left nothing behind."""
+def boot_time() -> float:
+    """Seconds since boot, the clock of process start times in /proc/<pid>/stat."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def _started(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rpartition(b")")[2].split()[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def pids_in_namespace(inode: int, started_before: float | None = None) -> list[int]:
+    """Live processes (as seen from here) in the PID namespace `inode`: the check that a run left nothing behind.
+    The kernel reuses a dead namespace's inode for a new one: `started_before` (a `boot_time()`, when the run had
+    ended) leaves out the processes of a later namespace."""
     out = []
     for entry in os.scandir("/proc"):
         if entry.name.isdigit() and namespace_of(int(entry.name)) == inode:
-            out.append(int(entry.name))
+            started = _started(int(entry.name))
+            if started_before is not None and (started is None or started >= started_before - 0.02):
+                continue
+            try:
+                with open(f"/proc/{entry.name}/status", "rb") as f:
+                    fields = dict(line.split(b":", 1) for line in f.read(1024).splitlines() if b":" in line)
+            except OSError:
+                continue
+            if _alive(entry.name, fields):   # a dead PID 1 may linger as a zombie until its new parent reaps it
+                out.append(int(entry.name))
     return out
 
 
