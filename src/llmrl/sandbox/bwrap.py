@@ -20,6 +20,7 @@ bwrap reports a death by signal N as exit status 128 + N, so such an exit status
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import json
@@ -29,6 +30,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 from llmrl.sandbox import seccomp
@@ -87,6 +89,7 @@ class Plan:
     links: tuple[tuple[str, str], ...]    # (path, target) symlinks recreated inside
     hidden: tuple[str, ...]               # under the stdlib, covered by an empty read-only tmpfs
     user_ns: bool                         # not root: bwrap makes a user namespace (the uid stays ours)
+    stage: str | None = None              # a tree of the binds and links but the stdlib (`build_stage`), or None
 
     def allowed(self) -> list[str]:
         """Every path the code can see, as roots (a directory stands for what is under it)."""
@@ -99,21 +102,29 @@ class Plan:
                 f"tmpfs {WORKDIR} (cwd), /tmp, /dev/shm; nothing else")
 
     def mount_args(self) -> list[str]:
+        """bwrap's arguments for the filesystem. With a stage, its top-level entries (2-3 mounts) stand for the
+        per-file binds and symlinks (about 60 mounts: ~25 ms a run on a busy 2-core machine)."""
+        devices = [d for d in DEVICES if os.path.exists(d)]
+        own = [*devices] if self.stage else [*self.binds, *(p for p, _ in self.links), *devices]
         # the directories on the way, world-traversable (bwrap would make them 0700, which only root could use)
-        dirs = {os.path.dirname(p) for p in [*self.binds, *(p for p, _ in self.links), *DEVICES]}
+        dirs = {os.path.dirname(p) for p in own}
         dirs = {"/".join(d.split("/")[:i + 1]) for d in dirs for i in range(1, d.count("/") + 1)}
         args = []
         for d in sorted(dirs - {"", "/"} - {p for p, _ in self.links}, key=lambda d: (d.count("/"), d)):
             args += ["--perms", "0755", "--dir", d]
-        for p in self.binds:
-            args += ["--ro-bind", p, p]
+        if self.stage:
+            for name in sorted(os.listdir(self.stage)):
+                path = os.path.join(self.stage, name)
+                args += (["--symlink", os.readlink(path), "/" + name] if os.path.islink(path) else
+                         ["--ro-bind", path, "/" + name])
+            args += ["--ro-bind", self.stdlib, self.stdlib]
+        else:
+            args += [a for p in self.binds for a in ("--ro-bind", p, p)]
+            args += [a for p, target in self.links for a in ("--symlink", target, p)]
         for p in self.hidden:
             args += ["--perms", "0555", "--tmpfs", p, "--remount-ro", p]
-        for p, target in self.links:
-            args += ["--symlink", target, p]
-        for d in DEVICES:
-            if os.path.exists(d):
-                args += ["--dev-bind", d, d]
+        for d in devices:
+            args += ["--dev-bind", d, d]
         return args + ["--proc", "/proc"]
 
 
@@ -160,6 +171,33 @@ def make_plan(bwrap: str, interpreter: str) -> Plan:
                 os.geteuid() != 0)
 
 
+def build_stage(plan: Plan) -> str:
+    """A directory tree holding the plan's files (hard links where the filesystem allows, else copies), its
+    symlinks, and an empty directory where the stdlib is bound: bound read-only at /, it is the allow-list in a
+    few mounts. Made once per process, removed at exit."""
+    stage = tempfile.mkdtemp(prefix="llmrl-sandbox-root-")
+    atexit.register(shutil.rmtree, stage, True)
+    os.chmod(stage, 0o755)
+    old = os.umask(0o022)
+    try:
+        for p in plan.binds:
+            dest = stage + p
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            if p == plan.stdlib:
+                os.makedirs(dest, exist_ok=True)
+                continue
+            try:
+                os.link(p, dest)
+            except OSError:
+                shutil.copy2(p, dest)
+        for p, target in plan.links:
+            os.makedirs(os.path.dirname(stage + p), exist_ok=True)
+            os.symlink(target, stage + p)
+    finally:
+        os.umask(old)
+    return stage
+
+
 def find_bwrap() -> str | None:
     return os.environ.get("LLMRL_BWRAP") or shutil.which("bwrap") or shutil.which("bwrap", path="/usr/bin:/bin")
 
@@ -181,6 +219,10 @@ def get_plan() -> tuple[Plan | None, str]:
         plan = make_plan(path, interpreter())
     except (OSError, ValueError, RuntimeError, subprocess.SubprocessError) as e:
         return None, f"could not list what the interpreter needs: {e}"
+    try:
+        plan = dataclasses.replace(plan, stage=build_stage(plan))
+    except OSError as e:    # then every file is bound on its own: slower, the same view
+        log.info("sandbox: no staged root (%s); binding each file", e)
     lim = Limits(timeout_s=30, cpu_s=30, memory_mb=512, max_procs=8, max_output_bytes=4096, max_file_mb=1, disk_mb=1)
     res = run(plan, "print('ok')", "", lim, frozenset(), time.monotonic())
     if res.status != "ok" or res.stdout != "ok\n":
