@@ -387,3 +387,28 @@ def test_no_candidate_stalls_the_trainer_past_its_wall_limit(mode, name):
         assert res.status == "ok"      # the main program ended; what it left behind is killed, not waited for
     else:
         assert res.status == "timeout", res
+
+
+# ---------------------------------------------------------------- the candidate cannot read the harness (the tests)
+
+PEEK = """
+import os
+def answer(n):
+    found = []
+    for path in ("/proc/%d/mem" % os.getppid(), "/proc/%d/environ" % os.getppid(), "/proc/%d/fd/0" % os.getppid(),
+                 "/proc/%d/root/proc/self/cmdline" % os.getppid()):
+        try:
+            with open(path, "rb") as f:
+                found.append(len(f.read(64)))
+        except OSError as e:
+            found.append(type(e).__name__)
+    raise ValueError(repr(found))
+"""
+
+
+def test_the_candidate_cannot_read_the_harness_that_holds_the_tests():
+    ex = Example("answer", "", {"tests": ["assert answer(1) == 42"]})
+    assert code_tests([PEEK], [ex], timeout_s=3.0) == [0.0]
+    why = code.last_failures[0]
+    # every attempt failed; a number in the list would be bytes read from the harness
+    assert "ValueError: ['PermissionError', 'PermissionError', 'PermissionError', 'PermissionError']" in why, why
