@@ -370,8 +370,8 @@ STALLS = {
     "fork-bomb": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
     "block-on-own-pipe": "import os\nr, w = os.pipe()\nos.read(r, 1)",
     "detached-child-holds-stdout": "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n",
-    "stop-the-parent": "import os, signal, time\nfor p in (os.getppid(), 1):\n    try:\n        os.kill(p, signal.SIGSTOP)\n"
-                       "    except OSError:\n        pass\ntime.sleep(60)",
+    "stop-the-parent": "import os, signal, time\nfor p in (os.getppid(), 1):\n    try:\n"
+                       "        os.kill(p, signal.SIGSTOP)\n    except OSError:\n        pass\ntime.sleep(60)",
 }
 
 

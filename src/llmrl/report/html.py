@@ -225,7 +225,8 @@ def sandbox_html(text: str) -> str:
             + (": rlimits only, it could read the machine's files and use the network (sandbox.allow_weak)"
                if mode == "weak" else "") + f"; active: {escape(', '.join(map(str, layers)))}</p>")
     if missing:
-        body += "<ul>" + "".join(f"<li>missing {escape(str(k))}: {escape(str(v))}</li>" for k, v in missing.items()) + "</ul>"
+        items = "".join(f"<li>missing {escape(str(k))}: {escape(str(v))}</li>" for k, v in missing.items())
+        body += f"<ul>{items}</ul>"
     return f"<h2>Sandbox</h2>{body}"
 
 

@@ -97,7 +97,8 @@ class Plan:
 
     def describe(self) -> str:
         hidden = f" without {', '.join(os.path.basename(h) for h in self.hidden)}" if self.hidden else ""
-        return (f"{self.interpreter} and {len(self.binds) - 2} files it loads (shared objects, locale data; read-only), the standard "
+        return (f"{self.interpreter} and {len(self.binds) - 2} files it loads (shared objects, locale data; "
+                f"read-only), the standard "
                 f"library {self.stdlib}{hidden} (read-only), {', '.join(DEVICES)}, its own /proc, and private "
                 f"tmpfs {WORKDIR} (cwd), /tmp, /dev/shm; nothing else")
 
