@@ -311,11 +311,11 @@ def run(plan: Plan, code: str, stdin: str, lim: Limits, disable: frozenset, star
         init_pid, pidns = info.get("child-pid"), info.get("pid-namespace")
         if init_pid is not None and hasattr(os, "pidfd_open"):
             init_fd = os.pidfd_open(init_pid)   # pins PID 1 of the run; checked to be it just below
-            if namespace_of(init_pid) != pidns:
-                os.close(init_fd)
-                init_fd = None                  # already gone (and its pid reused): so is its namespace
+        if init_pid is not None and namespace_of(init_pid) != pidns:
+            init_pid = None                     # already gone (and its pid reused): so is its namespace
+            init_fd = os.close(init_fd) if init_fd is not None else None
         if cg:
-            if init_fd is not None:
+            if init_pid is not None:
                 cg.add(init_pid)                # before the runner's first instruction: bwrap waits on block_fd
             os.write(block_w, b"go")
             os.close(block_w)

@@ -15,6 +15,7 @@ import time
 from collections.abc import Collection
 
 from llmrl.sandbox import bwrap, fallback
+from llmrl.sandbox.cgroup import parent_dir
 from llmrl.sandbox.result import Limits, SandboxResult
 
 log = logging.getLogger("llmrl.sandbox")
@@ -95,7 +96,6 @@ def status() -> Status:
         mode = "weak" if _policy["allow_weak"] else None
     layers = MODE_LAYERS.get(mode, ())
     if mode == "bwrap":
-        from llmrl.sandbox.cgroup import parent_dir
         if parent_dir()[0] is None:
             missing["cgroup"] = parent_dir()[1]
         if bwrap.get_plan()[0].user_ns:
