@@ -90,7 +90,7 @@ def test_errors_give_status_error_with_exit_code_and_reason(code, exit_code, rea
 
 
 def test_recursion_bomb_with_raised_limit_is_contained():
-    res = run("import sys\nsys.setrecursionlimit(10**7)\ndef f(n): return f(n + 1)\nf(0)", memory_mb=64)
+    res = run("import sys\nsys.setrecursionlimit(10**7)\ndef f(n): return f(n + 1)\nf(0)", memory_mb=64, timeout_s=15)
     assert res.status in ("error", "memory") and res.reason  # frames fill the address space (C stack unused)
 
 
@@ -119,7 +119,7 @@ def test_cpu_limit():
 
 @pytest.mark.parametrize("code", ["x = bytearray(10**10)", "x = []\nwhile True:\n    x.append(bytearray(10**6))"])
 def test_memory_hog(code):
-    res = run(code, memory_mb=200)
+    res = run(code, memory_mb=200, timeout_s=15)  # a loaded machine is slow to fill it
     assert res.status == "memory" and "MemoryError" in res.reason
 
 

@@ -146,3 +146,16 @@ def test_the_report_shows_the_sandbox_layer(tmp_path):
     page = render(tmp_path)
     assert "<h2>Sandbox</h2>" in page and 'class="warn"' in page and "rlimits only" in page
     assert "missing bwrap: not installed" in page
+
+
+def test_llmrl_train_with_a_code_reward_records_the_sandbox_layer(tmp_path):
+    from llmrl.cli import main
+    from llmrl.sandbox import status
+    terms = "reward.terms=[{name: correct}, {name: code_tests, weight: 0.5}]"   # arithmetic has no tests: scored 0
+    rc = main(["train", "preset=grpo", "model.name=tiny", "model.autocast=none", "task.heldout_size=2",
+               "rollout.prompts_per_step=1", "rollout.group_size=2", "rollout.max_new_tokens=4", "run.progress=false",
+               "run.eval_every=0", f"run.output_dir={tmp_path}", "run.name=r", "run.steps=1", terms])
+    assert rc == 0
+    recorded = json.loads((tmp_path / "r" / "sandbox.json").read_text())
+    assert recorded["mode"] == status().mode and recorded["layers"] == list(status().layers)
+    assert "<h2>Sandbox</h2>" in (tmp_path / "r" / "report.html").read_text()
