@@ -14,9 +14,9 @@ The package sits low in the layers (it imports nothing else of llmrl); `rewards/
 | layer          | stops                                                                                           |
 |----------------|-------------------------------------------------------------------------------------------------|
 | `pidns`        | seeing, signalling or tracing any process outside the run: the run has its own PID namespace    |
-|                | (kill() can name only its own processes); the runner is its PID 1, and when the code's main     |
-|                | process ends, PID 1 exits and the kernel kills every process of the run: no sweep, no survivor  |
-|                | (zombie thread-group leaders and setsid'd children included)                                    |
+|                | (kill() can name only its own processes); its PID 1 is bwrap's reaper (root, no model code), and |
+|                | when the code's main process ends PID 1 exits and the kernel kills every process of the run: no |
+|                | sweep, no survivor (zombie thread-group leaders and setsid'd children included)                 |
 | `mountns`      | reading anything but the allow-list: the interpreter and the shared objects it loads, the       |
 |                | standard library (without site-packages), /dev/null, zero, full, random, urandom, a private     |
 |                | /proc; all read-only. Writable: its work directory /sandbox, /tmp, /dev/shm, small private tmpfs |

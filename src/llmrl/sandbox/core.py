@@ -56,6 +56,9 @@ class Status:
             lines.append(f"  the code sees: {self.sees}")
         for what, why in self.missing.items():
             lines.append(f"  missing: {what}: {why}")
+        if self.mode == "namespaces":
+            lines.append("  WARNING: without bwrap the code can read the machine's world-readable files (all but the "
+                         "trainer's packages, working directory and home) and see other processes in /proc")
         if self.mode == "weak":
             lines.append("  WARNING: sandbox.allow_weak is on: model code runs with rlimits only; it can read your "
                          "files and reach the network and other processes")
@@ -115,7 +118,7 @@ def require() -> Status:
             "(it can then read your files and reach the network)")
     if st.mode not in _logged:
         _logged.add(st.mode)
-        (log.warning if st.mode == "weak" else log.info)("%s", st.describe())
+        (log.info if st.mode == "bwrap" else log.warning)("%s", st.describe())
     return st
 
 
