@@ -412,3 +412,22 @@ def test_the_candidate_cannot_read_the_harness_that_holds_the_tests():
     why = code.last_failures[0]
     # every attempt failed; a number in the list would be bytes read from the harness
     assert "ValueError: ['PermissionError', 'PermissionError', 'PermissionError', 'PermissionError']" in why, why
+
+
+@needs_bwrap
+def test_the_staged_root_and_per_file_binds_show_the_same_files():
+    import dataclasses
+    from llmrl.sandbox.result import Limits
+    plan = bwrap.get_plan()[0]
+    assert plan.stage is not None          # here: the fast path (a few mounts)
+    listing = ("import json, os\nout = []\nfor top, dirs, files in os.walk('/'):\n"
+               "    if top.startswith(('/proc', " + repr(plan.stdlib) + ")):\n        dirs[:] = []\n        continue\n"
+               "    out += [os.path.join(top, n) for n in dirs + files]\nprint(json.dumps(sorted(out)))")
+    lim = Limits(timeout_s=20, cpu_s=20, memory_mb=512, max_procs=8, max_output_bytes=1 << 20, max_file_mb=1,
+                 disk_mb=1)
+    views = []
+    for p in (plan, dataclasses.replace(plan, stage=None)):
+        res = bwrap.run(p, listing, "", lim, frozenset(), time.monotonic())
+        assert res.status == "ok", res
+        views.append(json.loads(res.stdout))
+    assert views[0] == views[1] and len(views[0]) > 20
