@@ -3,6 +3,7 @@ BPF program in a tiny interpreter), `escape`, and the places llmrl reports the a
 config's `sandbox` section, the run report."""
 
 import ctypes
+import os
 import ctypes.util
 import json
 import struct
@@ -159,3 +160,21 @@ def test_llmrl_train_with_a_code_reward_records_the_sandbox_layer(tmp_path):
     recorded = json.loads((tmp_path / "r" / "sandbox.json").read_text())
     assert recorded["mode"] == status().mode and recorded["layers"] == list(status().layers)
     assert "<h2>Sandbox</h2>" in (tmp_path / "r" / "report.html").read_text()
+
+
+def test_empty_run_cgroups_of_dead_trainers_are_removed():
+    from llmrl.sandbox import cgroup
+    base = cgroup.parent_dir()[0]
+    if base is None:
+        pytest.skip("cgroup v2 is not writable here")
+    dead = 4_000_000   # above any pid_max: no such process
+    stale, alive = f"{base}/llmrl-sandbox-{dead}-0", f"{base}/llmrl-sandbox-{os.getpid()}-999999"
+    os.mkdir(stale)
+    os.mkdir(alive)
+    try:
+        cgroup._remove_stale(base)
+        assert not os.path.exists(stale) and os.path.exists(alive)
+    finally:
+        for d in (stale, alive):
+            if os.path.exists(d):
+                os.rmdir(d)

@@ -37,7 +37,20 @@ def parent_dir() -> tuple[str | None, str]:
     base = os.path.normpath(mount + "/" + own.lstrip("/"))
     if not os.access(base, os.W_OK):
         return None, f"{base} is not writable (needs root or a delegated cgroup)"
+    _remove_stale(base)
     return base, ""
+
+
+def _remove_stale(base: str) -> None:
+    """Remove the empty run cgroups of trainers that are gone (killed mid-run, they could not remove their own)."""
+    for name in os.listdir(base):
+        parts = name.split("-")
+        if len(parts) == 4 and name.startswith("llmrl-sandbox-") and parts[2].isdigit():
+            if not os.path.exists(f"/proc/{parts[2]}"):
+                try:
+                    os.rmdir(os.path.join(base, name))   # fails, harmlessly, if anything still runs in it
+                except OSError:
+                    pass
 
 
 @dataclasses.dataclass
