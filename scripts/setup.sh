@@ -3,6 +3,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# bubblewrap: the sandbox that runs model-written code (code_tests, the python tool) uses it for its strongest layer
+# (`llmrl doctor` says which layer is active). Installed here only as root with apt-get; see the README otherwise.
+if ! command -v bwrap >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null) || echo "bubblewrap not installed: the sandbox falls back to weaker layers"
+fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 # The studio's browser test drives the system Chromium through its WebDriver (selenium, in the dev extra); as root on
 # Debian they are installed here, never downloaded by a Python package. Without them that test skips.

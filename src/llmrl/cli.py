@@ -1,4 +1,4 @@
-"""`llmrl` command line: train | eval | presets | report | dpo | rm | pairs | prm | prm-data.
+"""`llmrl` command line: train | eval | presets | doctor | report | dpo | rm | pairs | prm | prm-data.
 
     llmrl train examples/grpo_arithmetic.yaml rollout.group_size=8 optim.lr=2e-5
     llmrl train examples/grpo_arithmetic.yaml run.save_every=10 --resume     # continue a killed run
@@ -9,8 +9,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from pathlib import Path
 
 
 def _table(rows: list[tuple[str, ...]]) -> str:
@@ -28,6 +30,31 @@ def before_after_table(summary: dict) -> str:
         ("mean response tokens", f"{b['heldout_response_length']:.1f}", f"{a['heldout_response_length']:.1f}"),
         ("KL(policy || reference), nats/seq", fmt(b.get("heldout_kl_to_ref")), fmt(a.get("heldout_kl_to_ref"))),
     ])
+
+
+def sandbox_for(pieces: list, allow_weak: bool):
+    """(the sandbox's status, 0) when a piece runs model-written code (`runs_model_code`) and a sandbox layer can
+    run it; (None, 0) when none does; (None, 2) after printing what is missing when none can."""
+    from llmrl import sandbox
+
+    sandbox.configure(allow_weak=allow_weak)
+    if not any(getattr(p, "runs_model_code", False) for p in pieces):
+        return None, 0
+    try:
+        return sandbox.require(), 0
+    except sandbox.SandboxUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None, 2
+
+
+def cmd_doctor(args) -> int:
+    """Which sandbox layer runs model-written code here, what it lets the code see, and what is missing."""
+    from llmrl import sandbox
+
+    sandbox.configure(allow_weak=args.allow_weak)
+    st = sandbox.status()
+    print(st.describe())
+    return 0 if st.mode else 1
 
 
 def cmd_train(args) -> int:
@@ -49,6 +76,10 @@ def cmd_train(args) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    pieces = [REWARDS.get(t.name) for t in cfg.reward.terms] + [TOOLS.get(n) for n in cfg.rollout.tools]
+    sandbox_status, code = sandbox_for(pieces, cfg.sandbox.allow_weak)
+    if code:
+        return code
     from llmrl.distributed import runtime as distributed
     from llmrl.train.rl import train
 
@@ -67,6 +98,8 @@ def cmd_train(args) -> int:
         return 130
     from llmrl.report import write_report
 
+    if sandbox_status is not None:       # the report says which sandbox layer ran the model's code
+        Path(summary["run_dir"], "sandbox.json").write_text(json.dumps(sandbox_status.as_dict(), indent=1))
     report = write_report(summary["run_dir"])
     print()
     print(before_after_table(summary))
@@ -96,6 +129,8 @@ def cmd_eval(args) -> int:
             tools = resolve_tools(names)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
+            return 2
+        if sandbox_for(list(tools.values()), False)[1]:
             return 2
         collect = partial(collect_episodes, tools=tools, max_turns=args.max_turns,
                           max_observation_tokens=args.max_observation_tokens, demo=demonstration(names))
@@ -155,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("presets", help="list the named algorithm compositions")
     p.set_defaults(fn=cmd_presets)
+
+    p = sub.add_parser("doctor", help="which sandbox layer runs model-written code here, and what is missing")
+    p.add_argument("--allow-weak", action="store_true", help="as with sandbox.allow_weak: true")
+    p.set_defaults(fn=cmd_doctor)
 
     from llmrl.cli_supervised import add_subcommands as add_supervised_subcommands
 

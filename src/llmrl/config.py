@@ -197,6 +197,13 @@ class RunConfig:
 
 
 @dataclass
+class SandboxConfig:
+    allow_weak: bool = f(False, "where no sandbox layer can start (no bubblewrap, not root), still run model-written "
+                                "code (code_tests, the python tool) with rlimits only, with a warning; it can then "
+                                "read your files and use the network (`llmrl doctor` shows the active layer)")
+
+
+@dataclass
 class TrainConfig:
     preset: str | None = f(None, "named preset applied under the file and overrides")
     model: ModelConfig = f(ModelConfig(), "policy model")
@@ -208,6 +215,7 @@ class TrainConfig:
     objective: ObjectiveConfig = f(ObjectiveConfig(), "policy loss")
     optim: OptimConfig = f(OptimConfig(), "optimizer")
     run: RunConfig = f(RunConfig(), "run bookkeeping")
+    sandbox: SandboxConfig = f(SandboxConfig(), "the sandbox that runs model-written code")
 
     def check(self) -> None:
         """Rules across fields, run after every field is checked on its own."""

@@ -26,6 +26,8 @@ fields are ignored:
   the samples of one prompt share `(step, group)`.
 - `config.yaml` (shown in a collapsible block) and `summary.yaml` (the before/after table).
 - `audit.json` (written by `llmrl audit`): its findings, shown in an Audit section.
+- `sandbox.json` (written by `llmrl train` when a reward or tool ran model-written code): the sandbox layer that
+  ran it, its active layers and what was missing (`llmrl.sandbox.Status.as_dict`).
 """
 
 from __future__ import annotations

@@ -233,6 +233,23 @@ def audit_html(text: str) -> str:
             f"{rows}</table>")
 
 
+def sandbox_html(text: str) -> str:
+    """Which sandbox layer ran the model's code (sandbox.json, written by `llmrl train`), red when weak or none."""
+    try:
+        st = json.loads(text)
+        mode, layers, missing = st.get("mode"), st.get("layers") or [], st.get("missing") or {}
+    except (ValueError, AttributeError):
+        return f'<h2>Sandbox</h2><p class="warn">unreadable sandbox.json</p>'
+    cls = "note" if mode in ("bwrap", "namespaces") else "warn"
+    body = (f'<p class="{cls}">model-written code ran in the <b>{escape(str(mode))}</b> sandbox layer'
+            + (": rlimits only, it could read the machine's files and use the network (sandbox.allow_weak)"
+               if mode == "weak" else "") + f"; active: {escape(', '.join(map(str, layers)))}</p>")
+    if missing:
+        items = "".join(f"<li>missing {escape(str(k))}: {escape(str(v))}</li>" for k, v in missing.items())
+        body += f"<ul>{items}</ul>"
+    return f"<h2>Sandbox</h2>{body}"
+
+
 def render(run_dir: Path) -> str:
     """The report page of one run folder as a string."""
     metrics, bad = read_jsonl(run_dir / "metrics.jsonl")
@@ -259,6 +276,8 @@ def render(run_dir: Path) -> str:
         parts.append(f"<h2>Sampled completions</h2>{samples_table(samples)}")
     else:
         parts.append('<h2>Samples</h2><p class="note">no samples.jsonl in this run folder.</p>')
+    if (run_dir / "sandbox.json").exists():
+        parts.append(sandbox_html((run_dir / "sandbox.json").read_text()))
     if (run_dir / "config.yaml").exists():
         parts.append(f"<h2>Config</h2><details><summary>config.yaml</summary>"
                      f"<pre>{escape((run_dir / 'config.yaml').read_text())}</pre></details>")

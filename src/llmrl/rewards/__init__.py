@@ -8,4 +8,4 @@ __all__ = ["REWARDS", "RewardResult", "Term", "score", "extract_answer"]
 
 from llmrl.registry import import_all  # noqa: E402
 
-import_all(__name__, skip=("sandbox_runner",))   # every module of the package: each registers its pieces (a new one is a new file)
+import_all(__name__)   # every module of the package: each registers its pieces (a new one is a new file)

@@ -30,7 +30,10 @@ Reward: passed / tests, times (1 - style_weight * style_penalty - efficiency_wei
 style_penalty = min(1, lint issues / 5) (lines over 100 characters, unused imports and local variables, bare
 `except:`; pyflakes is not a dependency) and time_penalty = min(1, seconds spent inside candidate calls /
 time_budget_s). Both weights default to 0. Each failing sample is logged on "llmrl.rewards.code" with its reason;
-`last_failures` holds the reasons of the last call (None where every test passed).
+`last_failures` holds the reasons of the last call (None where every test passed). A reason quotes what the
+candidate's code raised or printed, so it is escaped (`llmrl.sandbox.escape`: one line, control characters shown,
+length capped) before it is kept or logged. Where no sandbox layer can start, `code_tests` raises
+`SandboxUnavailable` rather than run the code (`llmrl doctor` says what is missing).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from concurrent.futures import ThreadPoolExecutor
 from llmrl.data.tasks import Example
 from llmrl.rewards.code_harness import _harness_program
 from llmrl.rewards.functions import REWARDS
-from llmrl.rewards.sandbox import run_python
+from llmrl.sandbox import escape, run_python
 
 log = logging.getLogger("llmrl.rewards.code")
 
@@ -142,6 +145,9 @@ def code_tests(completions: list[str], examples: list[Example], *, timeout_s: fl
     return [r for r, _ in results]
 
 
+code_tests.runs_model_code = True   # the CLI checks that a sandbox layer can start before training
+
+
 def _score_one(spec: dict, *, timeout_s, memory_mb, style_weight, efficiency_weight, time_budget_s):
     """(reward, why it is below the maximum or None) for one completion."""
     counted = [i for i, step in enumerate(spec["steps"]) if step["counts"]]
@@ -174,4 +180,4 @@ def _score_one(spec: dict, *, timeout_s, memory_mb, style_weight, efficiency_wei
         penalty += efficiency_weight * min(1.0, done["call_s"] / time_budget_s)
     if not reasons:
         return reward * (1.0 - penalty), None
-    return reward * (1.0 - penalty), f"{passed}/{len(counted)} tests passed: " + " | ".join(reasons[:3])[:600]
+    return reward * (1.0 - penalty), escape(f"{passed}/{len(counted)} tests passed: " + " | ".join(reasons[:3]), 600)

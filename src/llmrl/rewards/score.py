@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llmrl.rewards.functions import REWARDS
+from llmrl.sandbox import escape
 
 log = logging.getLogger("llmrl.rewards")
 # math_verify warns on every parse that its signal timeouts are off (they cannot run off the main thread).
@@ -144,7 +145,7 @@ def score(completions: list[str], examples: list, terms: list) -> RewardResult:
         values, errors = _run(REWARDS.get(t.name), completions, examples, dict(t.options or {}), t.timeout_s)
         if errors:
             log.warning("reward function %r failed on %d of %d samples (scored 0): %s",
-                        t.name, len(errors), len(completions), errors[0])
+                        t.name, len(errors), len(completions), escape(errors[0], 300))  # may quote model text
         components[t.name] = torch.tensor(values, dtype=torch.float32)
         failures[t.name] = len(errors)
     return RewardResult(total=combine(components, terms), components=components, failures=failures)

@@ -26,6 +26,7 @@ import operator
 import re
 
 from llmrl.registry import Registry
+from llmrl.sandbox import SandboxUnavailable
 
 TOOLS = Registry("tool")
 
@@ -53,6 +54,8 @@ def run_call(name: str, arguments: str, tools: dict) -> str:
         return f"error: unknown tool {name!r}; tools: {', '.join(sorted(tools))}"
     try:
         out = str(tools[name](arguments))
+    except SandboxUnavailable:        # not the model's doing: no sandbox here, so no model code runs at all
+        raise
     except Exception as e:            # a tool should not raise; if one does, the episode goes on
         out = f"error: {type(e).__name__}: {e}"
     return out if len(out) <= MAX_OUTPUT_CHARS else out[:MAX_OUTPUT_CHARS - 3] + "..."
@@ -179,8 +182,11 @@ _FENCE = re.compile(r"^```(?:python|py)?\s*\n?|\n?```\s*$")
 
 @TOOLS.register("python")
 def python(arguments: str) -> str:
-    """<tool>python: CODE</tool> runs a Python program and returns what it prints"""
-    from llmrl.rewards.sandbox import run_python
+    """<tool>python: CODE</tool> runs a Python program and returns what it prints
+
+    It runs in the same sandbox as `code_tests` (`llmrl.sandbox`); where none can start it raises
+    SandboxUnavailable (which `run_call` lets through: the episode stops rather than run the code unsandboxed)."""
+    from llmrl.sandbox import run_python
 
     code = _FENCE.sub("", arguments.strip())
     if not code.strip():
@@ -194,3 +200,6 @@ def python(arguments: str) -> str:
     last = next((line.strip() for line in reversed(res.stderr.splitlines()) if line.strip()), "")
     why = last if res.status == "error" and last else res.reason.split("; missing layers")[0]
     return f"error: {why}" + (f"\n{out}" if out else "")
+
+
+python.runs_model_code = True   # the CLI checks that a sandbox layer can start before running episodes

@@ -1,6 +1,6 @@
 """Sandbox, what model code tries against the machine: files outside its directory, the network, signals to
 other processes. Each attempt fails with a reason and the machine is unharmed (sandbox_harness.py); some attacks
-are also run with one layer off to show the next one holds.
+are run in each mode that starts here (bwrap, namespaces), and some with one layer off to show the next one holds.
 """
 
 import os
@@ -15,7 +15,11 @@ from pathlib import Path
 import pytest
 
 
-from sandbox_harness import ROOT, machine_unharmed, outside, run  # noqa: F401  (machine_unharmed: an autouse fixture)
+from sandbox_harness import (BWRAP, MODES, ROOT, machine_unharmed, outside,  # noqa: F401  (autouse fixture)
+                             run)
+
+# (mode, layers off) to run the file attacks with: each mode, and the namespaces fallback without its mount namespace
+FILE_SETUPS = [(m, ()) for m in MODES] + ([("namespaces", ("mountns",))] if ROOT else [])
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the sandbox uses Linux namespaces and /proc")
 
@@ -38,45 +42,49 @@ for what, act in [("create", lambda: open(d + "/evil.txt", "w").write("x")),
 """
 
 
-@pytest.mark.parametrize("off", [(), ("mountns",)])
-def test_cannot_write_or_delete_outside(outside, off):
-    res = run(WRITE_OUTSIDE.format(d=str(outside)), disable=off)
+@pytest.mark.parametrize("mode, off", FILE_SETUPS)
+def test_cannot_write_or_delete_outside(outside, mode, off):
+    res = run(WRITE_OUTSIDE.format(d=str(outside)), mode=mode, disable=off)
     assert res.status == "ok" and "DONE" not in res.stdout
     if ROOT:  # mountns: /tmp is the sandbox's own, the directory is not even there; without it: the uid
         expected = "FileNotFoundError" if not off else "PermissionError"
         assert res.stdout.split()[1::2] == [expected] * 5
 
 
-@pytest.mark.parametrize("off", [(), ("mountns",)])
-def test_cannot_read_the_users_home_or_private_files(off):
+@pytest.mark.parametrize("mode, off", FILE_SETUPS)
+def test_cannot_read_the_users_home_or_private_files(mode, off):
     secret_dir = Path(tempfile.mkdtemp(prefix="llmrl-secret-"))  # mode 0700, like a home directory
     (secret_dir / "key").write_text("hunter2")
     try:
         targets = [str(secret_dir / "key"), str(Path.home() / ".bashrc"), str(Path.home())]
         code = (f"import os\nfor p in {targets!r}:\n    try:\n        print(open(p).read() if os.path.isfile(p) "
                 "else os.listdir(p))\n    except OSError as e:\n        print(type(e).__name__)")
-        res = run(code, disable=off)
+        res = run(code, mode=mode, disable=off)
     finally:
         (secret_dir / "key").unlink()
         secret_dir.rmdir()
     assert res.status == "ok" and "hunter2" not in res.stdout
     if ROOT and Path.home() == Path("/root") and Path("/root/.bashrc").exists():
-        # mountns: the secret's /tmp is the sandbox's own and home is hidden; without it, the uid (mode 0700)
-        expected = ["FileNotFoundError", "FileNotFoundError", "[]"] if not off else ["PermissionError"] * 3
+        # mountns: the secret's /tmp is the sandbox's own and home is hidden (bwrap: only what leads to the
+        # interpreter, when it lives there); without it, the uid (mode 0700)
+        home = [p.name for p in Path.home().iterdir() if Path(sys.executable).resolve().is_relative_to(p)]
+        listing = str(home).replace(" ", "") if mode == "bwrap" else "[]"
+        expected = ["FileNotFoundError", "FileNotFoundError", listing] if not off else ["PermissionError"] * 3
         assert res.stdout.split() == expected
 
 
 @pytest.mark.skipif(not ROOT, reason="hiding needs the mount namespace")
-def test_the_trainers_code_data_and_packages_are_hidden():
+@pytest.mark.parametrize("mode", MODES)
+def test_the_trainers_code_data_and_packages_are_hidden(mode):
     package_file = pytest.__file__  # in the trainer's site-packages, world-readable on the machine
     # the project folder reads as empty (hidden under an empty mount) or as absent (it lives under /tmp, which
     # the sandbox replaces with its own tmpfs), depending on where the checkout is
     code = (f"import os\ntry:\n    print(os.listdir({os.getcwd()!r}))\nexcept OSError as e:\n    print(type(e).__name__)\n"
             f"try:\n    open({package_file!r})\n    print('read')\nexcept OSError as e:\n    print(type(e).__name__)")
-    res = run(code)
+    res = run(code, mode=mode)
     assert res.status == "ok" and res.stdout in ("[]\nFileNotFoundError\n", "FileNotFoundError\nFileNotFoundError\n")
-    if not package_file.startswith("/tmp/"):   # under /tmp it is out of reach anyway (the sandbox's own tmpfs)
-        res = run(code, hide=[])  # nothing hidden: the uid alone does not stop reading world-readable files
+    if mode == "namespaces" and not package_file.startswith("/tmp/"):  # under /tmp: out of reach anyway
+        res = run(code, mode=mode, hide=[])  # nothing hidden: the uid alone does not stop reading them
         assert res.stdout.endswith("read\n")
 
 
@@ -118,27 +126,29 @@ for host, port in [("127.0.0.1", {port}), ("1.1.1.1", 53)]:
 """
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("off, stopped_by", [((), "audit hook"), (("audit_hook",), "Network is unreachable"),
                                              (("netns",), "audit hook")])
-def test_no_network(listener, off, stopped_by):
+def test_no_network(listener, mode, off, stopped_by):
     port, accepted = listener
-    if "audit_hook" in off and not ROOT:
-        pytest.skip("without root there is no network namespace behind the audit hook")
-    res = run(NET.format(port=port), disable=off)
+    res = run(NET.format(port=port), mode=mode, disable=off)
     out = res.stdout.splitlines()
     assert res.status == "ok" and len(out) == 2 and "CONNECTED" not in res.stdout
-    assert all(stopped_by in line for line in out)
+    if mode == "bwrap" and "audit_hook" in off:   # bwrap brings up the namespace's own, empty loopback
+        assert "Connection refused" in out[0] and stopped_by in out[1]
+    else:
+        assert all(stopped_by in line for line in out)
     time.sleep(0.2)
     assert accepted == []
 
 
 # ---------------------------------------------------------------- signals
 
-def _uid_layer_or_skip():
-    """The next attacks send real SIGKILLs: run them only where the uid layer confines them to the sandbox (as
-    root with the uid layer off, kill(-1) would kill every process on the machine but init)."""
-    if "uid" not in run("pass").layers:
-        pytest.skip("without the uid layer these signals could reach our own processes")
+def _confined_or_skip(mode):
+    """The next attacks send real SIGKILLs: run them only where a PID namespace or the uid layer confines them to
+    the sandbox (as root with neither, kill(-1) would kill every process on the machine but init)."""
+    if not {"pidns", "uid"} & set(run("pass", mode=mode).layers):
+        pytest.skip("without a PID namespace or the uid layer these signals could reach our own processes")
 
 
 KILLS = """
@@ -156,22 +166,28 @@ for name, act in attempts:
 """
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("off", [(), ("audit_hook",)])  # the audit hook stops them first; without it, the uid
-def test_cannot_kill_its_parent_or_anything_else(off):
-    _uid_layer_or_skip()
-    res = run(KILLS, disable=off)
+def test_cannot_kill_its_parent_or_anything_else(mode, off):
+    _confined_or_skip(mode)
+    res = run(KILLS, mode=mode, disable=off)
+    # bwrap: the parent is the namespace's PID 1 (root), whose process group is outside the namespace
+    group = "ProcessLookupError" if mode == "bwrap" else "PermissionError"
     assert res.status == "ok"
-    assert res.stdout.splitlines() == ["parent PermissionError", "parent group PermissionError",
+    assert res.stdout.splitlines() == ["parent PermissionError", f"parent group {group}",
                                        "init PermissionError", "setuid root PermissionError"]
 
 
-@pytest.mark.parametrize("off, outcome", [((), "PermissionError"), (("audit_hook",), "sent")])
-def test_kill_everything_reaches_nothing_outside(off, outcome):
-    # as the run's own uid, kill(-1) reaches only the run's processes (the caller excluded); the kernel reports
-    # success when a process it may not signal exists. The fixture checks that the test process survived.
-    _uid_layer_or_skip()
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("off", [(), ("audit_hook",)])
+def test_kill_everything_reaches_nothing_outside(mode, off):
+    # namespaces: as the run's own uid, kill(-1) reaches only the run's processes (the caller excluded); the
+    # kernel reports success when a process it may not signal exists. bwrap: in its PID namespace there is no
+    # other process to reach (PID 1 is exempt), so the kernel says ESRCH. The fixture checks that we survived.
+    _confined_or_skip(mode)
+    outcome = "PermissionError" if not off else "ProcessLookupError" if mode == "bwrap" else "sent"
     res = run("import os, signal\ntry:\n    os.kill(-1, signal.SIGKILL)\n    print('sent')\nexcept OSError as e:\n"
-              "    print(type(e).__name__)\nprint('alive')", disable=off)
+              "    print(type(e).__name__)\nprint('alive')", mode=mode, disable=off)
     assert (res.status, res.stdout) == ("ok", f"{outcome}\nalive\n")
 
 

@@ -1,10 +1,12 @@
-"""The sandbox runner: the first code of the sandboxed process (`rewards/sandbox.py` reads this file and runs it
-with `python -c`; it is never imported). It applies the isolation layers, then runs main.py as __main__.
+"""The sandbox runner: the first code of the sandboxed process (`sandbox/core.py` reads this file and runs it with
+`python -c`; it is never imported). It applies the in-process layers, then runs main.py as __main__.
 
 Runs as root (when we are) with the work directory as cwd; argv: uid gid cpu_s memory_mb max_procs max_file_mb
 disk_mb info_fd workdir layers (comma-separated: those to apply of netns mountns rlimits no_new_privs audit_hook)
-hide (newline-separated directories to cover with an empty read-only tmpfs, with mountns).
-Reports "layer" / "-layer: why" lines on info_fd, then runs main.py as __main__.
+hide (newline-separated directories to cover with an empty read-only tmpfs, with mountns). Under bubblewrap the
+namespaces and mounts are already made (and no_new_privs set): the layers asked for are then rlimits and
+audit_hook only, and ctypes is not loaded.
+Reports "layer" / "-layer: why" lines on info_fd, drops to uid/gid, then runs main.py as __main__.
 """
 import os, sys, resource
 def _run():
@@ -15,12 +17,15 @@ def _run():
     notes = []
     libc = None
     try:
+        if not {"netns", "mountns", "no_new_privs"} & set(want):
+            raise ImportError("not needed")    # under bubblewrap: it made the namespaces and set no_new_privs
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
         def err(what):
             return what + ": " + os.strerror(ctypes.get_errno())
     except Exception as e:
-        notes.append("-no_new_privs: no ctypes (%s)" % e)
+        if "no_new_privs" in want:
+            notes.append("-no_new_privs: no ctypes (%s)" % e)
     if "netns" in want and libc is not None:
         if libc.unshare(0x40000000 | 0x08000000) == 0:           # CLONE_NEWNET | CLONE_NEWIPC
             notes.append("netns")
