@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -21,6 +22,9 @@ import yaml
 
 from llmrl.typed import (ConfigError, _build, _convert, _default, _not_one_of, _unknown,  # noqa: F401 (re-exported)
                          config_to_dict, describe, f)
+
+
+DEVICE_SPEC = re.compile(r"auto|cpu|cuda(:\d+)?")   # run.device
 
 
 @dataclass
@@ -185,6 +189,8 @@ class RunConfig:
                                        "(null = when the tensorboard package is installed)")
     wandb_project: str | None = f(None, "also log metrics to this Weights & Biases project (needs wandb; "
                                         "WANDB_MODE=offline logs to RUN_DIR/wandb without a network)")
+    device: str = f("auto", "where the models, rollouts and math live: auto (cuda when a GPU is visible, else cpu) | "
+                            "cpu | cuda (under torchrun: cuda:LOCAL_RANK) | cuda:N (compute/settings.py)")
     parallel: str = f("ddp", "under torchrun: ddp (a full copy per rank) | fsdp (FSDP2: parameters, gradients and "
                       "optimizer state sharded per decoder layer); ignored in one process", choices=("ddp", "fsdp"))
 
@@ -253,6 +259,8 @@ def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
         raise ConfigError("reward.terms must list at least one reward term")
     if len(set(cfg.rollout.tools)) != len(cfg.rollout.tools):
         raise ConfigError(f"rollout.tools lists a tool twice: {cfg.rollout.tools}")
+    if not DEVICE_SPEC.fullmatch(cfg.run.device):
+        raise ConfigError(f"run.device must be auto, cpu, cuda or cuda:N (N a GPU index), got {cfg.run.device!r}")
     names = [term.name for term in cfg.reward.terms]
     for i, term in enumerate(cfg.reward.terms):
         if not math.isfinite(term.weight):
