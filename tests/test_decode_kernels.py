@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmrl.rollout import kernels as K
+from llmrl.compute import decode_kernels as K
 from llmrl.compute.lean_decoder import LeanDecoder, _rope
 from llmrl.rollout.sampler import LeanRunner, left_pad
 

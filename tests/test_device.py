@@ -258,3 +258,137 @@ def test_a_step_on_the_gpu_keeps_every_tensor_there(tmp_path):
                if any(k in op for k in ("mm", "linear", "scaled_dot", "softmax", "convolution", "_foreach"))}
     assert not compute, f"compute ops on the CPU in a GPU step: {sorted(compute)}"
     assert "cuda" in record.devices
+
+
+# ----------------------------------------------------------------------------- the GPU's packed attention, on the CPU
+
+
+def test_packing_with_the_gpu_choices_runs_the_block_mask_and_equals_padded(tiny, monkeypatch):
+    """Under the CUDA choices shared prompts go through SDPA with the packs' block mask (never the segment blocks),
+    and the log-probs and gradients are the padded forward's."""
+    import llmrl.compute.packing as packing
+    from llmrl.compute.logprobs import response_logprobs
+
+    def no_segments(*a, **k):
+        raise AssertionError("segment attention ran under the GPU's choices")
+
+    model = copy.deepcopy(tiny[0]).train()
+    g = torch.Generator().manual_seed(0)
+    P, T, G = 6, 9, 3
+    prompt = torch.randint(10, 60, (2, P), generator=g).repeat_interleave(G, 0)           # 2 prompts x 3 rows
+    resp = torch.randint(10, 60, (2 * G, T), generator=g)
+    lengths = torch.tensor([9, 2, 5, 7, 1, 4])
+    rmask = (torch.arange(T)[None] < lengths[:, None]).long()
+    ids, mask = torch.cat([prompt, resp * rmask + 3 * (1 - rmask)], 1), torch.cat([torch.ones_like(prompt), rmask], 1)
+
+    def run(pack_tokens):
+        model.zero_grad()
+        logp, _ = response_logprobs(model, ids, mask, T, pack_tokens=pack_tokens)
+        (logp * torch.linspace(-1, 1, T)).sum().backward()
+        return logp.detach(), model.get_input_embeddings().weight.grad.clone()
+
+    want = run(None)
+    monkeypatch.setattr(packing, "choices", lambda device: DEVICE_CHOICES["cuda"])
+    monkeypatch.setattr(packing, "segment_attention", no_segments)
+    seen = []
+    real_layout = packing.pack_layout
+    monkeypatch.setattr(packing, "pack_layout", lambda *a, **k: seen.append(real_layout(*a, **k)) or seen[-1])
+    got = run(24)
+    assert seen and seen[-1].shared and seen[-1].source.shape[0] > 1       # shared prompts, several packs of <= 24
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+# ----------------------------------------------------------------------------- vLLM on a GPU, against a stand-in
+
+
+class FakeLLM:
+    """Records the calls the engine makes on vLLM's `LLM` (sleep mode, weight loading, generation)."""
+
+    def __init__(self):
+        self.calls, self.loaded = [], []
+
+    def sleep(self, level):
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags=None):
+        self.calls.append(("wake_up", tags))
+
+    def apply_model(self, fn):
+        self.calls.append(("apply_model",))
+        model = type("M", (), {"load_weights": lambda _, ws: self.loaded.extend((n, t.dtype) for n, t in ws)})()
+        return [fn(model)]
+
+    def reset_prefix_cache(self):
+        self.calls.append(("reset_prefix_cache",))
+
+    def generate(self, requests, params, use_tqdm=False):
+        self.calls.append(("generate", len(requests)))
+        step = type("S", (), {"logprob": -1.0})()
+        out = type("C", (), {"index": 0, "token_ids": [5, 6], "logprobs": [{5: step}, {6: step}],
+                             "finish_reason": "length"})()
+        return [type("O", (), {"outputs": [out] * params.n})() for _ in requests]
+
+
+def gpu_engine(monkeypatch):
+    import sys
+    import types
+
+    from llmrl.rollout.vllm_engine import VLLMEngine
+
+    fake = types.ModuleType("vllm")
+    fake.SamplingParams = lambda **kw: types.SimpleNamespace(**kw)
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    engine = object.__new__(VLLMEngine)
+    engine.llm, engine.on_gpu, engine.sleeps, engine.asleep = FakeLLM(), True, True, False
+    engine.tp, engine.dtype, engine.repack_plan = 1, torch.bfloat16, []
+    return engine
+
+
+def test_gpu_engine_sleeps_after_generating_and_wakes_weights_before_kv_cache_on_sync(tiny, monkeypatch):
+    from llmrl.compute.weights import policy_weights
+
+    model, _ = tiny
+    engine = gpu_engine(monkeypatch)
+    s = engine.generate([[1, 2], [3]], group_size=2, max_new_tokens=2, temperature=1.0)
+    assert s.response_ids.shape == (4, 2) and engine.asleep
+    assert engine.llm.calls == [("generate", 2), ("sleep", 1)]        # the update gets the GPU
+    engine.llm.calls.clear()
+    assert engine.sync_weights(model) == "load"
+    assert engine.llm.calls == [("wake_up", ["weights"]), ("apply_model",), ("wake_up", ["kv_cache"]),
+                                ("reset_prefix_cache",)]
+    names = [n for n, _ in policy_weights(model)]
+    assert [n for n, _ in engine.llm.loaded] == names and {d for _, d in engine.llm.loaded} == {torch.bfloat16}
+    assert not engine.asleep
+    engine.llm.calls.clear()
+    engine.generate([[1]], group_size=1, max_new_tokens=2, temperature=0.0)
+    assert engine.llm.calls == [("generate", 1), ("sleep", 1)]        # awake after the sync: no wake first
+    engine.llm.calls.clear()
+    engine.generate([[1]], group_size=1, max_new_tokens=2, temperature=0.0)   # asleep: a generate wakes it whole
+    assert engine.llm.calls == [("wake_up", None), ("generate", 1), ("sleep", 1)]
+
+
+def test_vllm_parallel_options():
+    from llmrl.rollout.vllm_engine import default_options, parallel_options
+
+    assert parallel_options({}, 1) == {} and parallel_options({"tensor_parallel_size": 1}, 4) == {}
+    assert parallel_options({"tensor_parallel_size": 4}, 4) == {"distributed_executor_backend": "external_launcher"}
+    for opts, world in (({"tensor_parallel_size": 2}, 1), ({"tensor_parallel_size": 2}, 4),
+                        ({"pipeline_parallel_size": 2}, 2)):
+        with pytest.raises(ValueError, match="tensor_parallel_size"):
+            parallel_options(opts, world)
+    assert default_options(False)["enable_sleep_mode"] and "enable_sleep_mode" not in default_options(True, 1 << 20)
+
+
+def test_torchrun_ranks_take_their_own_gpu(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+        return
+    if torch.cuda.device_count() > 1:
+        assert resolve_device("cuda") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match="every rank on one GPU"):
+        resolve_device("cuda:0")
