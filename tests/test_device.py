@@ -25,6 +25,7 @@ from llmrl.config import ConfigError, load_config
 from llmrl.presets import PRESETS
 from llmrl.rollout.collect import encode_prompt
 from llmrl.rollout.sampler import generate
+from llmrl.rollout.static_decode import StaticRunner
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 SRC = str(Path(__file__).resolve().parents[1] / "src" / "llmrl")
@@ -392,3 +393,40 @@ def test_torchrun_ranks_take_their_own_gpu(monkeypatch):
         assert resolve_device("cuda") == torch.device("cuda", 1)
     with pytest.raises(ValueError, match="every rank on one GPU"):
         resolve_device("cuda:0")
+
+
+def test_the_gpu_machinery_takes_the_cpu_machinerys_step(tmp_path, monkeypatch):
+    """One GRPO step (fp32) with the CUDA choices forced on the CPU (static-cache decode loop, block-mask packing,
+    1024-token head chunks) samples the same tokens and computes the same gradient as the CPU's machinery."""
+    import llmrl.compute.settings as settings
+    from llmrl.train.build import build
+    from llmrl.train.rl import rl_step
+
+    def step(name):
+        cfg = load_config(None, [*STEP_ARGS, "preset=grpo", "model.autocast=none", "run.device=cpu",
+                                 f"run.output_dir={tmp_path}", f"run.name={name}", "rollout.group_size=4"],
+                          presets=PRESETS)
+        r = build(cfg)
+        grads, seen = {}, []
+        for n, p in r.model.named_parameters():
+            p.register_post_accumulate_grad_hook(lambda p, n=n: grads.__setitem__(n, p.grad.detach().clone()))
+        collect = r.collect
+        r.collect = lambda *a, **k: seen.append(collect(*a, **k)) or seen[-1]
+        rl_step(r, next(r.batches), 1)
+        return seen[0], grads
+
+    import llmrl.rollout.sampler as sampler
+
+    used = []
+    monkeypatch.setitem(sampler.DECODERS, "static", lambda *a: used.append("static") or StaticRunner(*a))
+    base_rollout, base = step("cpu_choices")
+    assert "static" not in used
+    monkeypatch.setitem(settings.DEVICE_CHOICES, "cpu", settings.DEVICE_CHOICES["cuda"])
+    gpu_rollout, gpu = step("gpu_choices")
+    assert "static" in used
+    assert torch.equal(base_rollout.input_ids, gpu_rollout.input_ids)
+    assert torch.allclose(base_rollout.logp_old, gpu_rollout.logp_old, atol=1e-5)
+    assert sorted(base) == sorted(gpu) and len(base) > 0
+    flat = lambda g: torch.cat([g[k].flatten() for k in sorted(g)])  # noqa: E731
+    a, b = flat(base), flat(gpu)
+    assert a.abs().max() > 0 and torch.allclose(a, b, rtol=1e-3, atol=1e-6), (a - b).abs().max()
