@@ -224,7 +224,9 @@ def one_step(tmp_path, device: str, extra: list[str]):
 
 
 @pytest.mark.parametrize("extra", [["preset=grpo"], ["preset=ppo", "credit.values=critic"],
-                                   ["preset=grpo", "optim.packing=false", "objective.minibatches=2"]])
+                                   ["preset=grpo", "optim.packing=false", "objective.minibatches=2"],
+                                   ["preset=trpo", "objective.kl_placement=reward"], ["preset=vineppo", "credit.mc_samples=2"],
+                                   ["preset=reinforce_pp", "model.lora_r=4"]])
 def test_every_tensor_of_a_step_is_made_where_it_lives(tmp_path, extra):
     r, rec, audit, record = one_step(tmp_path, "cpu", extra)
     assert r.ex.device == torch.device("cpu") and next(r.model.parameters()).device.type == "cpu"
@@ -430,3 +432,18 @@ def test_the_gpu_machinery_takes_the_cpu_machinerys_step(tmp_path, monkeypatch):
     flat = lambda g: torch.cat([g[k].flatten() for k in sorted(g)])  # noqa: E731
     a, b = flat(base), flat(gpu)
     assert a.abs().max() > 0 and torch.allclose(a, b, rtol=1e-3, atol=1e-6), (a - b).abs().max()
+
+
+def test_tensor_parallel_engine_generates_every_ranks_prompts_and_keeps_its_own(monkeypatch, tmp_path):
+    """tp > 1: the ranks' prompts are gathered, all of them generated, this rank's rows kept (one rank here)."""
+    import torch.distributed as dist
+
+    engine = gpu_engine(monkeypatch)
+    engine.tp = 2
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        s = engine.generate([[1, 2], [3]], group_size=3, max_new_tokens=2, temperature=1.0)
+    finally:
+        dist.destroy_process_group()
+    assert s.response_ids.shape == (6, 2) and s.prompt_ids.shape == (6, 2)
+    assert ("generate", 2) in engine.llm.calls
