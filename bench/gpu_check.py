@@ -18,8 +18,10 @@ llmrl's character-level one with its vocabulary filled to the model's size, the 
    the mean of `--steps`), rollout tokens/s against HF `generate` (sampling, the same prompts, bf16 autocast) on the
    same GPU, update MFU (6 x weights x tokens + attention, over the update phase's time) against the GPU's dense
    bf16 peak, peak GPU memory.
-3. TRL's GRPOTrainer on the same shapes and settings, if `trl` imports (it is not on the GPU machine; its wheels and
-   datasets' pyarrow come to ~60 MiB, too close to the 64 MiB the device tool carries with the tree).
+3. TRL's GRPOTrainer on the same shapes and settings, if `trl` and `datasets` import. They are not on the lent GPU
+   machine, and they do not fit the 64 MiB the device tool carries with the tree: the cp311 wheels of trl 1.16.0,
+   datasets 5.2.0 and what torch/transformers do not already bring (pyarrow 55 MB, pandas 12 MB, dill,
+   multiprocess, xxhash, fsspec) come to 67 MiB (measured with `pip download --no-deps`, 2026-12-06).
 
 It writes the `gpu-check` section of docs/benchmarks.md (`--doc` another file), with the device line.
 """
@@ -231,7 +233,8 @@ def hf_generate_tokens_per_s(r, prompts: list, s: Setting) -> float:
 
     ids, mask = left_pad([encode_prompt(r.tokenizer, ex.prompt) for ex in prompts], r.tokenizer.pad_token_id)
     ids, mask = ids.to(r.ex.device), mask.to(r.ex.device)
-    model = r.model.eval()
+    model, was_training = r.model, r.model.training
+    model.eval()
     model.config.use_cache = True
     sync(str(r.ex.device))
     t = time.perf_counter()
@@ -242,7 +245,7 @@ def hf_generate_tokens_per_s(r, prompts: list, s: Setting) -> float:
     sync(str(r.ex.device))
     seconds = time.perf_counter() - t
     model.config.use_cache = False
-    model.train()
+    model.train(was_training)
     return (out.shape[1] - ids.shape[1]) * out.shape[0] / seconds
 
 

@@ -184,8 +184,10 @@ class VLLMEngine:
             self.asleep = True
 
     def wake(self, tags: list[str] | None = None) -> None:
-        """Give the engine back its GPU memory: all of it, or the `tags` ("weights", "kv_cache") in turn."""
+        """Give the engine back its GPU memory: all of it, or the `tags` ("weights", "kv_cache") in turn. The
+        trainer's cached free blocks go back to the driver first (as verl and TRL do), or vLLM may find no room."""
         if self.asleep:
+            torch.cuda.empty_cache()
             self.llm.wake_up(tags=tags) if tags else self.llm.wake_up()
             self.asleep = tags is not None and "kv_cache" not in tags
 
