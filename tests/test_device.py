@@ -128,6 +128,22 @@ def test_static_decoder_records_the_logp_a_full_forward_gives(model_and_tok):
         assert all(t not in stops for t in row[:n - 1].tolist()) and torch.all(row[n:] == tok.pad_token_id)
 
 
+@pytest.mark.parametrize("decoder", ["lean", "static"])
+def test_bf16_decoders_match_an_autocast_forward(model_and_tok, decoder):
+    """In bf16 (the weights cast once, qwen3's q/k norms rounded as HF rounds them) the recorded log-probs are an
+    autocast forward's, to bf16 noise."""
+    model, tok = model_and_tok
+    s = generate(model, [encode_prompt(tok, t) for t in TEXTS], group_size=3, max_new_tokens=12, stop_ids=(),
+                 pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0), autocast_dtype=torch.bfloat16,
+                 decoder=decoder)
+    ids = torch.cat([s.prompt_ids, s.response_ids], 1)
+    mask = torch.cat([s.prompt_mask, s.response_mask.long()], 1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    want = torch.log_softmax(logits[:, -13:-1].float(), -1).gather(-1, s.response_ids[..., None])[..., 0]
+    assert (s.logp - want).abs().max() < 0.05
+
+
 def test_static_decoder_greedy_equals_hf_generate(model_and_tok):
     model, tok = model_and_tok
     prompts = [encode_prompt(tok, t) for t in TEXTS]
