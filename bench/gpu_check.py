@@ -204,6 +204,34 @@ def parity(model_dir: Path, device: str, s: Setting, out_dir: Path) -> dict:
     return out
 
 
+def sampler_contract(model_dir: Path, device: str, new_tokens: int = 32) -> dict:
+    """The native sampler on `device` (fp32, its own decode loop: the CUDA graphs on a GPU): greedy rows against
+    HF `generate` one prompt at a time, and sampled rows' recorded log-probs against one full forward."""
+    from llmrl.data import make_task
+    from llmrl.models import load_model
+    from llmrl.rollout.collect import encode_prompt
+    from llmrl.rollout.sampler import generate
+
+    model, tok = load_model(str(model_dir), dtype=torch.float32)
+    model = model.to(device).eval()
+    prompts = [encode_prompt(tok, ex.prompt) for ex, _ in zip(make_task("arithmetic", seed=1).train_stream(1), range(4))]
+    greedy = generate(model, prompts, max_new_tokens=new_tokens, temperature=0.0, pad_id=tok.pad_token_id)
+    same = 0
+    for i, p in enumerate(prompts):
+        ids = torch.tensor([p], device=device)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=None,
+                             max_new_tokens=new_tokens, pad_token_id=tok.pad_token_id)    # EOS ignored, as here
+        same += out[0, len(p):].tolist() == greedy.response_ids[i].tolist()
+    s = generate(model, prompts, group_size=4, max_new_tokens=new_tokens, temperature=1.0, pad_id=tok.pad_token_id,
+                 generator=torch.Generator().manual_seed(0))
+    ids, mask = torch.cat([s.prompt_ids, s.response_ids], 1), torch.cat([s.prompt_mask, s.response_mask.long()], 1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    full = torch.log_softmax(logits[:, -new_tokens - 1:-1].float(), -1).gather(-1, s.response_ids[..., None])[..., 0]
+    return {"greedy_equal_hf": f"{same}/{len(prompts)}", "logp_max": float((s.logp - full).abs().max()),
+            "ok": same == len(prompts) and float((s.logp - full).abs().max()) <= 1e-3}
+
+
 # ----------------------------------------------------------------------------- 2. throughput
 
 
@@ -344,6 +372,9 @@ def report(device: str, par: dict, runs: dict, trl: dict, s: Setting) -> str:
              f"(>= {TOL['grad_cosine']}); update cosine {par['update_cosine']:.4f} "
              f"(>= {TOL['update_cosine']}); weights after it max |diff| {par['weight_max_lr']:.2f} lr "
              f"(<= {TOL['weight_max_lr']}): **{'within tolerance' if par['ok'] else 'OUT OF TOLERANCE'}**.", "",
+             f"Sampler contract on {device} (fp32, the device's decode loop): greedy rows equal to HF generate "
+             f"{par['sampler']['greedy_equal_hf']}; recorded log-probs against a full forward max |diff| "
+             f"{par['sampler']['logp_max']:.2e} (<= 1e-3): **{'holds' if par['sampler']['ok'] else 'BROKEN'}**.", "",
              f"Throughput: GRPO, {s.prompts} prompts x {s.group} samples, {s.new_tokens} new tokens (EOS ignored), "
              f"random weights; mean of {s.steps} steps after one warm-up.", ""]
     header = ["shape", "step s", "rollout s", "reward s", "ref s", "update s", "rollout tok/s", "HF generate tok/s",
@@ -380,6 +411,7 @@ def main(argv=None) -> dict:
         tmp = Path(tmp)
         dirs = {name: build_model_dir(shapes[name], tmp / name) for name in ["parity", *args.shapes]}
         par = parity(dirs["parity"], args.device, par_s, tmp / "runs")
+        par["sampler"] = sampler_contract(dirs["parity"], args.device, new_tokens=par_s.new_tokens)
         print("parity", json.dumps(par), flush=True)
         runs, trl = {}, {}
         for name in args.shapes:
