@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_gpu_check_smoke_on_cpu(tmp_path):
     doc, out = tmp_path / "benchmarks.md", tmp_path / "check.json"
-    doc.write_text("# Benchmarks\n\n<!-- gpu-check:start -->\nold\n<!-- gpu-check:history -->\nkept\n<!-- gpu-check:end -->\n")
+    doc.write_text("# Benchmarks\n\n<!-- gpu-check:start -->\nOLD-FIGURES\n<!-- gpu-check:history -->\nkept\n<!-- gpu-check:end -->\n")
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--smoke",
                            "--no-trl", "--doc", str(doc), "--json", str(out)],
                           cwd=tmp_path, capture_output=True, text=True, timeout=900,
@@ -28,4 +28,4 @@ def test_gpu_check_smoke_on_cpu(tmp_path):
         assert run["hf_generate_tokens_per_s"] > 0 and run["mfu"] is None   # no bf16 peak known for a CPU
     text = doc.read_text()
     assert "Device: CPU" in text and "within tolerance" in text and "**holds**" in text and "| qwen3-0.6b |" in text
-    assert "old" not in text and "kept" in text and text.count("gpu-check:start") == 1
+    assert "OLD-FIGURES" not in text and "kept" in text and text.count("gpu-check:start") == 1
