@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -27,6 +28,9 @@ import yaml
 
 from llmrl.typed import (ConfigError, _build, _convert, _default, _not_one_of, _unknown,  # noqa: F401 (re-exported)
                          config_to_dict, describe, f)
+
+
+DEVICE_SPEC = re.compile(r"auto|cpu|cuda(:\d+)?")   # run.device
 
 
 @dataclass
@@ -192,6 +196,8 @@ class RunConfig:
                                        "(null = when the tensorboard package is installed)")
     wandb_project: str | None = f(None, "also log metrics to this Weights & Biases project (needs wandb; "
                                         "WANDB_MODE=offline logs to RUN_DIR/wandb without a network)")
+    device: str = f("auto", "where the models, rollouts and math live: auto (cuda when a GPU is visible, else cpu) | "
+                            "cpu | cuda (under torchrun: cuda:LOCAL_RANK) | cuda:N (compute/settings.py)")
     parallel: str = f("ddp", "under torchrun: ddp (a full copy per rank) | fsdp (FSDP2: parameters, gradients and "
                       "optimizer state sharded per decoder layer); ignored in one process", choices=("ddp", "fsdp"))
 
@@ -225,6 +231,8 @@ class TrainConfig:
             raise ConfigError("reward.terms must list at least one reward term")
         if len(set(self.rollout.tools)) != len(self.rollout.tools):
             raise ConfigError(f"rollout.tools lists a tool twice: {self.rollout.tools}")
+        if not DEVICE_SPEC.fullmatch(self.run.device):
+            raise ConfigError(f"run.device must be auto, cpu, cuda or cuda:N (N a GPU index), got {self.run.device!r}")
         names = [term.name for term in self.reward.terms]
         for i, term in enumerate(self.reward.terms):
             if not math.isfinite(term.weight):

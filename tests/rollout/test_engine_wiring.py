@@ -50,7 +50,7 @@ def test_cpu_kv_cache_is_sized_to_the_run(monkeypatch):
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     assert default_options(True, 5 << 20) == {"kv_cache_memory_bytes": 5 << 20}
     assert default_options(True) == {"kv_cache_memory_bytes": 1 << 30}
-    assert default_options(False, 5 << 20) == {"gpu_memory_utilization": 0.3}
+    assert default_options(False, 5 << 20) == {"gpu_memory_utilization": 0.3, "enable_sleep_mode": True}
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")        # vLLM's own setting is left to vLLM
     assert default_options(True, 5 << 20) == {}
 

@@ -58,11 +58,12 @@ def batched_logprobs(model, rollout, ex: Execution) -> torch.Tensor:
     micro-batch (padding-free in packs of at most `ex.pack_tokens` tokens when set: compute/packing.py)."""
     T = rollout.response_mask.shape[1]
     out = []
-    for idx in micro_batches_of(torch.arange(len(rollout.completions)), rollout, ex):
+    for idx in micro_batches_of(torch.arange(len(rollout.completions), device="cpu"), rollout, ex):
         r = trim(rollout.select(idx))
         with ex.autocast():
             lp, _ = policy_logprobs(model, r.input_ids, r.attention_mask, r.response_mask.shape[1],
-                                    temperature=ex.temperature, with_entropy=False, pack_tokens=ex.pack_tokens)
+                                    temperature=ex.temperature, with_entropy=False, pack_tokens=ex.pack_tokens,
+                                    chunk=ex.head_chunk)
         out.append(torch.nn.functional.pad(lp.float(), (0, T - lp.shape[1])))
     return torch.cat(out) * rollout.response_mask
 
@@ -72,7 +73,7 @@ def batched_values(critic, rollout, ex: Execution) -> torch.Tensor:
     """V(s_t) [N, T] of every response position under `critic`, without gradient."""
     T = rollout.response_mask.shape[1]
     out = []
-    for idx in micro_batches_of(torch.arange(len(rollout.completions)), rollout, ex):
+    for idx in micro_batches_of(torch.arange(len(rollout.completions), device="cpu"), rollout, ex):
         r = trim(rollout.select(idx))
         with ex.autocast():
             v = critic(r.input_ids, r.attention_mask, r.response_mask.shape[1])

@@ -111,7 +111,8 @@ def allocate_adam_state(optimizer: torch.optim.Optimizer | None) -> bool:
     state, i = {}, 0
     for group in optimizer.param_groups:
         for p in group["params"]:
-            s = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+            fused = group.get("fused") or group.get("capturable")      # their step lives beside the weight
+            s = {"step": torch.tensor(0.0, device=p.device if fused else "cpu"), "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                  "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
             if group.get("amsgrad"):
                 s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)

@@ -1,4 +1,4 @@
-"""A lean forward for Llama-family decoders (llama, mistral, qwen2), used by the sampler to decode fast on CPU.
+"""A lean forward for Llama-family decoders (llama, mistral, qwen2, qwen3), used by the sampler to decode fast.
 
 Decoding 16 rows of a 135M model is overhead-bound: HF's forward spends its time in per-layer Python, in bf16
 autocast re-casting every fp32 weight at every step, and in a KV cache that grows by concatenation. Here the
@@ -13,6 +13,9 @@ In bf16 on CPU the decode steps (one token a row) go through `decode`, which doe
 C (compute/decode_kernels.py: four calls a layer instead of ~20 PyTorch ops) on a cache with the keys transposed. On
 SmolLM2-135M at 16 rows a step takes ~23 instead of ~30 ms (2026-12-03, 2-core Xeon); the prefill stays here.
 
+On a GPU the sampler decodes through `decode_static` instead (rollout/static_decode.py): fixed shapes and no host
+synchronisation, so that a step can be captured once as a CUDA graph and replayed.
+
 Notation: n rows in the batch, S new positions, L cache capacity, H query heads, K key/value heads, D head dim.
 """
 
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 from llmrl.compute.decode_kernels import kernels, ptr
 from llmrl.compute.weights import policy_weights, write_rows
 
-SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")     # position-independent inv_freq (not "dynamic")
 
 
@@ -64,6 +67,14 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
 
+def _head_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """Qwen3's per-head RMSNorm of q or k (x [..., D]) as HF computes it: normalised in fp32, rounded to the
+    activations' dtype, then scaled by the fp32 weight; x unchanged for a model without one (w None)."""
+    if w is None:
+        return x
+    return F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(dtype) * w
+
+
 def _packs() -> bool:
     """Whether oneDNN's pre-packed bf16 linear is available: same results as F.linear, ~1.6x faster at 16 rows."""
     mkldnn = getattr(torch.ops, "mkldnn", None)
@@ -94,6 +105,8 @@ class _Layer:
     norm2: torch.Tensor          # [hidden] fp32
     gate_up: _Linear             # [2 I, hidden]: gate rows then up rows
     down: _Linear                # [hidden, I]
+    q_norm: torch.Tensor | None = None   # [D] fp32: qwen3's per-head norms of q and k (None: none)
+    k_norm: torch.Tensor | None = None
 
 
 class LeanDecoder:
@@ -133,9 +146,13 @@ class LeanDecoder:
                 norm2=fp32(p + "post_attention_layernorm.weight"),
                 gate_up=_Linear(cast(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"), packed=packed),
                 down=_Linear(cast(p + "mlp.down_proj.weight"), packed=packed),
+                q_norm=fp32(p + "self_attn.q_norm.weight") if p + "self_attn.q_norm.weight" in sd else None,
+                k_norm=fp32(p + "self_attn.k_norm.weight") if p + "self_attn.k_norm.weight" in sd else None,
             ))
         self.cos = self.sin = None
-        self.c = kernels() if self.dtype == torch.bfloat16 and self.norm.device.type == "cpu" else None
+        qk_norm = self.layers[0].q_norm is not None       # the C decode step has no per-head norms
+        self.c = (kernels() if self.dtype == torch.bfloat16 and self.norm.device.type == "cpu" and not qk_norm
+                  else None)
 
     def new_cache(self, n: int, length: int) -> torch.Tensor:
         """An empty KV cache [layers, 2, n, K, L, D] in the compute dtype."""
@@ -166,7 +183,7 @@ class LeanDecoder:
         for i, lay in enumerate(self.layers):
             x = _rms(h, lay.norm1, self.eps).to(self.dtype)
             qkv = lay.qkv(x).view(n, S, H + 2 * K, D).transpose(1, 2)                       # [n, H+2K, S, D]
-            qk = _rope(qkv[:, :H + K], cos, sin).to(self.dtype)                              # [n, H+K, S, D]
+            qk = _rope(self._qk_norms(qkv[:, :H + K], lay), cos, sin).to(self.dtype)        # [n, H+K, S, D]
             cache[i, 0, :, :, start:end] = qk[:, H:]
             cache[i, 1, :, :, start:end] = qkv[:, H + K:]
             q = qk[:, :H].reshape(n, K, rep * S, D)
@@ -176,6 +193,42 @@ class LeanDecoder:
             gate, up = lay.gate_up(_rms(h, lay.norm2, self.eps).to(self.dtype)).chunk(2, -1)
             h.add_(lay.down(F.silu(gate) * up))
         return self.lm_head(_rms(h[:, -1], self.norm, self.eps).to(self.dtype))              # [n, V]
+
+    def _qk_norms(self, qk: torch.Tensor, lay: _Layer) -> torch.Tensor:
+        """qk [n, H+K, S, D] with qwen3's per-head norms applied (as is for the other families)."""
+        if lay.q_norm is None:
+            return qk
+        return torch.cat([_head_norm(qk[:, :self.H], lay.q_norm, self.eps, self.dtype),
+                          _head_norm(qk[:, self.H:], lay.k_norm, self.eps, self.dtype)], 1)
+
+    def decode_static(
+        self,
+        ids: torch.Tensor,          # [n] long, one new token a row
+        positions: torch.Tensor,    # [n] long, its rotary position (the rope tables must reach it: `_rope_tables`)
+        cache: torch.Tensor,        # [layers, 2, n, K, L, D] (`new_cache`); this call writes slot `slot`
+        slot: torch.Tensor,         # [1] long, the cache slot of the new token
+        keys: torch.Tensor,         # [n, L] bool: the slots each row attends to (`slot` included)
+    ) -> torch.Tensor:              # [n, V] logits, compute dtype
+        """`forward` for one token a row with fixed shapes and no host synchronisation, so that a CUDA graph can
+        capture it: the slot is a tensor (the new keys and values go in by `index_copy_`) and every row attends
+        over all L slots under `keys` (the slots not yet written are masked out)."""
+        n, H, K, D = len(ids), self.H, self.K, self.D
+        rep = H // K
+        cos, sin = self.cos[positions][:, None, None], self.sin[positions][:, None, None]       # [n, 1, 1, D]
+        mask = keys[:, None, None, :]                                                         # [n, 1, 1, L]
+        h = self.embed[ids].float()                                                           # [n, hidden]
+        for i, lay in enumerate(self.layers):
+            x = _rms(h, lay.norm1, self.eps).to(self.dtype)
+            qkv = lay.qkv(x).view(n, H + 2 * K, 1, D)                                        # [n, H+2K, 1, D]
+            qk = _rope(self._qk_norms(qkv[:, :H + K], lay), cos, sin).to(self.dtype)         # [n, H+K, 1, D]
+            cache[i, 0].index_copy_(2, slot, qk[:, H:])
+            cache[i, 1].index_copy_(2, slot, qkv[:, H + K:])
+            q = qk[:, :H].reshape(n, K, rep, D)         # query head h reads kv head h // rep
+            a = F.scaled_dot_product_attention(q, cache[i, 0], cache[i, 1], attn_mask=mask)  # [n, K, rep, D]
+            h.add_(lay.o(a.reshape(n, H * D)))
+            gate, up = lay.gate_up(_rms(h, lay.norm2, self.eps).to(self.dtype)).chunk(2, -1)
+            h.add_(lay.down(F.silu(gate) * up))
+        return self.lm_head(_rms(h, self.norm, self.eps).to(self.dtype))                      # [n, V]
 
     def new_decode_cache(self, n: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The C decode step's KV cache (`decode`): keys transposed [layers, n, K, D, L] and values

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from llmrl.compute.attention import segment_attention  # registered below as "llmrl_segments"
+from llmrl.compute.settings import choices
 
 MASKED_ATTENTION = ("sdpa", "eager")    # attention implementations that take a custom 4D mask
 
@@ -141,7 +142,7 @@ class SegmentPlan:
             for i in owners[owners >= 0].unique().tolist():
                 responses.append((prompt, slots[owners == i]))
         padded = lambda xs, n: torch.stack([F.pad(x, (0, n - len(x)), value=pad) for x in xs])   # noqa: E731
-        causal = lambda n: torch.ones(n, n, dtype=torch.bool).tril()                            # noqa: E731
+        causal = lambda n: torch.ones(n, n, dtype=torch.bool, device="cpu").tril()              # noqa: E731
         p = max(1, max(len(x) for x in prompts))
         prompt_q = padded(prompts, p)                                                     # [S, p]
         blocks = [(prompt_q, prompt_q, causal(p) & (prompt_q != pad)[:, None, :])]        # [S, p, p]
@@ -240,9 +241,10 @@ def packed_response_hidden(backbone, input_ids: torch.Tensor, attention_mask: to
 
     With `share_prompts` (and "sdpa" or "eager" attention) rows with the same prompt share one copy of it:
     - all in one pack, through `segment_attention` (which costs what the segments need, whatever the pack's
-      length);
-    - or, where the layers will be recomputed in backward (gradient checkpointing: the recomputation runs after
-      this call, under the model's own attention), in packs of at most `pack_tokens` with an explicit block mask.
+      length), on the CPU;
+    - or on a GPU, or where the layers will be recomputed in backward (gradient checkpointing: the recomputation
+      runs after this call, under the model's own attention), in packs of at most `pack_tokens` with an explicit
+      block mask.
     Otherwise the rows are packed unshared in packs of at most `pack_tokens`, positions restarting at 0.
     `embed` (ids -> embeddings): the backbone gets those as `inputs_embeds` instead of looking the ids up itself."""
     T, S = response_len, input_ids.shape[1]
@@ -250,17 +252,20 @@ def packed_response_hidden(backbone, input_ids: torch.Tensor, attention_mask: to
     attn = getattr(config, "_attn_implementation", None)
     recomputed = torch.is_grad_enabled() and backbone.training and any(
         getattr(m, "gradient_checkpointing", False) for m in backbone.modules())
-    mask, ids = attention_mask.cpu(), input_ids.cpu()
+    device = input_ids.device
+    # the segment blocks where the device takes them (the CPU: compute/settings.py); a GPU runs the block mask
+    # through its SDPA kernel, whose cost grows with the pack's length, so its packs stay at `pack_tokens`
+    by_blocks = choices(device).segment_attention and not recomputed
+    mask, ids = attention_mask.cpu(), input_ids.cpu()      # the layout is planned on the host, then moved
     groups = prompt_groups(mask, S - T, ids) if share_prompts and attn in MASKED_ATTENTION else []
     if any(len(g) > 1 for g in groups):
-        capacity = pack_tokens if recomputed else int(mask.sum())
+        capacity = int(mask.sum()) if by_blocks else pack_tokens
         layout = pack_layout(mask, capacity, prompt_len=S - T, input_ids=ids, groups=groups, align=PACK_ALIGN)
     else:
         layout = pack_layout(mask, pack_tokens, align=PACK_ALIGN)
-    device = input_ids.device
     kwargs = {"attention_mask": None}     # unshared: position restarts mark the rows (transformers' packed mask)
-    segments = layout.shared and not recomputed
-    if layout.shared and recomputed:
+    segments = layout.shared and by_blocks
+    if layout.shared and not by_blocks:
         kwargs["attention_mask"] = layout.attention_mask(None if attn == "sdpa" else torch.float32).to(device)
     elif segments:
         kwargs["llmrl_segments"] = layout.segment_plan().to(device)

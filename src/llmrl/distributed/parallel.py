@@ -64,7 +64,8 @@ def wrap_policy(model: nn.Module, parallel: str) -> nn.Module:
         return model
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
-        return DistributedDataParallel(LogprobForward(model))
+        device = next(model.parameters()).device          # one GPU per process (cuda:LOCAL_RANK), or the CPU
+        return DistributedDataParallel(LogprobForward(model), device_ids=[device] if device.type == "cuda" else None)
     if parallel != "fsdp":
         raise ValueError(f"run.parallel must be ddp or fsdp, got {parallel!r}")
     from torch.distributed.device_mesh import init_device_mesh

@@ -18,7 +18,9 @@ on one rank), sample and score them, and then everything that needs the whole ba
     metrics        gathered and reduced (`reduce_metrics`, `evaluate_split`)
 
 In one process (no torchrun: WORLD_SIZE unset or 1) every helper is the identity and nothing is communicated.
-Collectives run on CPU tensors (gloo); with CUDA present NCCL is set up beside it for CUDA tensors.
+One process per GPU: torchrun's LOCAL_RANK picks this process's GPU (cuda:LOCAL_RANK, also what run.device=cuda
+resolves to: compute/settings.py). Collectives on host tensors (counts, shapes, metrics) run over gloo; with CUDA
+present NCCL is set up beside it and carries every collective on CUDA tensors (rows, gradients, FSDP's shards).
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ def all_max(n: int) -> int:
     """The largest of the ranks' `n`."""
     if world() == 1:
         return n
-    x = torch.tensor([n])
+    x = torch.tensor([n], device="cpu")
     dist.all_reduce(x, op=dist.ReduceOp.MAX)
     return int(x)
 
@@ -128,7 +130,7 @@ def gather_rows(x: torch.Tensor, pad: float = 0) -> torch.Tensor:
     short rows padded with `pad` on the right."""
     if world() == 1:
         return x
-    shape = torch.tensor(x.shape[:2] if x.dim() > 1 else (x.shape[0], 0))
+    shape = torch.tensor(x.shape[:2] if x.dim() > 1 else (x.shape[0], 0), device="cpu")
     shapes = [torch.zeros_like(shape) for _ in range(world())]
     dist.all_gather(shapes, shape)
     if len({int(s[0]) for s in shapes}) != 1:
@@ -152,12 +154,12 @@ def sum_values(values: dict[str, float]) -> dict[str, float]:
     if world() == 1:
         return values
     keys = sorted(values)
-    return dict(zip(keys, all_sum(torch.tensor([values[k] for k in keys], dtype=torch.float64)).tolist()))
+    return dict(zip(keys, all_sum(torch.tensor([values[k] for k in keys], dtype=torch.float64, device="cpu")).tolist()))
 
 
 def mean(x: float) -> float:
     """The ranks' mean of a per-rank mean (exact for the global mean: every rank holds as many rows)."""
-    return x if world() == 1 else float(all_sum(torch.tensor([x], dtype=torch.float64))) / world()
+    return x if world() == 1 else float(all_sum(torch.tensor([x], dtype=torch.float64, device="cpu"))) / world()
 
 
 # ----------------------------------------------------------------------------- the step's data, split and global

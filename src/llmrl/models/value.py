@@ -25,7 +25,7 @@ class Critic(nn.Module):
         # should hold (the head, plus the trunk unless shared) and the trunk is never saved twice
         self._trunk = [trunk] if shared else None
         self.trunk = None if shared else trunk
-        self.head = nn.Linear(hidden_size, 1)
+        self.head = nn.Linear(hidden_size, 1, device=next(trunk.parameters()).device)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 

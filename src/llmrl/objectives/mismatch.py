@@ -48,7 +48,7 @@ def mismatch_stats(
     gap = (logp_policy - logp_sampler).abs()[chosen]
     ratio = torch.exp(logp_policy - logp_sampler)[chosen]
     if gap.numel() == 0:
-        zero = torch.zeros(())
+        zero = torch.zeros((), device=gap.device)
         return {"mismatch_logp_abs_mean": zero, "mismatch_logp_abs_max": zero, "tis_truncated_fraction": zero}
     return {"mismatch_logp_abs_mean": gap.mean(), "mismatch_logp_abs_max": gap.max(),
             "tis_truncated_fraction": (ratio > cap).float().mean()}

@@ -45,4 +45,4 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     m = mask.bool()
     r, v = returns[m], values[m]
     var_r = r.var(unbiased=False)
-    return 1 - (r - v).var(unbiased=False) / var_r if var_r > 0 else torch.tensor(float("nan"))
+    return 1 - (r - v).var(unbiased=False) / var_r if var_r > 0 else torch.tensor(float("nan"), device=r.device)

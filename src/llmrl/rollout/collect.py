@@ -48,7 +48,8 @@ def collect_rollout(
     kw = dict(group_size=group_size, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
               stop_ids=stop_ids(tokenizer), pad_id=tokenizer.pad_token_id)
     if engine is not None:   # its seed drawn from `generator`, so a seeded run repeats
-        s = engine.generate(prompts, **kw, seed=int(torch.randint(2**31 - 1, (1,), generator=generator)))
+        s = engine.generate(prompts, **kw, seed=int(torch.randint(2**31 - 1, (1,), generator=generator,
+                                                                   device=generator.device if generator else "cpu")))
     else:
         was_training = model.training
         model.eval()
@@ -60,13 +61,14 @@ def collect_rollout(
     completions = tokenizer.batch_decode(s.response_ids * s.response_mask.long()
                                          + tokenizer.pad_token_id * (1 - s.response_mask.long()),
                                          skip_special_tokens=True)
+    device = next(model.parameters()).device      # an engine's samples come back on the host: to the policy's device
     return Rollout(
         input_ids=torch.cat([s.prompt_ids, s.response_ids], 1),
         attention_mask=torch.cat([s.prompt_mask, s.response_mask.long()], 1),
         response_mask=s.response_mask,
         logp_old=s.logp,
-        group_ids=torch.arange(len(examples)).repeat_interleave(G),
+        group_ids=torch.arange(len(examples), device=s.response_ids.device).repeat_interleave(G),
         completions=completions,
         examples=[ex for ex in examples for _ in range(G)],
         extras={"truncated": s.truncated},
-    )
+    ).to(device)

@@ -132,7 +132,7 @@ def collect_episodes(
                 active.append(i)
     finally:
         model.train(was_training)
-    return _to_rollout(rows, examples, G, tokenizer)
+    return _to_rollout(rows, examples, G, tokenizer).to(next(model.parameters()).device)
 
 
 def _run_tools(calls: list[tuple[int, str, str]], tools: dict) -> list[str]:

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from llmrl.compute.lean_decoder import LeanDecoder, lean_supported
+from llmrl.compute.settings import choices, device_generator
+from llmrl.rollout.static_decode import StaticRunner, prompt_attention
 
 
 @dataclass(frozen=True)
@@ -31,11 +33,11 @@ class Samples:
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token lists -> (ids [N, P], mask [N, P]) left-padded to the longest."""
     width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device="cpu")      # built on the host, then moved
+    mask = torch.zeros((len(seqs), width), dtype=torch.long, device="cpu")
     for i, s in enumerate(seqs):
         if s:
-            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long, device="cpu")
             mask[i, width - len(s):] = 1
     return ids, mask
 
@@ -105,6 +107,8 @@ class HFRunner:
     """Any causal LM through its HF forward: a DynamicCache, the 2D mask grown by a column each step, all under one
     autocast region (entered by `generate`, so the weights are cast to bf16 once per call, not once per step)."""
 
+    compacts = True     # `keep` drops stopped rows from the batch
+
     def __init__(self, model):
         self.model = model
 
@@ -137,17 +141,16 @@ class LeanRunner:
     (bf16 on CPU: compute/decode_kernels.py) the decode steps run through `LeanDecoder.decode` on its own cache layout
     (keys transposed), filled from the prefill's."""
 
+    compacts = True
+
     def __init__(self, model, dtype):
         self.lean = LeanDecoder(model, dtype)
 
     def prefill(self, prompt_ids, prompt_mask, positions, group_size: int, max_new_tokens: int):
         B, P = prompt_ids.shape
         valid = prompt_mask.bool()
-        causal = torch.ones(P, P, dtype=torch.bool, device=valid.device).tril()
-        eye = torch.eye(P, dtype=torch.bool, device=valid.device)          # a pad query sees itself: no NaN rows
-        allowed = causal & valid[:, None, :] | eye                                               # [B, P, P]
         cache = self.lean.new_cache(B, P)
-        logits = self.lean.forward(prompt_ids, positions, cache, 0, allowed)                     # [B, V]
+        logits = self.lean.forward(prompt_ids, positions, cache, 0, prompt_attention(prompt_mask))   # [B, V]
         if self.lean.c is not None:                                        # keys [.., D, L], values [.., L, D]
             self.kt, self.vc = self.lean.new_decode_cache(B * group_size, P + max_new_tokens)
             self.kt[..., :P] = cache[:, 0].transpose(-1, -2).repeat_interleave(group_size, 1)
@@ -178,6 +181,18 @@ class LeanRunner:
                                  self.keys[:, None, :start + 1])
 
 
+DECODERS = {"lean": LeanRunner, "static": StaticRunner}     # the decode loops of `compute.settings.choices(device)`
+
+
+def make_runner(model, device: torch.device, autocast_dtype, max_len: int, lean: bool, decoder: str | None):
+    """(runner, the autocast region its calls run in): the device's decode loop (`decoder` overrides it) on the
+    lean decoder where the model is one it reproduces, else HF's forward under autocast."""
+    if lean and lean_supported(model, max_len):
+        return DECODERS[decoder or choices(device).decoder](model, autocast_dtype), contextlib.nullcontext()
+    return HFRunner(model), torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
+                                           enabled=autocast_dtype is not None)
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -194,6 +209,7 @@ def generate(
     stop_strings: tuple[str, ...] = (),
     tokenizer=None,                # decodes the tails checked against stop_strings
     lean: bool = True,             # the lean Llama-family decoder where it applies (else HF's forward)
+    decoder: str | None = None,    # its decode loop: lean | static (None: the device's, compute/settings.py)
 ) -> Samples:
     """Sample `group_size` responses per prompt. Returns rows grouped: prompt b's samples are rows b*G .. b*G+G-1.
     A row ends after a stop id, after a token that completes one of `stop_strings`, or at max_new_tokens.
@@ -202,15 +218,12 @@ def generate(
         raise ValueError("generate: stop_strings need a tokenizer to decode with")
     stop_text = StopStrings(tokenizer, stop_strings) if stop_strings else None
     device = next(model.parameters()).device
+    generator = device_generator(generator, device)                             # draws where the logits are
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)                          # [B, P]
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     B, G, T = len(prompts), group_size, max_new_tokens
     N = B * G
-    if lean and lean_supported(model, prompt_ids.shape[1] + T):
-        runner, amp = LeanRunner(model, autocast_dtype), contextlib.nullcontext()
-    else:
-        runner = HFRunner(model)
-        amp = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    runner, amp = make_runner(model, device, autocast_dtype, prompt_ids.shape[1] + T, lean, decoder)
 
     response_ids = torch.full((N, T), pad_id, dtype=torch.long, device=device)
     response_mask = torch.zeros(N, T, device=device)
@@ -239,7 +252,7 @@ def generate(
             if t == T - 1:
                 truncated[rows[alive]] = True
                 break
-            if 2 * int(alive.sum()) <= len(rows):                                # compact: drop stopped rows
+            if runner.compacts and 2 * int(alive.sum()) <= len(rows):            # compact: drop stopped rows
                 idx = alive.nonzero()[:, 0]
                 runner.keep(idx)
                 rows, alive, token, next_pos = rows[idx], alive[idx], token[idx], next_pos[idx]

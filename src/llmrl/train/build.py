@@ -103,6 +103,7 @@ def build(cfg: TrainConfig) -> Recipe:
     heldout, batches, first = _task(cfg)
     with dist.main_first():         # rank 0 builds a cached model folder (bundled / tiny) before the others read it
         model, tokenizer = load_model(cfg.model.name, dtype=getattr(torch, cfg.model.dtype))
+    model = model.to(ex.device)     # run.device: the policy, and from it the reference, critic and every rollout
     check_prompts_fit(tokenizer, model, heldout + first, max_new_tokens=max(cfg.rollout.max_new_tokens, eval_tokens),
                       demo=demo, **prompt_kw)
     model, reference = _policy_and_reference(cfg, model, ex)
@@ -173,7 +174,7 @@ def _policy_and_reference(cfg: TrainConfig, model, ex: Execution):
         reference = AdapterDisabledReference(model)
     else:
         reference = load_reference(cfg.model.name, dtype=getattr(torch, cfg.model.dtype),
-                                   linear_dtype=ex.autocast_dtype)
+                                   linear_dtype=ex.autocast_dtype).to(ex.device)
     for m in (model, reference) if cfg.model.fused_ops else ():   # after LoRA: a LoRA down_proj keeps HF's MLP
         fuse_decoder_ops(m)
     return model, reference

@@ -51,7 +51,7 @@ def evaluate(
             calls.append(r.extras["tool_calls"].float())
         if reference is not None:
             t = trim(r)
-            with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            with torch.autocast(t.input_ids.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
                 kl = response_kl(model, reference, t.input_ids, t.attention_mask, t.response_mask.shape[1])
             kls.append((kl * t.response_mask).sum(-1))                      # [n] exact KL over the chosen tokens
         for c, ex, ok in zip(r.completions, r.examples, result.total.tolist()):

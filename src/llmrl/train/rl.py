@@ -83,7 +83,7 @@ def rl_step(r: Recipe, prompts: list, step: int) -> dict:
     # 4. credit (with the KL penalty as a per-token reward when it is placed in the reward), on the global batch
     kl_reward = o.kl_placement == "reward" and r.beta.value > 0
     credit = dist.global_credit(r.estimator, CreditInputs(
-        scores=rewards.total, response_mask=rollout.response_mask, group_ids=rollout.group_ids,
+        scores=rewards.total.to(r.ex.device), response_mask=rollout.response_mask, group_ids=rollout.group_ids,
         token_rewards=kl_in_reward(rollout.logp_old, rollout.logp_ref, rollout.response_mask, r.beta.value)
         if kl_reward else None,
         values=rollout.values, step_ids=rollout.step_ids, step_scores=rollout.step_scores))

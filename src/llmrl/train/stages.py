@@ -56,7 +56,7 @@ def step_rewards(r, rollout):
     scores, failures = score_steps(c.step_reward, rollout.completions, texts, rollout.examples,
                                    c.step_reward_options)
     scored = scores[~scores.isnan()]
-    return rollout.with_(step_scores=scores), {"step_reward": float(scored.mean()) if scored.numel() else None,
+    return rollout.with_(step_scores=scores.to(rollout.response_mask.device)), {"step_reward": float(scored.mean()) if scored.numel() else None,
                                                 "step_reward_failures": failures, "steps_scored": int(scored.numel())}
 
 

@@ -59,7 +59,8 @@ def plan_minibatches(N: int, passes: Passes, generator: torch.Generator | None) 
     One split of the global rows, drawn by rank 0; lazy, so an early stop draws no further permutation."""
     W, offset = D.world(), D.rank() * N       # this rank holds global rows offset .. offset + N
     for _ in range(passes.epochs):
-        order = torch.randperm(N * W, generator=generator) if passes.minibatches > 1 else torch.arange(N * W)
+        order = (torch.randperm(N * W, generator=generator, device="cpu") if passes.minibatches > 1
+                 else torch.arange(N * W, device="cpu"))       # row indices: host tensors, as are all of them
         for mb in D.broadcast_from_main(order).chunk(passes.minibatches):
             yield mb[(mb >= offset) & (mb < offset + N)] - offset, len(mb)
 
@@ -79,12 +80,13 @@ def accumulate(model, rollout, rows: torch.Tensor, advantages: torch.Tensor, obj
     micro = micro_batches_of(rows, rollout, ex) if len(rows) else []
     n_micro = D.all_max(len(micro))
     for i in range(n_micro):
-        idx, weight = (micro[i], 1.0) if i < len(micro) else (torch.tensor([0]), 0.0)
+        idx, weight = (micro[i], 1.0) if i < len(micro) else (torch.tensor([0], device="cpu"), 0.0)
         part = trim(rollout.select(idx))
         T = part.response_mask.shape[1]
         with ex.autocast():
             logp, entropy = policy_logprobs(model, part.input_ids, part.attention_mask, T,
-                                            temperature=ex.temperature, pack_tokens=ex.pack_tokens)
+                                            temperature=ex.temperature, pack_tokens=ex.pack_tokens,
+                                            chunk=ex.head_chunk)
         logp, entropy = logp.float(), entropy.float()
         is_weight = part.is_weight
         if engine_tis_cap is not None:
@@ -189,7 +191,7 @@ def critic_update(critic: CriticTraining, rollout, ex: Execution, max_grad_norm:
     counts = BatchCounts.of(rollout.response_mask, ex.max_len)
     critic.optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = defaultdict(float)
-    for idx in micro_batches_of(torch.arange(critic.returns.shape[0]), rollout, ex):
+    for idx in micro_batches_of(torch.arange(critic.returns.shape[0], device="cpu"), rollout, ex):
         part = trim(rollout.select(idx))
         T = part.response_mask.shape[1]
         with ex.autocast():
@@ -223,7 +225,7 @@ def trpo_update(model, rollout, advantages: torch.Tensor, *, max_kl: float, cg_i
     N = advantages.shape[0]
     active = (advantages != 0).any(-1).nonzero()[:, 0]            # rows with A = 0 add nothing to the surrogate
     if rows is not None and len(active) > rows:
-        active = active[torch.randperm(len(active), generator=generator)[:rows]]
+        active = active[torch.randperm(len(active), generator=generator, device="cpu")[:rows]]
     if len(active) == 0:
         return {"trpo_accepted": 0.0, "update_rows": 0.0}
     part = trim(rollout.select(active))
