@@ -2,5 +2,6 @@
 
 from llmrl.data.tasks import TASKS, Example, Task, make_task, math_check
 from llmrl.data import humaneval  # noqa: F401,E402  (registers the humaneval task)
+from llmrl.data import gsm8k  # noqa: F401,E402  (registers the gsm8k task)
 
 __all__ = ["TASKS", "Example", "Task", "make_task", "math_check"]

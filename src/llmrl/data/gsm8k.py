@@ -3,6 +3,7 @@
 answer is a worked solution ending in `#### <number>`.
 
     problems = read_gsm8k("test")          # [Example(prompt=question + instruction, answer="18", ...)]
+    task = make_task("gsm8k")              # the training task: train split streamed, test split held out
     final_answer("... #### 1,200")         # -> "1200"
 
 Each Example's `answer` is the number after `####` (commas removed); the worked solution is `meta["solution"]`
@@ -54,3 +55,37 @@ def read_gsm8k(split: str) -> list[Example]:
             meta = {"question": question, "solution": solution, "index": lineno - 1}
             out.append(Example(question + INSTRUCTION, final_answer(solution), meta, math_check))
     return out
+
+
+class GSM8KTask:
+    """GSM8K as a training task: the stream is the train split in shuffled epochs, the held-out set the first n
+    problems of the test split (the `gsm8k` eval suite's problems, which the stream never produces)."""
+
+    def __init__(self):
+        self.name, self.options = "gsm8k", {}
+        self.train, self.test = read_gsm8k("train"), read_gsm8k("test")
+
+    def train_stream(self, seed: int):
+        import random
+
+        rng = random.Random(seed)
+        while True:
+            yield from rng.sample(self.train, len(self.train))
+
+    def heldout(self, n: int) -> list[Example]:
+        if not 1 <= n <= len(self.test):
+            raise ValueError(f"gsm8k: heldout_size must be 1..{len(self.test)}, got {n}")
+        return self.test[:n]
+
+
+def _register():
+    from llmrl.data.tasks import TASKS, _no_files, _take_options
+
+    @TASKS.register("gsm8k")
+    def _gsm8k(*, seed: int, options: dict, train_path: str | None, heldout_path: str | None):
+        _no_files("gsm8k", train_path, heldout_path)
+        _take_options("gsm8k", options, {})
+        return GSM8KTask()
+
+
+_register()
