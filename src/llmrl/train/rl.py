@@ -37,6 +37,8 @@ from llmrl.rewards.process import score_steps, step_texts
 from llmrl.rollout.branch import monte_carlo_values
 from llmrl.rollout.collect import collect_rollout
 from llmrl.rollout.episodes import collect_episodes
+from llmrl.envs.episodes import collect_env_episodes
+from llmrl.envs.tasks import ENV_TASKS
 from llmrl.rollout.tools import demonstration, resolve_tools, system_prompt as tools_system_prompt
 from llmrl.train import checkpoint
 from llmrl.train.checks import check_credit_sources, check_prompts_fit
@@ -62,6 +64,8 @@ def rollout_collector(cfg: TrainConfig, demo: list[dict] | None = None, engine=N
     """`collect_rollout` (on `engine` when given), or the multi-turn episode loop with its tools (and `demo`
     exchange before each prompt) when `rollout.tools` names any."""
     r = cfg.rollout
+    if cfg.task.name in ENV_TASKS:          # an environment's own episodes (llmrl/envs)
+        return partial(collect_env_episodes, max_turns=r.max_turns)
     if not r.tools:
         return partial(collect_rollout, engine=engine)
     return partial(collect_episodes, tools=resolve_tools(r.tools), max_turns=r.max_turns,
@@ -95,7 +99,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
     demo = demonstration(tools) if tools and cfg.rollout.tool_demo else None
     if cfg.rollout.engine == "vllm":   # fail before loading anything when vLLM is missing or cannot serve the run
         from llmrl.rollout.vllm_engine import INSTALL_HINT, vllm_available
-        if tools:
+        if tools or cfg.task.name in ENV_TASKS:
             raise ValueError("rollout.engine=vllm samples single-turn completions; multi-turn tool episodes "
                              "(rollout.tools) run on the native sampler: set rollout.engine=native")
         if cfg.run.parallel == "fsdp" and dist.world() > 1:
