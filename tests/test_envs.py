@@ -15,7 +15,7 @@ from llmrl.envs import episodes
 from llmrl.envs.episodes import collect_env_episodes, observation_ids
 from llmrl.objectives.logprobs import response_logprobs
 from llmrl.rollout import sampler
-from scripted import forced_sample_next
+from scripted import forced_sample_next, scripted_turns
 
 ROOT = Path(__file__).resolve().parents[1]
 VF_ENV = str(ROOT / "examples" / "envs" / "vf_guess_number.py")
@@ -30,10 +30,13 @@ def script_policy(monkeypatch, tok, respond):
         contexts = [tok.decode(p) for p in prompts for _ in range(group_size)]
         scripts = [tok(respond(c, k), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
                    for k, c in enumerate(contexts)]
-        monkeypatch.setattr(sampler, "sample_next", forced_sample_next(
-            scripts, lambda script, t: script[min(t, len(script) - 1)] == tok.eos_token_id))
+        monkeypatch.setattr(sampler, "sample_next", forced_sample_next(scripts, stopped))
         return real(model, prompts, group_size=group_size, **kw)
+
+    def stopped(script, t):
+        return script[min(t, len(script) - 1)] == tok.eos_token_id
     monkeypatch.setattr(episodes, "generate", generate)
+    scripted_turns(monkeypatch, tok, respond, stopped)        # the same script on the kept-cache path
 
 
 def collect(tiny, examples, **kw):
@@ -63,6 +66,9 @@ def test_openenv_episodes_score_with_the_environment_reward(tiny, monkeypatch):
 
     script_policy(monkeypatch, tok, respond)
     r = collect(tiny, [ex])
+    old = collect(tiny, [ex], keep_cache=False)                         # re-prefilled each turn: the same rows
+    assert torch.equal(r.input_ids, old.input_ids) and torch.equal(r.response_mask, old.response_mask)
+    torch.testing.assert_close(r.logp_old, old.logp_old, atol=1e-5, rtol=0)
     rewards = [e.meta["episode"].reward for e in r.examples]
     assert rewards == [1.0, 0.5, 0.0]
     assert r.extras["turns"].tolist() == [1, 2, 2] and r.extras["env_errors"].tolist() == [0, 0, 0]

@@ -151,6 +151,7 @@ def collect_env_episodes(
     system_prompt: str | None = None,
     autocast_dtype: torch.dtype | None = None,
     generator: torch.Generator | None = None,
+    keep_cache: bool = True,         # keep each row's KV cache across turns (rollout/turns.py); False: re-prefill
 ) -> Rollout:
     """Run B x G environment episodes; the same `Rollout` as `collect_rollout`, observations masked out."""
     if not chat_template:
@@ -162,6 +163,7 @@ def collect_env_episodes(
     rows = [_Row(play=examples[i // G].meta["env"](i % G)) for i in range(len(examples) * G)]
     sample = dict(temperature=temperature, top_p=top_p, stop_ids=stop_ids(tokenizer), pad_id=tokenizer.pad_token_id,
                   generator=generator, autocast_dtype=autocast_dtype)
+    cached = _Cached(model, tokenizer, system_prompt, max_new_tokens, max_turns, sample)
     loop = asyncio.new_event_loop()
     was_training = model.training
     model.eval()
@@ -173,7 +175,10 @@ def collect_env_episodes(
             waiting = [r for r in rows if r.waiting]
             if not waiting:
                 break
-            _take_turn(model, tokenizer, waiting, system_prompt, max_new_tokens, max_turns, sample)
+            if keep_cache:
+                cached(waiting)
+            else:
+                _take_turn(model, tokenizer, waiting, system_prompt, max_new_tokens, max_turns, sample)
     finally:
         for r in rows:
             if not r.task.done():
@@ -187,45 +192,93 @@ def collect_env_episodes(
     return _to_rollout(rows, examples, G, tokenizer)
 
 
+def _open(tokenizer, r: _Row, system_prompt) -> None:
+    """A row's first turn: its prompt is the chat template over the (system and) opening user message."""
+    system = r.system or system_prompt
+    r.messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": r.request}]
+    r.prompt = list(tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=False))
+
+
+def _observe(tokenizer, r: _Row, max_new_tokens: int, max_turns: int) -> list[int] | None:
+    """Append a later turn's observation to the row (its ids, masked); None (the turn raises Truncated) when the
+    row is out of turns or room."""
+    obs = observation_ids(tokenizer, r.messages[:-1], r.last_reply, r.request)
+    r.messages.append({"role": "user", "content": r.request})
+    if r.turns >= max_turns or len(r.ids) + len(obs) >= max_new_tokens:
+        r.truncated = True
+        r.future.set_exception(Truncated("turn limit or token budget"))
+        return None
+    r.ids += obs
+    r.chosen += [0.0] * len(obs)
+    r.logp += [0.0] * len(obs)
+    return obs
+
+
+def _reply(tokenizer, r: _Row, ids: list[int], logp: list[float], stops: set) -> None:
+    """Record a sampled reply and hand its text to the environment."""
+    r.ids += ids
+    r.chosen += [1.0] * len(ids)
+    r.logp += logp
+    r.turns += 1
+    ended = bool(ids) and ids[-1] in stops
+    r.last_reply = tokenizer.decode(ids[:-1] if ended else ids, skip_special_tokens=True)
+    r.messages.append({"role": "assistant", "content": r.last_reply})
+    if not ended:                      # cut by the budget: the reply has no end of turn, nothing can follow it
+        r.truncated = True
+    r.future.set_result(r.last_reply)
+
+
 def _take_turn(model, tokenizer, waiting: list[_Row], system_prompt, max_new_tokens: int, max_turns: int, sample):
-    """Append each waiting row's observation, sample every row's reply in one batch, resolve the rows' turns."""
+    """Re-prefill path: append each waiting row's observation, sample every reply from its whole context."""
     live = []
     for r in waiting:
         if r.turns == 0:
-            system = r.system or system_prompt
-            r.messages = ([{"role": "system", "content": system}] if system else []) + [
-                {"role": "user", "content": r.request}]
-            r.prompt = list(tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=True,
-                                                          return_dict=False))
-        else:
-            obs = observation_ids(tokenizer, r.messages[:-1], r.last_reply, r.request)
-            r.messages += [{"role": "user", "content": r.request}]
-            if r.turns >= max_turns or len(r.ids) + len(obs) >= max_new_tokens:
-                r.truncated = True
-                r.future.set_exception(Truncated("turn limit or token budget"))
-                continue
-            r.ids += obs
-            r.chosen += [0.0] * len(obs)
-            r.logp += [0.0] * len(obs)
+            _open(tokenizer, r, system_prompt)
+        elif _observe(tokenizer, r, max_new_tokens, max_turns) is None:
+            continue
         live.append(r)
     if not live:
         return
     left = max(max_new_tokens - len(r.ids) for r in live)
     s = generate(model, [r.prompt + r.ids for r in live], max_new_tokens=left, **sample)
-    stops = set(sample["stop_ids"])
     for k, r in enumerate(live):
         n = min(int(s.response_mask[k].sum()), max_new_tokens - len(r.ids))
-        ids = s.response_ids[k, :n].tolist()
-        r.ids += ids
-        r.chosen += [1.0] * n
-        r.logp += s.logp[k, :n].tolist()
-        r.turns += 1
-        ended = bool(ids) and ids[-1] in stops
-        r.last_reply = tokenizer.decode(ids[:-1] if ended else ids, skip_special_tokens=True)
-        r.messages.append({"role": "assistant", "content": r.last_reply})
-        if not ended:                      # cut by the budget: the reply has no end of turn, nothing can follow it
-            r.truncated = True
-        r.future.set_result(r.last_reply)
+        _reply(tokenizer, r, s.response_ids[k, :n].tolist(), s.logp[k, :n].tolist(), set(sample["stop_ids"]))
+
+
+class _Cached:
+    """Kept-cache path: one TurnSampler over the rows' prompts, observations appended to each row's cache."""
+
+    def __init__(self, model, tokenizer, system_prompt, max_new_tokens: int, max_turns: int, sample):
+        self.model, self.tokenizer, self.system_prompt, self.sample = model, tokenizer, system_prompt, sample
+        self.max_new_tokens, self.max_turns, self.turns, self.index = max_new_tokens, max_turns, None, {}
+
+    def __call__(self, waiting: list[_Row]) -> None:
+        from llmrl.rollout.turns import TurnSampler
+
+        tok, T = self.tokenizer, self.max_new_tokens
+        if self.turns is None:
+            if any(r.turns for r in waiting):
+                raise AssertionError("the kept-cache loop starts with every row's first turn")
+            for k, r in enumerate(waiting):
+                _open(tok, r, self.system_prompt)
+                self.index[id(r)] = k
+            self.turns = TurnSampler(self.model, [r.prompt for r in waiting], group_size=1,
+                                     capacity=T * self.max_turns, **self.sample)
+            live = waiting
+        else:
+            if any(r.turns == 0 for r in waiting):
+                raise ValueError("an environment gave its first observation after other episodes had started")
+            obs = {id(r): _observe(tok, r, T, self.max_turns) for r in waiting}
+            live = [r for r in waiting if obs[id(r)] is not None]
+            self.turns.extend({self.index[id(r)]: obs[id(r)] for r in live})
+        if not live:
+            return
+        out = self.turns.sample({self.index[id(r)]: T - len(r.ids) for r in live})
+        for r in live:
+            o = out[self.index[id(r)]]
+            _reply(tok, r, o.ids, o.logp, set(self.sample["stop_ids"]))
 
 
 def _to_rollout(rows: list[_Row], examples: list, G: int, tokenizer) -> Rollout:

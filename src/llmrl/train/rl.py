@@ -65,11 +65,11 @@ def rollout_collector(cfg: TrainConfig, demo: list[dict] | None = None, engine=N
     exchange before each prompt) when `rollout.tools` names any."""
     r = cfg.rollout
     if cfg.task.name in ENV_TASKS:          # an environment's own episodes (llmrl/envs)
-        return partial(collect_env_episodes, max_turns=r.max_turns)
+        return partial(collect_env_episodes, max_turns=r.max_turns, keep_cache=r.turn_cache)
     if not r.tools:
         return partial(collect_rollout, engine=engine)
     return partial(collect_episodes, tools=resolve_tools(r.tools), max_turns=r.max_turns,
-                   max_observation_tokens=r.max_observation_tokens, demo=demo)
+                   max_observation_tokens=r.max_observation_tokens, demo=demo, keep_cache=r.turn_cache)
 
 
 def make_engine(cfg: TrainConfig):
