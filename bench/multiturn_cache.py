@@ -2,7 +2,7 @@
 path that re-prefills every turn's whole context (turn_cache=false), on the same config: a shortened
 examples/tool_arithmetic.yaml (SmolLM2-135M-Instruct, calculator tool, 4 prompts x 8 samples, up to 3 turns).
 
-    python bench/multiturn_cache.py                   # 3 steps each, old path then new, one process per run
+    python bench/multiturn_cache.py                   # 3 steps each, new path then old, one process per run
     python bench/multiturn_cache.py --steps 3 --write # ... and rewrite its section of docs/benchmarks.md
 
 Each run is its own process (`llmrl train`), so its peak RSS is its own (ru_maxrss of the process). Reported: the
@@ -66,8 +66,8 @@ def main() -> None:
     args = p.parse_args()
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as out:
+        new = run(True, args.steps, out)          # the new path first: a failure shows at once
         old = run(False, args.steps, out)
-        new = run(True, args.steps, out)
     load_after = os.getloadavg()
     fmt = lambda r: [f"{r['step_s']:.0f}", f"{r['rollout_s']:.0f}", f"{r['eval_s']:.0f}", f"{r['wall']:.0f}",  # noqa
                      f"{r['peak_rss_mib']:.0f}", f"{r['turns']:.2f}", f"{r['tool_calls']:.2f}",
