@@ -150,3 +150,11 @@ def test_decontamination_flags_a_task_trained_on_its_benchmark():
     report = decontam.report(task.train, make_suite("humaneval").examples)
     assert report["exact"] == len(task.train) == 164 - len(task.held)
     assert isinstance(Example("q", "a"), Example)
+
+
+def test_decontamination_only_needs_no_model(capsys):
+    assert main(["eval", "--suite", "humaneval", "--train-task", "humaneval", "--decontam-samples", "144"]) == 0
+    out = capsys.readouterr().out
+    assert "decontamination humaneval vs humaneval (144 training questions" in out and "144 exact" in out
+    assert main(["eval", "--suite", "arithmetic"]) == 2
+    assert "--train-task" in capsys.readouterr().err

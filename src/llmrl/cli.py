@@ -87,9 +87,6 @@ def cmd_eval(args) -> int:
 
         if args.compare:
             return evals_cli.cmd_compare(args)
-        if not args.model:
-            print("error: --suite needs --model", file=sys.stderr)
-            return 2
         return evals_cli.cmd_suites(args)
     if not args.model:
         print("error: --model is required", file=sys.stderr)

@@ -122,6 +122,8 @@ def cmd_suites(args) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.model is None:                               # decontamination only: no model to load
+        return _decontaminate_only(args, suites)
     if args.threads:
         torch.set_num_threads(args.threads)
     path, run_dir = resolve_target(args.model)
@@ -143,11 +145,32 @@ def cmd_suites(args) -> int:
     print()
     print(table(results))
     for r in results:
-        d = r.get("decontamination")
-        if d:
-            print(f"decontamination {r['suite']} vs {d['train_task']} ({d['train_checked']} training questions, "
-                  f"{d['ngram']}-grams): {d['exact']} exact, {d['near']} near (>= {d['threshold']:.0%} overlap)")
+        if r.get("decontamination"):
+            _print_decontamination(r)
     print(f"results: {out}")
+    return 0
+
+
+def _print_decontamination(r: dict) -> None:
+    d = r["decontamination"]
+    print(f"decontamination {r['suite']} vs {d['train_task']} ({d['train_checked']} training questions, "
+          f"{d['ngram']}-grams): {d['exact']} exact, {d['near']} near (>= {d['threshold']:.0%} overlap)")
+    for e in d["examples"]:
+        print(f"  {'exact' if e['exact'] else format(e['overlap'], '.0%')}: "
+              f"eval {e['eval'][:90]!r} ~ train {e['train'][:90]!r}")
+
+
+def _decontaminate_only(args, suites) -> int:
+    from llmrl.evals import decontam
+
+    if args.train_task is None:
+        print("error: --suite needs --model (or --train-task alone, for the decontamination check only)",
+              file=sys.stderr)
+        return 2
+    name, train = _training_examples(args, None)
+    for suite in suites:
+        _print_decontamination({"suite": suite.name,
+                                "decontamination": {"train_task": name, **decontam.report(train, suite.examples)}})
     return 0
 
 
