@@ -1,14 +1,20 @@
 """Multi-turn episodes with the KV cache kept across turns (rollout.turn_cache=true, rollout/turns.py) against the
-path that re-prefills every turn's whole context (turn_cache=false), on the same config: a shortened
-examples/tool_arithmetic.yaml (SmolLM2-135M-Instruct, calculator tool, 4 prompts x 8 samples, up to 3 turns).
+path that re-prefills every turn's whole context (turn_cache=false), on the same config: examples/tool_arithmetic.yaml
+(SmolLM2-135M-Instruct, calculator tool, 4 prompts x 8 samples, up to 3 turns, 64 response tokens).
 
-    python bench/multiturn_cache.py                   # 3 steps each, new path then old, one process per run
-    python bench/multiturn_cache.py --steps 3 --write # ... and rewrite its section of docs/benchmarks.md
+    python bench/multiturn_cache.py --rounds 3 --write       # rollouts only, the two paths interleaved (default)
+    python bench/multiturn_cache.py --train --steps 3 --write  # whole `llmrl train` runs, one process each
 
-Each run is its own process (`llmrl train`), so its peak RSS is its own (ru_maxrss of the process). Reported: the
-sum of the training steps' times (rollout, reward, update), the rollout part of it, the held-out evaluations before
-and after (the same multi-turn loop, 16 problems, greedy), the process's wall time, and its peak RSS. The two runs
-sample differently (bf16 rounding differs between a prefill and a decode step), so their episodes differ.
+Rollouts (the part that changed): one process loads the policy once, then runs a training step's rollout (the
+config's sampling, the same prompts and seed for both paths) with the new path and the old path in turn, --rounds
+times; the speed-up is the median of the per-round ratios, so a change in the machine's load hits both alike. Peak
+RSS is the process's ru_maxrss read after the first round of each path (new first): the first figure is the new
+path's peak; the second is the larger of the two paths' peaks.
+
+Training runs (--train): each run is `llmrl train examples/tool_arithmetic.yaml run.steps=N task.heldout_size=16
+rollout.turn_cache=...` in a process of its own, so its peak RSS is its own; reported: the training steps' time,
+its rollout part, the held-out evaluations, the process's wall time and peak RSS. The two paths' samples differ
+(bf16 rounding differs between a prefill and a decode step), so their episodes differ.
 """
 
 from __future__ import annotations
@@ -59,11 +65,82 @@ def run(cache: bool, steps: int, out: str) -> dict:
             "response_length": sum(r["response_length"] for r in train) / len(train)}
 
 
+def rollouts(rounds: int) -> dict:
+    """Interleaved rollouts of both paths in this process: per-round seconds, peak RSS after each path's first."""
+    import resource
+
+    import torch
+
+    from llmrl.config import load_config
+    from llmrl.data import make_task
+    from llmrl.models import load_model
+    from llmrl.rollout.episodes import collect_episodes
+    from llmrl.rollout.tools import demonstration, resolve_tools, system_prompt
+
+    from llmrl.presets import PRESETS
+
+    cfg = load_config(ROOT / "examples" / "tool_arithmetic.yaml", presets=PRESETS)
+    r = cfg.rollout
+    torch.set_num_threads(cfg.run.threads)
+    model, tok = load_model(cfg.model.name)
+    task = make_task(cfg.task.name, options=cfg.task.options)
+    stream = task.train_stream(0)
+    times, peak, stats = {True: [], False: []}, {}, {True: [], False: []}
+    for k in range(rounds):
+        examples = [next(stream) for _ in range(r.prompts_per_step)]
+        for cache in (True, False):
+            t = time.perf_counter()
+            out = collect_episodes(model, tok, examples, group_size=r.group_size, max_new_tokens=r.max_new_tokens,
+                                   temperature=r.temperature, tools=resolve_tools(r.tools), max_turns=r.max_turns,
+                                   max_observation_tokens=r.max_observation_tokens,
+                                   system_prompt=system_prompt(r.tools), demo=demonstration(r.tools),
+                                   autocast_dtype=torch.bfloat16, generator=torch.Generator().manual_seed(k),
+                                   keep_cache=cache)
+            times[cache].append(time.perf_counter() - t)
+            stats[cache].append((float(out.extras["turns"].float().mean()),
+                                 float(out.extras["tool_calls"].float().mean()), float(out.response_lengths.mean())))
+            peak.setdefault(cache, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+            print(f"round {k} turn_cache={cache}: {times[cache][-1]:.1f} s", flush=True)
+    return {"times": times, "peak": peak, "stats": stats}
+
+
+def rollout_body(rounds: int) -> str:
+    load_before = os.getloadavg()
+    res = rollouts(rounds)
+    load_after = os.getloadavg()
+    t, peak, st = res["times"], res["peak"], res["stats"]
+    ratios = sorted(o / n for o, n in zip(t[False], t[True]))
+    med = ratios[len(ratios) // 2]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    rows = [[name, " / ".join(f"{x:.1f}" for x in t[c]), f"{mean([s[0] for s in st[c]]):.2f}",
+             f"{mean([s[1] for s in st[c]]):.2f}", f"{mean([s[2] for s in st[c]]):.1f}"]
+            for name, c in (("false (re-prefill)", False), ("true (kept cache)", True))]
+    table = markdown_table(["turn_cache", "rollout s, each round", "turns/row", "tool calls/row", "response tokens"],
+                           rows)
+    return (f"`python bench/multiturn_cache.py --rounds {rounds}` on {datetime.date.today()}, {machine()}. "
+            f"Load average (1/5/15 min) {load_before[0]:.1f}/{load_before[1]:.1f}/{load_before[2]:.1f} before, "
+            f"{load_after[0]:.1f}/{load_after[1]:.1f}/{load_after[2]:.1f} after, on 2 cores: the machine was "
+            "shared with other jobs, so absolute times are inflated and noisy; the ratio is per round.\n\n"
+            f"One training step's rollout of examples/tool_arithmetic.yaml (4 prompts x 8 samples, calculator, up to "
+            f"3 turns, 64 response tokens, bf16), the two paths in turn on the same prompts and seed:\n\n{table}\n\n"
+            f"Kept cache: {med:.2f}x faster (median of the per-round ratios {', '.join(f'{x:.2f}' for x in ratios)}). "
+            f"Peak RSS of the process (model, tokenizer, rollouts): {peak[True]:.0f} MiB after the kept-cache path's "
+            f"first rollout, {peak[False]:.0f} MiB after the re-prefill path's (the larger of the two).")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--train", action="store_true", help="whole training runs instead of rollouts")
+    p.add_argument("--rounds", type=int, default=3, help="rollout rounds per path")
+    p.add_argument("--steps", type=int, default=3, help="with --train: training steps per run")
     p.add_argument("--write", action="store_true", help="rewrite the section in docs/benchmarks.md")
     args = p.parse_args()
+    if not args.train:
+        body = rollout_body(args.rounds)
+        print(body)
+        if args.write:
+            write_section("multiturn_cache", "Multi-turn episodes: the KV cache kept across turns", body)
+        return
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as out:
         new = run(True, args.steps, out)          # the new path first: a failure shows at once
