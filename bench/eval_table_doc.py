@@ -28,7 +28,7 @@ def gather(folder: Path, prefix: str) -> dict:
 
 def cell(r: dict | None) -> str:
     if r is None:
-        return "not run"
+        return "—"
     n = f"{r['n']}" + (f" of {r['of']}" if r["of"] != r["n"] else "")
     return f"{r['pass@1']:.3f} (n={n}, {r['response_length']:.0f} tokens, {r['seconds']:.0f} s)"
 
