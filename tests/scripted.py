@@ -19,3 +19,31 @@ def forced_sample_next(scripts, stopped=lambda script, t: False):
         logp_all = torch.log_softmax(logits.float() / (temperature or 1.0), -1)
         return token, logp_all.gather(-1, token[:, None])[:, 0]
     return sample_next
+
+
+def scripted_turns(monkeypatch, tok, respond, stopped):
+    """Patch rollout.turns.TurnSampler so each turn emits, for each row in flight (k-th in the batch), the ids of
+    respond(row's whole context so far as text, k) then EOS; `stopped(script, t)` as in forced_sample_next."""
+    from llmrl.rollout import sampler, turns
+
+    class Scripted(turns.TurnSampler):
+        def __init__(self, model, prompts, *, group_size, **kw):
+            super().__init__(model, prompts, group_size=group_size, **kw)
+            self.history = {r: list(prompts[r // group_size]) for r in self.rows}
+
+        def sample(self, limits):
+            contexts = [tok.decode(self.history[r]) for r in self.rows]
+            scripts = [tok(respond(c, k), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                       for k, c in enumerate(contexts)]
+            monkeypatch.setattr(sampler, "sample_next", forced_sample_next(scripts, stopped))
+            out = super().sample(limits)
+            for r, o in out.items():
+                self.history[r] += o.ids
+            return out
+
+        def extend(self, observations):
+            for r, obs in observations.items():
+                self.history[r] += list(obs)
+            super().extend(observations)
+
+    monkeypatch.setattr(turns, "TurnSampler", Scripted)

@@ -9,6 +9,7 @@ The layers, lowest first (a module may import its own layer and the ones below, 
     models       loading, LoRA, value heads
     sandbox      running untrusted code
     rollout      samplers, engines, episodes, tools
+    envs         environments written for verifiers and OpenEnv, run through their own episode loop
     rewards      reward functions, learned-reward inference
     credit       advantage estimators
     objectives   losses
@@ -35,6 +36,7 @@ LAYERS = [
     {"models"},
     {"sandbox"},
     {"rollout"},
+    {"envs"},
     {"rewards"},
     {"credit"},
     {"objectives"},

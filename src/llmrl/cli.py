@@ -3,6 +3,7 @@
     llmrl train examples/grpo_arithmetic.yaml rollout.group_size=8 optim.lr=2e-5
     llmrl train examples/grpo_arithmetic.yaml run.save_every=10 --resume     # continue a killed run
     llmrl eval --model runs/grpo/final --task arithmetic
+    llmrl eval --model smollm2-135m-instruct --suite gsm8k,humaneval,bfcl,arithmetic --limit 50
     llmrl presets
 """
 
@@ -14,17 +15,13 @@ import logging
 import sys
 from pathlib import Path
 
-
-def _table(rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    return "\n".join([line(rows[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows[1:])])
+from llmrl.report.text import text_table
 
 
 def before_after_table(summary: dict) -> str:
     b, a = summary["before"], summary["after"]
     fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
-    return _table([
+    return text_table([
         ("", "before", "after"),
         ("held-out accuracy", fmt(b["heldout_accuracy"]), fmt(a["heldout_accuracy"])),
         ("mean response tokens", f"{b['heldout_response_length']:.1f}", f"{a['heldout_response_length']:.1f}"),
@@ -109,6 +106,15 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.suite or args.compare:           # standard suites (llmrl/evals/cli.py)
+        from llmrl.evals import cli as evals_cli
+
+        if args.compare:
+            return evals_cli.cmd_compare(args)
+        return evals_cli.cmd_suites(args)
+    if not args.model:
+        print("error: --model is required", file=sys.stderr)
+        return 2
     from functools import partial
 
     import torch
@@ -139,7 +145,7 @@ def cmd_eval(args) -> int:
     examples = task.heldout(args.n)
     model, tokenizer = load_model(args.model)
     amp = torch.bfloat16 if args.autocast == "bfloat16" else None
-    result = evaluate(model, tokenizer, examples, max_new_tokens=args.max_new_tokens, autocast_dtype=amp,
+    result = evaluate(model, tokenizer, examples, max_new_tokens=args.max_new_tokens or 32, autocast_dtype=amp,
                       chat_template=not args.no_chat_template, system_prompt=prompt, collect=collect,
                       progress=not args.no_progress)
     calls = f" | tool calls per episode {result['tool_calls']:.2f}" if "tool_calls" in result else ""
@@ -170,14 +176,14 @@ def main(argv: list[str] | None = None) -> int:
                    "(run.resume=must; the default, auto, continues when there is one)")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("eval", help="greedy held-out accuracy of a model on a task")
-    p.add_argument("--model", required=True, help="HF id, local path, 'smollm2-135m-instruct' or 'tiny'")
+    p = sub.add_parser("eval", help="greedy held-out accuracy of a model on a task, or standard eval suites")
+    p.add_argument("--model", default=None, help="HF id, local path, run folder, 'smollm2-135m-instruct' or 'tiny'")
     p.add_argument("--task", default="arithmetic", help="arithmetic | jsonl | reasoning_gym:<dataset>")
     p.add_argument("--n", type=int, default=200, help="held-out examples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-path", default=None)
     p.add_argument("--heldout-path", default=None)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 32 for --task, the suite's own for --suite")
     p.add_argument("--autocast", default="bfloat16", choices=["bfloat16", "none"])
     p.add_argument("--no-chat-template", action="store_true")
     p.add_argument("--threads", type=int, default=None)
@@ -186,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tools", default=None, help="comma-separated tools for multi-turn episodes, e.g. calculator,python")
     p.add_argument("--max-turns", type=int, default=4, help="with --tools: most model turns per episode")
     p.add_argument("--max-observation-tokens", type=int, default=64, help="with --tools: a tool output's token cap")
+    from llmrl.evals.cli import add_arguments as add_suite_arguments
+
+    add_suite_arguments(p)
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("presets", help="list the named algorithm compositions")

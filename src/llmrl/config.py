@@ -74,6 +74,8 @@ class RolloutConfig:
     max_observation_tokens: int = f(64, "with tools: a tool's output is cut to fit in this many tokens", ge=1)
     tool_demo: bool = f(True, "with tools: show one worked exchange (a question, a tool call, its result, the answer) "
                               "before each prompt")
+    turn_cache: bool = f(True, "multi-turn (tools, environments): keep each row's KV cache across turns and append "
+                               "observations to it; false re-prefills the whole context every turn")
     tis_cap: float = f(2.0, "engine=vllm: cap C of the truncated importance weight min(pi / mu, C) on each token's "
                             "policy-gradient term (Yao et al. 2025)", ge=1)
     vllm_options: dict = f({}, "engine=vllm: keyword arguments for vllm.LLM, e.g. {max_model_len: 2048, "

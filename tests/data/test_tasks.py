@@ -98,7 +98,7 @@ def test_arithmetic_bad_options(options, message):
 
 
 def test_unknown_task_lists_valid_names():
-    with pytest.raises(KeyError, match="arithmetic, humaneval, jsonl"):
+    with pytest.raises(KeyError, match="arithmetic, gsm8k, humaneval, jsonl, openenv, verifiers"):
         make_task("arithmatic")
     assert {"arithmetic", "jsonl"} <= set(TASKS.names())
 

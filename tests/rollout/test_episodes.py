@@ -16,7 +16,7 @@ from llmrl.rollout import episodes, sampler
 from llmrl.rollout.episodes import collect_episodes, encode_observation
 from llmrl.rollout.tools import resolve_tools
 from llmrl.runio.metrics import read_metrics, sample_records
-from scripted import forced_sample_next
+from scripted import forced_sample_next, scripted_turns
 
 
 def script_policy(monkeypatch, tok, respond):
@@ -32,6 +32,10 @@ def script_policy(monkeypatch, tok, respond):
         monkeypatch.setattr(sampler, "sample_next", forced_sample_next(scripts, stopped))
         return real(model, prompts, group_size=group_size, **kw)
     monkeypatch.setattr(episodes, "generate", generate)
+
+    def stopped(script, t):
+        return script[min(t, len(script) - 1)] == tok.eos_token_id or episodes.CALL_END in tok.decode(script[:t + 1])
+    scripted_turns(monkeypatch, tok, respond, stopped)         # the same script on the kept-cache path
 
 
 # one row per list: the text of each turn (a row is recognised in later turns by its first turn's text)
@@ -189,3 +193,14 @@ def test_eval_with_tools_on_the_command_line(capsys):
     assert "tool calls per episode 0.00" in capsys.readouterr().out      # the random model never calls
     assert main([*args, "--tools", "calculater"]) == 2
     assert "unknown tool" in capsys.readouterr().err
+
+
+def test_kept_cache_and_reprefill_give_the_same_episodes(tiny, monkeypatch):
+    """The KV cache kept across turns (observations appended to it) gives the rows, masks and log-probs that
+    re-prefilling each turn's whole context gives."""
+    new = run_episodes(tiny, monkeypatch, temperature=0.7)
+    old = run_episodes(tiny, monkeypatch, temperature=0.7, keep_cache=False)
+    assert torch.equal(new.input_ids, old.input_ids) and torch.equal(new.response_mask, old.response_mask)
+    assert torch.equal(new.attention_mask, old.attention_mask) and new.completions == old.completions
+    torch.testing.assert_close(new.logp_old, old.logp_old, atol=1e-5, rtol=0)
+    assert new.extras["turns"].tolist() == old.extras["turns"].tolist() == [2, 1, 3, 2]

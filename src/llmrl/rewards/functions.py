@@ -34,9 +34,14 @@ def answer_text(completion: str, example) -> str:
 
 @REWARDS.register("correct")
 def correct(completions: list[str], examples: list[Example]) -> list[float]:
-    """The task's check of the extracted answer (1.0 right, 0.0 wrong, partial credit if the task gives it)."""
+    """The task's check of the extracted answer (1.0 right, 0.0 wrong, partial credit if the task gives it); for an
+    environment episode (llmrl/envs), the environment's own reward."""
     scores = []
     for completion, ex in zip(completions, examples, strict=True):
+        episode = episode_of(ex)
+        if episode is not None and episode.reward is not None:     # an environment episode: its own reward
+            scores.append(float(episode.reward))
+            continue
         pred = extract_answer(answer_text(completion, ex))
         scores.append(0.0 if pred is None else float(ex.check(pred, ex)))
     return scores

@@ -82,6 +82,7 @@ def collect_episodes(
     demo: list[dict] | None = None,  # a worked exchange shown before each prompt (tools.demonstration)
     autocast_dtype: torch.dtype | None = None,
     generator: torch.Generator | None = None,
+    keep_cache: bool = True,         # keep each row's KV cache across turns (rollout/turns.py); False: re-prefill
 ) -> Rollout:
     """Run B x G tool-using episodes; the same `Rollout` as `collect_rollout`, with observations masked out."""
     encode_observation(tokenizer, "", max_observation_tokens)          # fails early if not even that fits
@@ -94,45 +95,89 @@ def collect_episodes(
     was_training = model.training
     model.eval()
     try:
-        active = list(range(len(rows)))
-        for turn in range(max_turns):
-            if not active:
-                break
-            if turn == 0:   # one prefill per prompt, shared by its G rows
-                s = generate(model, prompts, group_size=G, max_new_tokens=max_new_tokens, **sample)
-            else:           # each continuing row from its whole context
-                left = max(max_new_tokens - len(rows[i].ids) for i in active)
-                s = generate(model, [rows[i].prompt + rows[i].ids for i in active], max_new_tokens=left, **sample)
-            calls = []                                                        # (row, name, arguments)
-            for k, i in enumerate(active):
-                row = rows[i]
-                n_turn = int(s.response_mask[k].sum())
-                n = min(n_turn, max_new_tokens - len(row.ids))                # a later turn may overrun this row
-                ids = s.response_ids[k, :n].tolist()
-                row.add(ids, s.logp[k, :n].tolist())
-                row.turns += 1
-                text = tokenizer.decode(ids, skip_special_tokens=True)
-                call = parse_call(text)
-                if call is None:                                              # an answer (maybe cut by the budget)
-                    row.answer, row.truncated = text, bool(s.truncated[k]) or n < n_turn
-                    continue
-                row.tool_calls += 1
-                if turn + 1 < max_turns:
-                    calls.append((i, *call))
-            outputs = _run_tools(calls, tools)
-            active = []
-            for (i, _, _), output in zip(calls, outputs):
-                row = rows[i]
-                row.tool_errors += output.startswith("error:")
-                _, obs = encode_observation(tokenizer, output, max_observation_tokens)
-                if len(row.ids) + len(obs) >= max_new_tokens:                 # no room to read it and go on
-                    row.truncated = True
-                    continue
-                row.add(obs, None)
-                active.append(i)
+        if keep_cache:
+            _turns_cached(model, tokenizer, rows, prompts, G, sample, tools, max_new_tokens, max_turns,
+                          max_observation_tokens)
+        else:
+            _turns_reprefilled(model, tokenizer, rows, prompts, G, sample, tools, max_new_tokens, max_turns,
+                               max_observation_tokens)
     finally:
         model.train(was_training)
     return _to_rollout(rows, examples, G, tokenizer).to(next(model.parameters()).device)
+
+
+def _record_turn(tokenizer, row: _Row, ids: list[int], logp: list[float], cut: bool, last_turn: bool):
+    """Add a turn's sampled ids to `row`; the (name, arguments) of its call to run, else None (an answer, or a
+    call in the last turn, which is not run)."""
+    row.add(ids, logp)
+    row.turns += 1
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    call = parse_call(text)
+    if call is None:                                                  # an answer (maybe cut by the budget)
+        row.answer, row.truncated = text, cut
+        return None
+    row.tool_calls += 1
+    return None if last_turn else call
+
+
+def _observe(tokenizer, row: _Row, output: str, max_new_tokens: int, max_observation_tokens: int):
+    """The observation ids to append after a call's `output`, or None when the row has no room to read it."""
+    row.tool_errors += output.startswith("error:")
+    _, obs = encode_observation(tokenizer, output, max_observation_tokens)
+    if len(row.ids) + len(obs) >= max_new_tokens:                     # no room to read it and go on
+        row.truncated = True
+        return None
+    row.add(obs, None)
+    return obs
+
+
+def _turns_cached(model, tokenizer, rows, prompts, G, sample, tools, max_new_tokens, max_turns, max_obs):
+    """The episode loop on a TurnSampler: each row's cache is kept, observations are appended to it."""
+    from llmrl.rollout import turns as turns_module
+
+    turns = turns_module.TurnSampler(model, prompts, group_size=G, capacity=max_new_tokens * max_turns, **sample)
+    active = list(range(len(rows)))
+    for turn in range(max_turns):
+        out = turns.sample({i: max_new_tokens - len(rows[i].ids) for i in active})
+        calls = []
+        for i in active:
+            o = out[i]
+            call = _record_turn(tokenizer, rows[i], o.ids, o.logp, o.truncated, turn + 1 == max_turns)
+            if call is not None:
+                calls.append((i, *call))
+        going = {}
+        for (i, _, _), output in zip(calls, _run_tools(calls, tools)):
+            obs = _observe(tokenizer, rows[i], output, max_new_tokens, max_obs)
+            if obs is not None:
+                going[i] = obs
+        turns.extend(going)
+        active = list(going)
+        if not active:
+            break
+
+
+def _turns_reprefilled(model, tokenizer, rows, prompts, G, sample, tools, max_new_tokens, max_turns, max_obs):
+    """The episode loop that re-prefills each continuing row's whole context every turn (the pre-cache path, kept
+    for comparison: bench/multiturn_cache.py)."""
+    active = list(range(len(rows)))
+    for turn in range(max_turns):
+        if not active:
+            break
+        if turn == 0:   # one prefill per prompt, shared by its G rows
+            s = generate(model, prompts, group_size=G, max_new_tokens=max_new_tokens, **sample)
+        else:           # each continuing row from its whole context
+            left = max(max_new_tokens - len(rows[i].ids) for i in active)
+            s = generate(model, [rows[i].prompt + rows[i].ids for i in active], max_new_tokens=left, **sample)
+        calls = []
+        for k, i in enumerate(active):
+            n_turn = int(s.response_mask[k].sum())
+            n = min(n_turn, max_new_tokens - len(rows[i].ids))                # a later turn may overrun this row
+            call = _record_turn(tokenizer, rows[i], s.response_ids[k, :n].tolist(), s.logp[k, :n].tolist(),
+                                bool(s.truncated[k]) or n < n_turn, turn + 1 == max_turns)
+            if call is not None:
+                calls.append((i, *call))
+        active = [i for (i, _, _), output in zip(calls, _run_tools(calls, tools))
+                  if _observe(tokenizer, rows[i], output, max_new_tokens, max_obs) is not None]
 
 
 def _run_tools(calls: list[tuple[int, str, str]], tools: dict) -> list[str]:

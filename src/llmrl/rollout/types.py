@@ -36,6 +36,8 @@ class Episode:
     turns: int                # model turns (generate calls) the row took
     tool_errors: int          # calls whose output starts with "error:"
     answer: str | None        # text of the final turn when it made no call (the answer); None: it ended on a call
+    reward: float | None = None   # an environment episode (llmrl/envs): the environment's own reward
+    error: str | None = None      # an environment episode that failed (raised, hung, malformed): why; it scores 0
 
 
 def episode_of(example) -> Episode | None:

@@ -25,6 +25,8 @@ from llmrl.credit import CREDIT
 from llmrl.data import make_task
 from llmrl.distributed import runtime as dist
 from llmrl.distributed.parallel import check_parallel, wrap_policy
+from llmrl.envs.episodes import collect_env_episodes
+from llmrl.envs.tasks import ENV_TASKS
 from llmrl.models import enable_gradient_checkpointing, load_model, load_reference, resolve_model_path
 from llmrl.models.lora import AdapterDisabledReference, add_lora
 from llmrl.models.value import Critic
@@ -219,9 +221,12 @@ def make_engine(cfg: TrainConfig):
 def make_collector(cfg: TrainConfig, demo, engine, prompt_kw: dict) -> Callable:
     """collect(model, tokenizer, examples, **sampling) -> Rollout: `collect_rollout` (on `engine` when given), or
     the multi-turn episode loop with its tools (and the `demo` exchange before each prompt) when `rollout.tools`
-    names any; the chat template and system prompt bound."""
+    names any, or an environment's own episode loop for a verifiers / OpenEnv task (llmrl/envs); the chat template
+    and system prompt bound."""
     r = cfg.rollout
+    if cfg.task.name in ENV_TASKS:          # an environment's own episodes (llmrl/envs)
+        return partial(collect_env_episodes, max_turns=r.max_turns, keep_cache=r.turn_cache, **prompt_kw)
     if not r.tools:
         return partial(collect_rollout, engine=engine, **prompt_kw)
     return partial(collect_episodes, tools=resolve_tools(r.tools), max_turns=r.max_turns,
-                   max_observation_tokens=r.max_observation_tokens, demo=demo, **prompt_kw)
+                   max_observation_tokens=r.max_observation_tokens, demo=demo, keep_cache=r.turn_cache, **prompt_kw)

@@ -65,7 +65,9 @@ def check_engine(cfg: TrainConfig) -> None:
     from llmrl.distributed import runtime as dist
     from llmrl.rollout.vllm_engine import INSTALL_HINT, vllm_available
 
-    if cfg.rollout.tools:
+    from llmrl.envs.tasks import ENV_TASKS
+
+    if cfg.rollout.tools or cfg.task.name in ENV_TASKS:
         raise ValueError("rollout.engine=vllm samples single-turn completions; multi-turn tool episodes "
                          "(rollout.tools) run on the native sampler: set rollout.engine=native")
     if cfg.run.parallel == "fsdp" and dist.world() > 1:
