@@ -1,6 +1,18 @@
-"""A scripted stand-in for the sampler's `sample_next`, shared by the episode and tool tests."""
+"""Shared test helpers: a scripted stand-in for the sampler's `sample_next` (episode and tool tests), and the tiny
+model's command-line overrides with a reward its samples differ in (CLI and engine tests)."""
 
 import torch
+
+from llmrl.rewards import REWARDS
+
+TINY = ["preset=grpo", "model.name=tiny", "model.autocast=none", "task.heldout_size=6", "rollout.prompts_per_step=2",
+        "rollout.group_size=3", "rollout.max_new_tokens=6", "run.progress=false", "run.eval_every=1"]
+
+
+@REWARDS.register("test_vowels")
+def _vowels(completions, examples):
+    """A reward the random tiny model's samples differ in, so advantages are not all zero."""
+    return [sum(ch in "aeiou" for ch in c) / max(1, len(c)) for c in completions]
 
 
 def forced_sample_next(scripts, stopped=lambda script, t: False):

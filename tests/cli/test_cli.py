@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from llmrl.cli import main
 from llmrl.rewards import REWARDS
 from llmrl.runio.metrics import read_metrics
+from scripted import TINY  # importing scripted also registers the test_vowels reward
 
 
 _row_calls = itertools.count()
@@ -27,14 +28,6 @@ def _explodes(completions, examples):
     return [float("nan")] if next(_row_calls) % 2 else [1.0]
 
 
-@REWARDS.register("test_vowels")
-def _vowels(completions, examples):
-    """A reward the random tiny model's samples differ in, so advantages are not all zero."""
-    return [sum(ch in "aeiou" for ch in c) / max(1, len(c)) for c in completions]
-
-
-TINY = ["preset=grpo", "model.name=tiny", "model.autocast=none", "task.heldout_size=6", "rollout.prompts_per_step=2",
-        "rollout.group_size=3", "rollout.max_new_tokens=6", "run.progress=false", "run.eval_every=1"]
 
 
 def run(tmp_path, *overrides, steps=2):

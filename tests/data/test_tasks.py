@@ -98,6 +98,8 @@ def test_arithmetic_bad_options(options, message):
 
 
 def test_unknown_task_lists_valid_names():
+    import llmrl.envs  # noqa: F401  (registers the environment tasks, as `llmrl train` does)
+
     with pytest.raises(KeyError, match="arithmetic, gsm8k, humaneval, jsonl, openenv, verifiers"):
         make_task("arithmatic")
     assert {"arithmetic", "jsonl"} <= set(TASKS.names())

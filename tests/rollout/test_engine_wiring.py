@@ -16,7 +16,7 @@ from llmrl.rollout.vllm_engine import (PROMPT_ALLOWANCE, _to_samples, default_op
                                        kv_cache_tokens, policy_weights)
 from llmrl.runio.metrics import read_metrics
 
-from test_cli import TINY
+from scripted import TINY
 
 
 def completion(index, ids, logps, reason):

@@ -92,6 +92,7 @@ def compare_table(a: dict, b: dict) -> str:
 
 def _training_examples(args, run_dir: Path | None) -> tuple[str, list] | None:
     """(task name, the first --decontam-samples examples of its training stream), from --train-task or the run."""
+    import llmrl.envs  # noqa: F401  (registers the verifiers and openenv tasks)
     from llmrl.data import make_task
 
     name, options = args.train_task, {}
