@@ -112,7 +112,9 @@ class CriticConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = f("ppo_clip", "policy objective name, from the objective registry")
+    name: str = f("ppo_clip", "policy objective name, from the objective registry: ppo_clip | gspo | cispo | dppo | sapo")
+    options: dict = f({}, "the objective's own keyword hyper-parameters, e.g. dppo: {divergence: kl, delta_high: 0.05}; "
+                          "sapo: {tau_pos: 1.0, tau_neg: 1.05}")
     clip_low: float = f(0.2, "PPO ratio clip below: 1 - clip_low, in [0, 1] (1 = no lower clip)", ge=0, le=1)
     clip_high: float = f(0.2, "PPO ratio clip above: 1 + clip_high", ge=0)
     kl_coef: float = f(0.0, "weight of the KL-to-reference penalty (0 = no reference model)", ge=0)

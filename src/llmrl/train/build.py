@@ -9,6 +9,7 @@ rule moves the policy: train/rules.py), so the step itself has nothing to branch
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from dataclasses import dataclass, field
 from functools import partial
@@ -20,7 +21,7 @@ import torch
 from llmrl.compute.fused import fuse_decoder_ops
 from llmrl.compute.heap import allocate_adam_state
 from llmrl.compute.settings import Execution
-from llmrl.config import TrainConfig
+from llmrl.config import ConfigError, TrainConfig
 from llmrl.credit import CREDIT
 from llmrl.data import make_task
 from llmrl.distributed import runtime as dist
@@ -110,9 +111,7 @@ def build(cfg: TrainConfig) -> Recipe:
     policy = wrap_policy(model, cfg.run.parallel)   # DDP / FSDP2 under torchrun (after the critic's copy); else model
     optimizer, scheduler = _optimizer(cfg, policy, model)
     o = cfg.objective
-    objective = partial(OBJECTIVES.get(o.name), clip_low=o.clip_low, clip_high=o.clip_high,
-                        kl_estimator=o.kl_estimator, entropy_coef=o.entropy_coef, aggregation=o.aggregation,
-                        dual_clip=o.dual_clip)
+    objective = _objective(o)
     beta = (AdaptiveKLController(o.kl_coef, o.kl_target, o.kl_horizon) if o.kl_target and o.kl_coef > 0
             else FixedKLController(o.kl_coef))
     state = checkpoint.TrainingState(model, optimizer, scheduler, gen, beta, critic and critic.critic,
@@ -175,6 +174,18 @@ def _policy_and_reference(cfg: TrainConfig, model, ex: Execution):
     for m in (model, reference) if cfg.model.fused_ops else ():   # after LoRA: a LoRA down_proj keeps HF's MLP
         fuse_decoder_ops(m)
     return model, reference
+
+
+def _objective(o) -> Callable:
+    """The policy loss objective.name names, every hyper-parameter but kl_coef bound (objective.options: its own)."""
+    fn = OBJECTIVES.get(o.name)
+    own = set(inspect.signature(fn).parameters) - set(inspect.signature(OBJECTIVES.get("ppo_clip")).parameters)
+    unknown = sorted(set(o.options) - own)
+    if unknown:
+        raise ConfigError(f"objective.options: {o.name} takes no {', '.join(unknown)}; "
+                          f"its own options: {', '.join(sorted(own)) or 'none'}")
+    return partial(fn, clip_low=o.clip_low, clip_high=o.clip_high, kl_estimator=o.kl_estimator,
+                   entropy_coef=o.entropy_coef, aggregation=o.aggregation, dual_clip=o.dual_clip, **o.options)
 
 
 def _critic(cfg: TrainConfig, model, ex: Execution) -> CriticTraining | None:
