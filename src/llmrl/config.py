@@ -66,6 +66,11 @@ class RolloutConfig:
                               "before each prompt")
     tis_cap: float = f(2.0, "engine=vllm: cap C of the truncated importance weight min(pi / mu, C) on each token's "
                             "policy-gradient term (Yao et al. 2025)", ge=1)
+    mismatch: str = f("tis_token", "engine=vllm: the correction of the engine / trainer mismatch (objectives/mismatch.py): "
+                                   "tis_token | tis_seq (truncated at tis_cap) | mis_token | mis_seq (masked beyond "
+                                   "tis_cap) | icepop (masked outside [mismatch_low, tis_cap]) | geo_seq",
+                      choices=("tis_token", "tis_seq", "mis_token", "mis_seq", "icepop", "geo_seq"))
+    mismatch_low: float = f(0.5, "engine=vllm, mismatch=icepop: the lower bound of the two-sided mask", gt=0, le=1)
     vllm_options: dict = f({}, "engine=vllm: keyword arguments for vllm.LLM, e.g. {max_model_len: 2048, "
                                "kv_cache_memory_bytes: 2147483648, enforce_eager: true}")
 

@@ -30,6 +30,7 @@ from llmrl.models import enable_gradient_checkpointing, load_model, load_referen
 from llmrl.models.lora import AdapterDisabledReference, add_lora
 from llmrl.models.value import Critic
 from llmrl.objectives.kl import AdaptiveKLController, FixedKLController
+from llmrl.objectives.mismatch import Correction
 from llmrl.objectives.policy import OBJECTIVES
 from llmrl.objectives.value import clipped_value_loss
 from llmrl.rollout.collect import collect_rollout
@@ -71,6 +72,7 @@ class Recipe:
     engine: Any                         # None: the native sampler; else a VLLMEngine
     collect: Callable                   # prompts -> Rollout (single-turn, or multi-turn tool episodes)
     stages: list[Callable]              # what credit reads beyond the scores, in order (train/stages.py)
+    mismatch: Correction                # the engine / trainer mismatch correction (objectives/mismatch.py)
     tis_in_update: bool                 # the engine's TIS weight comes from the update's own forward
     prompt_kw: dict
     eval_tokens: int
@@ -133,6 +135,7 @@ def build(cfg: TrainConfig) -> Recipe:
         scheduler=scheduler, beta=beta, objective=objective, estimator=estimator, update=UPDATES.get(o.update),
         critic=critic, engine=engine, collect=make_collector(cfg, demo, engine, prompt_kw),
         stages=stages_mod.plan(cfg, engine is not None and not tis_in_update), tis_in_update=tis_in_update,
+        mismatch=Correction(cfg.rollout.mismatch, cfg.rollout.tis_cap, cfg.rollout.mismatch_low),
         prompt_kw=prompt_kw, eval_tokens=eval_tokens, state=state, start=start, evals=evals,
         metrics_log=open_metrics(cfg, run_dir, start=start, enabled=dist.is_main()),
         samples_log=MetricsLog(run_dir / "samples.jsonl", "a" if start else "w", enabled=dist.is_main()))
