@@ -6,6 +6,8 @@ and records, for each, a SHA-256 of the final weights and of metrics.jsonl with 
     python bench/recipe_fingerprint.py --src src --out /tmp/new.json
     python bench/recipe_fingerprint.py --compare /tmp/old.json /tmp/new.json      # exit 1 on any difference
     python bench/recipe_fingerprint.py --src src --out /tmp/main.json --case main   # the README's main job (minutes)
+    python bench/recipe_fingerprint.py --src src --out /tmp/new.json --ignore zero_variance_group_fraction
+                                          # a change that only adds logged keys: digest the records without them
 
 The cases cover every optional stage of the recipe on the tiny random model (a few seconds each): GRPO, KL in the
 loss and in the reward, a critic with GAE, TRPO, Monte-Carlo values (VinePPO), process rewards, several epochs
@@ -56,11 +58,11 @@ MAIN = {"main": ["examples/main_arithmetic.yaml", "run.progress=false"]}
 WALL_CLOCK = ("time_", "tokens_per_s", "mc_time")
 
 
-def metrics_digest(path: Path) -> str:
-    """SHA-256 of metrics.jsonl, every record without its wall-clock fields."""
+def metrics_digest(path: Path, ignore: tuple[str, ...] = ()) -> str:
+    """SHA-256 of metrics.jsonl, every record without its wall-clock fields (and the `ignore`d keys)."""
     h = hashlib.sha256()
     for line in path.read_text().splitlines():
-        rec = {k: v for k, v in json.loads(line).items() if not k.startswith(WALL_CLOCK)}
+        rec = {k: v for k, v in json.loads(line).items() if not k.startswith(WALL_CLOCK) and k not in ignore}
         h.update(json.dumps(rec, sort_keys=True).encode())
     return h.hexdigest()
 
@@ -77,14 +79,14 @@ def weights_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
-def run_case(name: str, args: list[str], src: Path, out_dir: Path) -> dict:
+def run_case(name: str, args: list[str], src: Path, out_dir: Path, ignore: tuple[str, ...] = ()) -> dict:
     env = {**os.environ, "PYTHONPATH": str(src.resolve())}
     cmd = [sys.executable, "-c", RUNNER, "train", *args, f"run.name={name}", f"run.output_dir={out_dir}"]
     proc = subprocess.run(cmd, cwd=src.resolve().parent, env=env, capture_output=True, text=True)
     if proc.returncode:
         return {"error": proc.stderr[-2000:]}
     run = out_dir / name
-    return {"metrics": metrics_digest(run / "metrics.jsonl"), "weights": weights_digest(run / "final")}
+    return {"metrics": metrics_digest(run / "metrics.jsonl", ignore), "weights": weights_digest(run / "final")}
 
 
 def compare(a: dict, b: dict) -> int:
@@ -102,6 +104,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, help="write the fingerprints here (JSON)")
     ap.add_argument("--case", action="append", help="only these cases (repeat); 'main' = the README's main job")
     ap.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"))
+    ap.add_argument("--ignore", action="append", default=[], help="a metrics key left out of the digest (repeat)")
     args = ap.parse_args()
     if args.compare:
         return compare(*(json.loads(p.read_text()) for p in args.compare))
@@ -110,7 +113,7 @@ def main() -> int:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            results[name] = run_case(name, cases[name], args.src, Path(tmp))
+            results[name] = run_case(name, cases[name], args.src, Path(tmp), tuple(args.ignore))
             print(name, json.dumps(results[name])[:200], flush=True)
     args.out.write_text(json.dumps(results, indent=1))
     return 0

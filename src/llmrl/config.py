@@ -71,6 +71,18 @@ class RolloutConfig:
                                    "tis_cap) | icepop (masked outside [mismatch_low, tis_cap]) | geo_seq",
                       choices=("tis_token", "tis_seq", "mis_token", "mis_seq", "icepop", "geo_seq"))
     mismatch_low: float = f(0.5, "engine=vllm, mismatch=icepop: the lower bound of the two-sided mask", gt=0, le=1)
+    sampling: str = f("plain", "how a step's batch is drawn (train/sampling.py): plain | dynamic (DAPO: drop groups "
+                               "whose rewards have zero variance, refill with more prompts) | curriculum (replay "
+                               "prompts whose running pass rate is strictly between 0 and 1)",
+                      choices=("plain", "dynamic", "curriculum"))
+    dynamic_max_rounds: int = f(4, "sampling=dynamic: most rounds of prompts_per_step prompts sampled per step", ge=1)
+    curriculum_pool: int = f(1024, "sampling=curriculum: most prompts whose pass rates are kept", ge=1)
+    curriculum_replay: float = f(0.5, "sampling=curriculum: most share of a batch replayed from the pool", ge=0, le=1)
+    curriculum_pass: float = f(1.0, "sampling=curriculum: a sample passes when its total reward is at least this")
+    overlong_buffer: int = f(0, "DAPO soft overlong penalty: in the last N of max_new_tokens the reward falls "
+                                "linearly to -overlong_weight (0 = off; rewards/overlong.py)", ge=0)
+    overlong_weight: float = f(1.0, "weight of the soft overlong penalty", ge=0)
+    mask_truncated: bool = f(False, "responses cut at max_new_tokens are left out of the loss (DAPO's overlong filtering)")
     vllm_options: dict = f({}, "engine=vllm: keyword arguments for vllm.LLM, e.g. {max_model_len: 2048, "
                                "kv_cache_memory_bytes: 2147483648, enforce_eager: true}")
 

@@ -41,8 +41,9 @@ from llmrl.runio.metrics import MetricsLog
 from llmrl.runio.runs import start_run
 from llmrl.runio.sinks import open_metrics
 from llmrl.train import stages as stages_mod
-from llmrl.train.checks import check_credit_sources, check_engine, check_prompts_fit
+from llmrl.train.checks import check_credit_sources, check_engine, check_prompts_fit, check_sampling
 from llmrl.train.rules import UPDATES
+from llmrl.train.sampling import SAMPLING, PassRates
 from llmrl.train.schedules import lr_multiplier
 from llmrl.train.update import CriticTraining, Passes
 
@@ -71,6 +72,7 @@ class Recipe:
     critic: CriticTraining | None
     engine: Any                         # None: the native sampler; else a VLLMEngine
     collect: Callable                   # prompts -> Rollout (single-turn, or multi-turn tool episodes)
+    sample: Callable                    # how a step's batch is drawn and scored (train/sampling.py)
     stages: list[Callable]              # what credit reads beyond the scores, in order (train/stages.py)
     mismatch: Correction                # the engine / trainer mismatch correction (objectives/mismatch.py)
     tis_in_update: bool                 # the engine's TIS weight comes from the update's own forward
@@ -81,6 +83,7 @@ class Recipe:
     evals: list = field(default_factory=list)
     metrics_log: MetricsLog | None = None
     samples_log: MetricsLog | None = None
+    pass_rates: PassRates | None = None  # sampling=curriculum: the prompts' running pass rates
 
 
 def build(cfg: TrainConfig) -> Recipe:
@@ -89,6 +92,7 @@ def build(cfg: TrainConfig) -> Recipe:
     value head, LoRA) draws from the global RNG in this order."""
     dist.init()                     # joins torchrun's process group; nothing in one process
     check_credit_sources(cfg)
+    check_sampling(cfg)
     with dist.main_first():         # rank 0 sweeps or removes old checkpoints before the others look
         resume_from = checkpoint.resume_point(cfg)
     check_parallel(cfg, resume_from)
@@ -134,6 +138,7 @@ def build(cfg: TrainConfig) -> Recipe:
         tokenizer=tokenizer, model=model, policy=policy, reference=reference, optimizer=optimizer,
         scheduler=scheduler, beta=beta, objective=objective, estimator=estimator, update=UPDATES.get(o.update),
         critic=critic, engine=engine, collect=make_collector(cfg, demo, engine, prompt_kw),
+        sample=SAMPLING.get(cfg.rollout.sampling), pass_rates=PassRates(cfg.rollout.curriculum_pool),
         stages=stages_mod.plan(cfg, engine is not None and not tis_in_update), tis_in_update=tis_in_update,
         mismatch=Correction(cfg.rollout.mismatch, cfg.rollout.tis_cap, cfg.rollout.mismatch_low),
         prompt_kw=prompt_kw, eval_tokens=eval_tokens, state=state, start=start, evals=evals,
