@@ -25,6 +25,12 @@ CURVES = [
     ("KL(policy ‖ reference)", [("train", "kl_to_ref", "train"), ("eval", "heldout_kl_to_ref", "held-out")]),
     ("entropy", [("train", "entropy", "entropy")]),
     ("clip fraction", [("train", "clip_fraction", "clip fraction")]),
+    ("samples that teach nothing (fraction)", [
+        ("train", "zero_variance_group_fraction", "zero-variance groups"),
+        ("train", "duplicate_completion_fraction", "duplicates in group"),
+        ("train", "truncated_fraction", "truncated"),
+        ("train", "sampling_wasted_fraction", "dynamic sampling: dropped")]),
+    ("dynamic sampling rounds", [("train", "sampling_rounds", "rounds")]),
     ("response length (tokens)", [("train", "response_length", "train"),
                                   ("eval", "heldout_response_length", "held-out")]),
     ("time per phase (s)", [("train", "time_rollout", "rollout"), ("train", "time_reward", "reward"),
