@@ -99,8 +99,7 @@ def test_dynamic_needs_groups_of_two():
 
     with pytest.raises(ValueError, match="group_size >= 2"):
         check_sampling(config_from_dict({"rollout": {"sampling": "dynamic", "group_size": 1}}))
-    with pytest.raises(ValueError, match="overlong_buffer"):
-        check_sampling(config_from_dict({"rollout": {"max_new_tokens": 8, "overlong_buffer": 9}}))
+    check_sampling(config_from_dict({"rollout": {"sampling": "dynamic", "group_size": 2}}))
 
 
 def test_overlong_penalty_hand_computed():
@@ -112,7 +111,7 @@ def test_overlong_penalty_hand_computed():
 
 
 def test_overlong_shaping_and_truncation_masking_in_the_draw():
-    r = recipe([], max_new_tokens=3, overlong_buffer=1, overlong_weight=0.5, mask_truncated=True)
+    r = recipe([], max_new_tokens=3, overlong_buffer=0.3, overlong_weight=0.5, mask_truncated=True)   # 1 token
     out = plain(r, exs("t1", "v2"))        # t rows are 3 tokens long (the cap: -1), v rows 1 or 2 (free)
     assert out.rewards.components["overlong"].tolist() == [-1.0, -1.0, 0.0, 0.0]
     assert out.rewards.total.tolist() == [0.5, -0.5, 1.0, 0.0]

@@ -79,8 +79,9 @@ class RolloutConfig:
     curriculum_pool: int = f(1024, "sampling=curriculum: most prompts whose pass rates are kept", ge=1)
     curriculum_replay: float = f(0.5, "sampling=curriculum: most share of a batch replayed from the pool", ge=0, le=1)
     curriculum_pass: float = f(1.0, "sampling=curriculum: a sample passes when its total reward is at least this")
-    overlong_buffer: int = f(0, "DAPO soft overlong penalty: in the last N of max_new_tokens the reward falls "
-                                "linearly to -overlong_weight (0 = off; rewards/overlong.py)", ge=0)
+    overlong_buffer: float = f(0.0, "DAPO soft overlong penalty: over the last this share of max_new_tokens the "
+                                    "reward falls linearly to -overlong_weight (0 = off; DAPO: 0.2; "
+                                    "rewards/overlong.py)", ge=0, le=1)
     overlong_weight: float = f(1.0, "weight of the soft overlong penalty", ge=0)
     mask_truncated: bool = f(False, "responses cut at max_new_tokens are left out of the loss (DAPO's overlong filtering)")
     vllm_options: dict = f({}, "engine=vllm: keyword arguments for vllm.LLM, e.g. {max_model_len: 2048, "

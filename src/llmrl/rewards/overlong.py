@@ -4,7 +4,7 @@
                 ((L_max - L_cache) - |y|) / L_cache  L_max - L_cache < |y| <= L_max
                 -1                                  |y| > L_max
 
-L_max = rollout.max_new_tokens, L_cache = rollout.overlong_buffer: inside the last L_cache tokens the penalty grows
+L_max = rollout.max_new_tokens, L_cache = rollout.overlong_buffer * L_max (at least 1 token): inside the last L_cache tokens the penalty grows
 linearly from 0 to -1, so a response learns it is running long before it is cut (a cut response, |y| = L_max, gets
 -1). It is added to the reward (weight rollout.overlong_weight) as the component `overlong`; it needs the token
 length, which reward functions (text in, scores out) never see, so the sampling step adds it (train/sampling.py).

@@ -64,9 +64,6 @@ def check_sampling(cfg: TrainConfig) -> None:
     if s.sampling == "dynamic" and s.group_size < 2:
         raise ValueError("rollout.sampling=dynamic drops groups whose rewards have zero variance, and a group of "
                          "one always has none: set rollout.group_size >= 2")
-    if s.overlong_buffer > s.max_new_tokens:
-        raise ValueError(f"rollout.overlong_buffer={s.overlong_buffer} exceeds rollout.max_new_tokens="
-                         f"{s.max_new_tokens}: the penalty ramps over the last overlong_buffer tokens of the budget")
 
 
 def check_engine(cfg: TrainConfig) -> None:

@@ -63,8 +63,8 @@ def draw(r, prompts: list) -> tuple[Rollout, RewardResult, float, float]:
     rewards = dist.global_rewards(score(rollout.completions, rollout.examples, r.cfg.reward.terms), r.cfg.reward.terms)
     if s.overlong_buffer:
         lengths = rollout.attention_mask[:, rollout.prompt_len:].sum(-1)   # sampled and tool tokens, as the cap
-        rewards = with_overlong(rewards, lengths, max_len=s.max_new_tokens, buffer=s.overlong_buffer,
-                                weight=s.overlong_weight)
+        rewards = with_overlong(rewards, lengths, max_len=s.max_new_tokens, weight=s.overlong_weight,
+                                buffer=max(1, round(s.overlong_buffer * s.max_new_tokens)))
     if s.mask_truncated:
         kept = (~rollout.extras["truncated"].bool()).float()[:, None]
         rollout = rollout.with_(response_mask=rollout.response_mask * kept)
