@@ -55,7 +55,7 @@ CASES: dict[str, list[str]] = {
                 "optim.warmup_steps=1"],
 }
 MAIN = {"main": ["examples/main_arithmetic.yaml", "run.progress=false"]}
-WALL_CLOCK = ("time_", "tokens_per_s", "mc_time")
+WALL_CLOCK = ("time_", "tokens_per_s", "mc_time", "trpo_time")
 
 
 def metrics_digest(path: Path, ignore: tuple[str, ...] = ()) -> str:
