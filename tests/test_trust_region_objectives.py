@@ -193,7 +193,7 @@ def test_loop_references_exercise_the_clips():
 @pytest.mark.parametrize("seed", range(4))
 def test_gspo_token_form_is_sequence_level_gspo(seed):
     """With one advantage per sequence and seq-mean-token-mean, the GSPO-token loss has the gradient of the paper's
-    sequence objective -(1/N) sum_i min(s_i A_i, clip(s_i) A_i), s_i differentiated through every token (eq. 5)."""
+    sequence objective -(1/N) sum_i min(s_i A_i, clip(s_i) A_i), s_i differentiated through every token."""
     logp, logp_old, adv, mask = random_batch(2 * seed + 1)
     kw = {"clip_low": 0.05, "clip_high": 0.08}
     _, g, _ = grad_of(gspo_objective, logp, logp_old, adv, mask, BatchCounts.of(mask),

@@ -1,4 +1,4 @@
-"""CISPO: Clipped IS-weight Policy Optimization (MiniMax-M1, arXiv 2506.13585, eq. 4-5) — clip the weight, keep
+"""CISPO: Clipped IS-weight Policy Optimization (MiniMax-M1, arXiv 2506.13585) — clip the weight, keep
 every token's gradient.
 
 Notation: N sequences, T response tokens; `mask` [N, T] is 1 on tokens the policy chose; r = pi / pi_old per token.
@@ -12,7 +12,7 @@ the importance-sampling WEIGHT instead and stops its gradient, so the token stil
 
 The loss is written as -sg(clip(r)) * A * exp(log pi - sg(log pi)): the same gradient (d exp(x - sg x) / dx = 1 at
 the point) with the value -clip(r) A, which reads as a surrogate in the logs. MiniMax-M1 aggregates by token
-(`token-mean`, eq. 4) and sets no lower bound in practice (eps_low large: `clip_low: 1.0` makes the bound 0);
+(`token-mean`) and sets no lower bound in practice (eps_low large: `clip_low: 1.0` makes the bound 0);
 `clip_high` is the one they tune. Nothing is masked; `clip_fraction` counts the tokens whose weight was clipped.
 """
 

@@ -2,19 +2,19 @@
 
 Notation: N sequences, T response tokens; `mask` [N, T] is 1 on tokens the policy chose, |y_i| = sum_t mask_it.
 
-The importance ratio of sequence i is the length-normalised (geometric-mean) likelihood ratio (eq. 7)
+The importance ratio of sequence i is the length-normalised (geometric-mean) likelihood ratio
 
     s_i = (pi(y_i | x) / pi_old(y_i | x)) ^ (1 / |y_i|) = exp( (1 / |y_i|) sum_t log(pi(y_it) / pi_old(y_it)) )
 
 and it is clipped per SEQUENCE, not per token: every token of a sequence whose s_i left [1 - eps_low, 1 + eps_high]
-in the direction its advantage pushes loses its gradient together (eq. 5, with the paper's tiny eps, 3e-4 / 4e-4).
-This is the token form GSPO-token (eq. 13), which admits per-token advantages:
+in the direction its advantage pushes loses its gradient together (the paper's eps are tiny: 3e-4 / 4e-4).
+This is the paper's token form, GSPO-token, which admits per-token advantages:
 
     s_it = sg(s_i) * pi(y_it) / sg(pi(y_it))               (value s_i; d s_it / d theta = s_i grad log pi(y_it))
     per-token loss = -min(s_it A_it, clip(s_it, 1 - eps_low, 1 + eps_high) A_it)
 
 With one advantage per sequence (GRPO) and `seq-mean-token-mean` aggregation, its gradient is the paper's GSPO
-gradient (eq. 10): -(1 / N) sum_i s_i A_i (1 / |y_i|) sum_t grad log pi(y_it) over the unclipped sequences. The other
+gradient: -(1 / N) sum_i s_i A_i (1 / |y_i|) sum_t grad log pi(y_it) over the unclipped sequences. The other
 aggregations weigh the same per-token terms as they do for ppo_clip. Masked positions (tool output) count neither
 in s_i nor in |y_i|. On one on-policy pass s_i = 1 and GSPO is the policy gradient of its aggregation.
 """
@@ -57,8 +57,8 @@ def gspo_objective(
     aggregation: str = "seq-mean-token-mean",
 ) -> ObjectiveOutput:
     """GSPO-token loss (module docstring) + the shared KL and entropy terms. `is_weight` multiplies each token's
-    term after the clip, as in ppo_clip. Metrics: `clip_fraction` = fraction of SEQUENCES whose ratio was clipped,
-    `seq_ratio_mean`, and those of `regularizers`."""
+    term after the clip, as in ppo_clip. Metrics: `clip_fraction` = the share of tokens in sequences whose ratio was
+    clipped (a token share, as every objective's, so it adds up over micro-batches), and those of `regularizers`."""
     no_dual_clip("gspo", dual_clip)
     log_s = sequence_log_ratio(logp.detach(), logp_old, mask)                       # [N]
     s_tok = torch.exp(log_s[:, None] + logp - logp.detach())                        # [N, T]: value s_i
@@ -67,11 +67,9 @@ def gspo_objective(
     pg = -torch.minimum(unclipped, clipped)
     if is_weight is not None:
         pg = pg * is_weight.detach()
-    was_clipped = (clipped < unclipped) & mask.bool()
-    seq_clipped = was_clipped.any(-1).float()                                      # [N]
+    seq_clipped = ((clipped < unclipped) & mask.bool()).any(-1, keepdim=True)    # [N, 1]
     losses = {"loss_policy": aggregate(pg, mask, aggregation, counts)}
-    metrics = {"clip_fraction": (seq_clipped.sum() / counts.num_seqs).detach(),
-               "seq_ratio_mean": (log_s.exp().sum() / counts.num_seqs).detach()}
+    metrics = {"clip_fraction": aggregate(seq_clipped.expand_as(pg).float(), mask, "token-mean", counts).detach()}
     reg_losses, reg_metrics = regularizers(logp, logp_old, mask, counts, logp_ref=logp_ref, entropy=entropy,
                                            kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
                                            aggregation=aggregation)

@@ -1,4 +1,4 @@
-"""SAPO: Soft Adaptive Policy Optimization (Gao et al. 2025, arXiv 2511.20347) — a smooth gate instead of a clip.
+"""SAPO: Soft Adaptive Policy Optimization (Qwen team, Gao et al. 2025, arXiv 2511.20347) — a smooth gate instead of a clip.
 
 Notation: N sequences, T response tokens; `mask` [N, T] is 1 on tokens the policy chose; r = pi / pi_old per token.
 

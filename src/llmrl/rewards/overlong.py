@@ -1,4 +1,4 @@
-"""DAPO's soft overlong punishment (Yu et al. 2025, arXiv 2503.14476, eq. 13): a length-aware reward term.
+"""DAPO's soft overlong punishment (Yu et al. 2025, arXiv 2503.14476): a length-aware reward term.
 
     R_len(y) =  0                                   |y| <= L_max - L_cache
                 ((L_max - L_cache) - |y|) / L_cache  L_max - L_cache < |y| <= L_max
