@@ -291,3 +291,15 @@ def test_registered_with_the_shared_signature():
     base = set(inspect.signature(ppo_clip_objective).parameters)
     for name in ("gspo", "cispo", "dppo", "sapo"):
         assert base <= set(inspect.signature(OBJECTIVES.get(name)).parameters), name
+
+
+def test_objective_options_are_checked_against_the_objective():
+    from llmrl.config import ConfigError, config_from_dict
+    from llmrl.train.build import _objective
+
+    fn = _objective(config_from_dict({"objective": {"name": "dppo", "options": {"divergence": "kl"}}}).objective)
+    assert fn.func is dppo_objective and fn.keywords["divergence"] == "kl"
+    with pytest.raises(ConfigError, match="gspo takes no delta_low; its own options: none"):
+        _objective(config_from_dict({"objective": {"name": "gspo", "options": {"delta_low": 0.1}}}).objective)
+    with pytest.raises(ConfigError, match="divergence"):
+        _objective(config_from_dict({"objective": {"name": "dppo", "options": {"delta": 0.1}}}).objective)
