@@ -4,7 +4,8 @@ Every (task, preset) pair trains SmolLM2-135M-Instruct (examples/arithmetic_base
 for `--minutes` of training (held-out evaluations not counted: run.time_limit_minutes), evaluating greedily on the
 task's held-out problems every `--eval-every` steps. The table gives held-out accuracy before, after and at the
 first evaluation past 5 minutes, the entropy over the last steps and the share of groups with zero reward variance;
-one SVG per task plots held-out accuracy and one the per-step entropy, against training minutes.
+one SVG per task plots held-out accuracy and one the per-step entropy (`sampled_entropy`: -log p of the sampled
+tokens, measured on every step, even one whose advantages are all 0), against training minutes.
 
     python bench/learning.py --minutes 20                                     # the full benchmark (~7 hours here)
     python bench/learning.py --minutes 0.2 --presets grpo,dapo --tasks arithmetic --heldout 8 \\
@@ -55,7 +56,7 @@ def curves(run_dir: Path) -> dict:
         if rec["kind"] == "train":
             t += rec.get("time_step", 0.0) / 60
             minutes[rec["step"]] = t
-            ent.append((t, rec.get("entropy")))
+            ent.append((t, rec.get("sampled_entropy", rec.get("entropy"))))
             zero.append(rec.get("zero_variance_group_fraction"))
         elif rec["kind"] == "eval":
             acc.append((minutes.get(rec["step"], t), rec["heldout_accuracy"]))

@@ -176,3 +176,8 @@ def test_dynamic_sampling_on_two_ranks_takes_one_decision(tmp_path):
     for x in ranks:
         assert x["stats"]["sampling_prompts_drawn"] == 12 and x["stats"]["sampling_prompts_kept"] == 2
         assert x["stats"]["zero_variance_group_fraction"] == pytest.approx(9 / 12)
+
+
+def test_sampled_entropy_is_the_mean_negative_log_prob_of_the_chosen_tokens():
+    out = plain(recipe([]), exs("v1", "z2"))          # logp_old = -1 on every chosen token (the scripted sampler)
+    assert out.stats["sampled_entropy"] == pytest.approx(1.0)

@@ -23,7 +23,7 @@ CURVES = [
     ("reward", [("train", "reward", "total"), ("train", "reward/*", None)]),
     ("held-out accuracy", [("eval", "heldout_accuracy", "held-out")]),
     ("KL(policy ‖ reference)", [("train", "kl_to_ref", "train"), ("eval", "heldout_kl_to_ref", "held-out")]),
-    ("entropy", [("train", "entropy", "entropy")]),
+    ("entropy", [("train", "entropy", "entropy"), ("train", "sampled_entropy", "-log p of the sampled tokens")]),
     ("clip fraction", [("train", "clip_fraction", "clip fraction")]),
     ("samples that teach nothing (fraction)", [
         ("train", "zero_variance_group_fraction", "zero-variance groups"),

@@ -14,7 +14,9 @@
 Every strategy applies the same shaping to what it draws (`draw`): DAPO's soft overlong penalty as a reward term
 (rollout.overlong_buffer > 0; rewards/overlong.py) and truncation masking (rollout.mask_truncated: a response cut at
 max_new_tokens leaves the loss). `stats` (global over torchrun's ranks, logged per step): the fraction of drawn
-groups with zero reward variance, the fraction of duplicate completions within groups, and for `dynamic` the
+groups with zero reward variance, the fraction of duplicate completions within groups, `sampled_entropy` = the
+mean -log p of the sampled tokens under the sampler (a Monte-Carlo estimate of the per-token entropy, E[-log p(x)]
+= H, measured even on a step whose advantages are all 0 and whose update computes nothing), and for `dynamic` the
 prompts drawn and kept, the wasted fraction and the rounds.
 
 Under torchrun every decision is taken from global counts (`dist.any_rank`, `dist.all_max`), so every rank samples
@@ -73,7 +75,8 @@ def draw(r, prompts: list) -> tuple[Rollout, RewardResult, float, float]:
 
 def group_counts(rollout: Rollout, rewards: RewardResult) -> tuple[torch.Tensor, dict[str, float]]:
     """(which groups have reward variance [number of groups] bool, this rank's counts: groups, zero-variance
-    groups, rows, duplicate rows: a completion equal to an earlier one of its group)."""
+    groups, rows, duplicate rows: a completion equal to an earlier one of its group, chosen tokens and their summed
+    -log p under the sampler)."""
     ids = rollout.group_ids.unique(sorted=True)
     varied, dups = [], 0
     for g in ids.tolist():
@@ -83,8 +86,10 @@ def group_counts(rollout: Rollout, rewards: RewardResult) -> tuple[torch.Tensor,
         texts = [rollout.completions[i] for i in rows.tolist()]
         dups += len(texts) - len(set(texts))
     varied_t = torch.tensor(varied, dtype=torch.bool)
+    chosen = rollout.response_mask.bool()
     return varied_t, {"groups": float(len(ids)), "zero_variance": float((~varied_t).sum()),
-                      "rows": float(len(rollout.completions)), "duplicates": float(dups)}
+                      "rows": float(len(rollout.completions)), "duplicates": float(dups),
+                      "tokens": float(chosen.sum()), "nll": -float(rollout.logp_old[chosen].sum())}
 
 
 def take_rows(rollout: Rollout, rewards: RewardResult, idx: torch.Tensor) -> tuple[Rollout, RewardResult]:
@@ -108,7 +113,8 @@ def batch_stats(counts: dict[str, float]) -> dict[str, float]:
     """The logged fractions from global counts."""
     c = dist.sum_values(counts)
     return {"zero_variance_group_fraction": c["zero_variance"] / max(c["groups"], 1.0),
-            "duplicate_completion_fraction": c["duplicates"] / max(c["rows"], 1.0)}
+            "duplicate_completion_fraction": c["duplicates"] / max(c["rows"], 1.0),
+            "sampled_entropy": c["nll"] / max(c["tokens"], 1.0)}
 
 
 @SAMPLING.register("plain")
