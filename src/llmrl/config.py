@@ -78,6 +78,24 @@ class RolloutConfig:
                                "observations to it; false re-prefills the whole context every turn")
     tis_cap: float = f(2.0, "engine=vllm: cap C of the truncated importance weight min(pi / mu, C) on each token's "
                             "policy-gradient term (Yao et al. 2025)", ge=1)
+    mismatch: str = f("tis_token", "engine=vllm: the correction of the engine / trainer mismatch (objectives/mismatch.py): "
+                                   "tis_token | tis_seq (truncated at tis_cap) | mis_token | mis_seq (masked beyond "
+                                   "tis_cap) | icepop (masked outside [mismatch_low, tis_cap]) | geo_seq",
+                      choices=("tis_token", "tis_seq", "mis_token", "mis_seq", "icepop", "geo_seq"))
+    mismatch_low: float = f(0.5, "engine=vllm, mismatch=icepop: the lower bound of the two-sided mask", gt=0, le=1)
+    sampling: str = f("plain", "how a step's batch is drawn (train/sampling.py): plain | dynamic (DAPO: drop groups "
+                               "whose rewards have zero variance, refill with more prompts) | curriculum (replay "
+                               "prompts whose running pass rate is strictly between 0 and 1)",
+                      choices=("plain", "dynamic", "curriculum"))
+    dynamic_max_rounds: int = f(4, "sampling=dynamic: most rounds of prompts_per_step prompts sampled per step", ge=1)
+    curriculum_pool: int = f(1024, "sampling=curriculum: most prompts whose pass rates are kept", ge=1)
+    curriculum_replay: float = f(0.5, "sampling=curriculum: most share of a batch replayed from the pool", ge=0, le=1)
+    curriculum_pass: float = f(1.0, "sampling=curriculum: a sample passes when its total reward is at least this")
+    overlong_buffer: float = f(0.0, "DAPO soft overlong penalty: over the last this share of max_new_tokens the "
+                                    "reward falls linearly to -overlong_weight (0 = off; DAPO: 0.2; "
+                                    "rewards/overlong.py)", ge=0, le=1)
+    overlong_weight: float = f(1.0, "weight of the soft overlong penalty", ge=0)
+    mask_truncated: bool = f(False, "responses cut at max_new_tokens are left out of the loss (DAPO's overlong filtering)")
     vllm_options: dict = f({}, "engine=vllm: keyword arguments for vllm.LLM, e.g. {max_model_len: 2048, "
                                "kv_cache_memory_bytes: 2147483648, enforce_eager: true}")
 
@@ -124,7 +142,9 @@ class CriticConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = f("ppo_clip", "policy objective name, from the objective registry")
+    name: str = f("ppo_clip", "policy objective name, from the objective registry: ppo_clip | gspo | cispo | dppo | sapo")
+    options: dict = f({}, "the objective's own keyword hyper-parameters, e.g. dppo: {divergence: kl, delta_high: 0.05}; "
+                          "sapo: {tau_pos: 1.0, tau_neg: 1.05}")
     clip_low: float = f(0.2, "PPO ratio clip below: 1 - clip_low, in [0, 1] (1 = no lower clip)", ge=0, le=1)
     clip_high: float = f(0.2, "PPO ratio clip above: 1 + clip_high", ge=0)
     kl_coef: float = f(0.0, "weight of the KL-to-reference penalty (0 = no reference model)", ge=0)

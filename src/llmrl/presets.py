@@ -9,6 +9,15 @@ objective and which constraints; anything it sets, a config file or a `key=value
     ppo          = critic + GAE + PPO clip + k1 KL in the reward                      (Ouyang et al. 2022)
     trpo         = critic + GAE + natural-gradient step under a KL bound             (Schulman et al. 2015)
     vineppo      = Monte-Carlo step values from branched rollouts + PPO clip          (Kazemnejad et al. 2024)
+    dapo         = group baseline + clip-higher [0.8, 1.28] + token-level loss + dynamic sampling + soft overlong
+                   penalty, no KL                                                     (Yu et al. 2025)
+    gspo         = group baseline + sequence-level ratio clipped per sequence          (Zheng et al. 2025)
+    cispo        = group baseline + clipped, detached IS weight on every token        (MiniMax 2025)
+    dppo         = group baseline + binary-TV divergence mask instead of ratio clip   (Qi et al. 2026)
+
+The last four take two minibatches per rollout (two optimizer steps on halves of it): on one on-policy pass every
+ratio is exactly 1 and each of these objectives is the plain policy gradient (tests/test_trust_region_objectives.py),
+so only data reuse lets their trust regions act.
 """
 
 from __future__ import annotations
@@ -54,7 +63,32 @@ PRESETS: dict[str, dict] = {
                    "mc_samples": 4},
         "objective": {"name": "ppo_clip", "clip_low": 0.2, "clip_high": 0.2, "kl_coef": 0.0, "aggregation": "token-mean"},
     },
+    "dapo": {
+        "credit": {"estimator": "grpo", "options": {"normalize_std": True}, "values": "none"},
+        "objective": {"name": "ppo_clip", "clip_low": 0.2, "clip_high": 0.28, "kl_coef": 0.0,
+                      "aggregation": "token-mean", "minibatches": 2},
+        "rollout": {"sampling": "dynamic", "dynamic_max_rounds": 4, "overlong_buffer": 0.2, "overlong_weight": 1.0},
+    },
+    "gspo": {
+        "credit": {"estimator": "grpo", "options": {"normalize_std": True}, "values": "none"},
+        "objective": {"name": "gspo", "clip_low": 3.0e-4, "clip_high": 4.0e-4, "kl_coef": 0.0,
+                      "aggregation": "seq-mean-token-mean", "minibatches": 2},
+    },
+    "cispo": {
+        "credit": {"estimator": "grpo", "options": {"normalize_std": True}, "values": "none"},
+        "objective": {"name": "cispo", "clip_low": 1.0, "clip_high": 4.0, "kl_coef": 0.0,
+                      "aggregation": "token-mean", "minibatches": 2},
+    },
+    "dppo": {
+        "credit": {"estimator": "grpo", "options": {"normalize_std": True}, "values": "none"},
+        "objective": {"name": "dppo", "options": {"divergence": "tv", "delta_low": 0.1, "delta_high": 0.1},
+                      "kl_coef": 0.0, "aggregation": "token-mean", "minibatches": 2},
+    },
 }
+
+
+def _bound(x: float) -> str:
+    return f"{x:.2f}" if round(x, 2) == x else f"{x:.5g}"
 
 
 def describe_preset(name: str) -> str:
@@ -68,6 +102,12 @@ def describe_preset(name: str) -> str:
           if o.get("kl_coef") else "no KL")
     clip = ("no clip" if o.get("clip_high", 0) >= 1e6
             else f"TRPO step, KL(old || new) <= {o['max_kl']}" if o.get("update") == "trpo"
-            else f"PPO clip [{1 - o['clip_low']:.2f}, {1 + o['clip_high']:.2f}]")
+            else f"options {o['options']}" if "options" in o
+            else f"{'PPO clip' if o['name'] == 'ppo_clip' else 'clip'} [{_bound(1 - o['clip_low'])}, "
+                 f"{_bound(1 + o['clip_high'])}]")
     objective = "natural gradient" if o.get("update") == "trpo" else o["name"]
-    return f"credit={c['estimator']}({opts}){values} | objective={objective}: {clip}, {kl}, aggregation={o['aggregation']}"
+    reuse = f", {o['minibatches']} minibatches" if o.get("minibatches", 1) > 1 else ""
+    r = p.get("rollout", {})
+    sampling = "".join(f", {k}={v}" for k, v in r.items())
+    return (f"credit={c['estimator']}({opts}){values} | objective={objective}: {clip}, {kl}, "
+            f"aggregation={o['aggregation']}{reuse}{sampling}")

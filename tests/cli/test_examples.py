@@ -18,7 +18,8 @@ SMALL = ["model.name=tiny", "model.autocast=none", "task.heldout_size=2", "rollo
 
 def test_the_rl_examples_are_all_here():
     for name in ("reinforce_arithmetic.yaml", "ppo_arithmetic.yaml", "grpo_arithmetic.yaml", "trpo_arithmetic.yaml",
-                 "main_arithmetic.yaml", "hierarchical_arithmetic.yaml", "code_humaneval.yaml"):
+                 "main_arithmetic.yaml", "hierarchical_arithmetic.yaml", "code_humaneval.yaml",
+                 "dapo_arithmetic.yaml", "gspo_arithmetic.yaml", "cispo_arithmetic.yaml", "dppo_arithmetic.yaml"):
         assert name in RL_EXAMPLES
 
 
@@ -30,3 +31,14 @@ def test_example_runs_one_step_on_the_tiny_model(name, tmp_path):
     train = [r for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if r["kind"] == "train"]
     assert len(train) == 1 and "reward" in train[0]
     assert (tmp_path / "r" / "final" / "llmrl_config.yaml").exists()
+
+
+def test_dapo_example_samples_dynamically_and_logs_it(tmp_path):
+    """A reward that varies within groups (length), so dynamic sampling keeps groups; its counters are logged."""
+    varied = "reward.terms=[{name: correct}, {name: length_penalty, options: {target_chars: 100}}]"
+    assert main(["train", str(ROOT / "examples" / "dapo_arithmetic.yaml"), *SMALL, varied,
+                 f"run.output_dir={tmp_path}", "run.name=r"]) == 0
+    (rec,) = [r for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if r["kind"] == "train"]
+    assert rec["sampling_rounds"] >= 1 and rec["sampling_prompts_drawn"] >= 2
+    assert 0 <= rec["sampling_wasted_fraction"] <= 1 and "reward/overlong" in rec
+    assert {"zero_variance_group_fraction", "duplicate_completion_fraction", "entropy"} <= set(rec)

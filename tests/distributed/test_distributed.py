@@ -337,3 +337,13 @@ def test_prompts_that_do_not_split_evenly_over_ranks_are_refused(monkeypatch):
     monkeypatch.setattr(D, "world", lambda: 3)
     with pytest.raises(ValueError, match="must divide by the number of ranks"):
         D.split_prompts([1, 2, 3, 4])
+
+
+@pytest.mark.slow
+def test_torchrun_dynamic_sampling_runs_without_a_hang(tmp_path):
+    """Every rank takes the same number of rounds (the tiny model's groups all score 0, so every round is dropped
+    and the bound ends the loop on both ranks together)."""
+    _torchrun(tmp_path, "run.steps=1", "rollout.sampling=dynamic", "rollout.dynamic_max_rounds=2")
+    (rec,) = [x for x in map(json.loads, (tmp_path / "r" / "metrics.jsonl").read_text().splitlines())
+              if x["kind"] == "train"]
+    assert rec["sampling_rounds"] == 2 and rec["sampling_prompts_drawn"] == 4 and rec["update_rows"] == 8

@@ -138,3 +138,49 @@ def test_estimator_gradient_hand_derived():
         logp = log_r.clone().requires_grad_()
         (d,) = torch.autograd.grad(kl_estimate(logp, torch.zeros((), dtype=torch.float64), kind), logp)
         assert float(d) == pytest.approx(w, abs=1e-12), kind
+
+
+# ----------------------------------------------------------------------------- reused data: the ratio weight
+
+def old_policy(seed):
+    g = torch.Generator().manual_seed(100 + seed)
+    return torch.log_softmax(torch.randn(K, generator=g, dtype=torch.float64), -1)
+
+
+def in_loss_off_policy(theta, logq, logp_old, kind, weighted):
+    """E_{x~pi_old}[grad term(x)]: tokens of a reused rollout, sampled by pi_old, the term weighted or not."""
+    from llmrl.objectives.policy import off_policy_kl
+
+    logp = torch.log_softmax(theta, -1)
+    term = off_policy_kl(logp, logp_old, logq, kind) if weighted else kl_estimate(logp, logq, kind)
+    return grad((logp_old.exp() * term).sum(), theta)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_reused_data_kl_in_loss_is_exact_once_weighted(seed):
+    """epochs or minibatches > 1: the rollout came from pi_old != pi. With the detached weight pi / pi_old, k2 in the
+    loss has exactly the reverse-KL gradient (and k3 the forward one) of the current policy; without it, neither."""
+    theta, logq = setup(seed)
+    logp_old = old_policy(seed)
+    g_rev, g_fwd = truths(theta, logq)
+    assert close(in_loss_off_policy(theta, logq, logp_old, "k2", weighted=True), g_rev)
+    assert close(in_loss_off_policy(theta, logq, logp_old, "k3", weighted=True), g_fwd)
+    assert not torch.allclose(in_loss_off_policy(theta, logq, logp_old, "k2", weighted=False), g_rev, atol=1e-3)
+
+
+def test_objective_kl_term_is_the_weighted_one_and_on_policy_unchanged():
+    from llmrl.objectives.policy import BatchCounts, aggregate, off_policy_kl, ppo_clip_objective
+
+    g = torch.Generator().manual_seed(0)
+    logp, logp_ref = torch.randn(3, 4, generator=g) - 2, torch.randn(3, 4, generator=g) - 2
+    logp_old = logp + 0.3 * torch.randn(3, 4, generator=g)
+    m, adv = torch.ones(3, 4), torch.randn(3, 4, generator=g)
+    c = BatchCounts.of(m)
+    out = ppo_clip_objective(logp, logp_old, adv, m, c, logp_ref=logp_ref, kl_coef=0.5, kl_estimator="k2")
+    want = 0.5 * aggregate(off_policy_kl(logp, logp_old, logp_ref, "k2"), m, "token-mean", c)
+    assert torch.equal(out.losses["loss_kl_to_ref"], want)
+    assert not torch.allclose(want, 0.5 * aggregate(kl_estimate(logp, logp_ref, "k2"), m, "token-mean", c))
+    # one on-policy pass: pi_old = sg(pi), the weight is exactly 1 and the term bit for bit the unweighted one
+    lp = logp.clone().requires_grad_()
+    on = off_policy_kl(lp, lp.detach(), logp_ref, "k3")
+    assert torch.equal(on, kl_estimate(lp, logp_ref, "k3"))

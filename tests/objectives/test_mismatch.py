@@ -86,3 +86,59 @@ def test_truncation_bounds_a_token_the_sampler_undersampled():
     # mu gave the token e^-6 of pi's probability: the untruncated weight e^6 would dominate the batch
     w = truncated_is_weight(t([[math.log(0.5), math.log(0.5)]]), t([[math.log(0.5) - 6, math.log(0.5)]]), cap=2.0)
     assert w.tolist() == [[2.0, 1.0]]
+
+
+# ----------------------------------------------------------------------------- the corrections registry
+
+def batch():
+    # r = pi_old / mu per token: row 0: 2, 0.25, 3 (all chosen); row 1: 1.5, 0.5, [8 on padding]
+    logp_sampler = torch.zeros(2, 3)
+    logp_policy = torch.log(t([[2.0, 0.25, 3.0], [1.5, 0.5, 8.0]]))
+    mask = t([[1, 1, 1], [1, 1, 0]])
+    return logp_policy, logp_sampler, mask
+
+
+def test_corrections_hand_computed():
+    from llmrl.objectives.mismatch import Correction
+
+    lp, ls, m = batch()
+    want = {
+        "tis_token": [[2.0, 0.25, 2.5], [1.5, 0.5, 2.5]],
+        "mis_token": [[2.0, 0.25, 0.0], [1.5, 0.5, 0.0]],       # r = 3 > 2.5: dropped, not truncated
+        "icepop": [[2.0, 0.0, 0.0], [1.5, 0.5, 0.0]],           # outside [0.5, 2.5] either way: dropped
+        "tis_seq": [[1.5] * 3, [0.75] * 3],                     # rho = 2 * 0.25 * 3 = 1.5; 1.5 * 0.5 = 0.75
+        "mis_seq": [[1.5] * 3, [0.75] * 3],
+        "geo_seq": [[1.5 ** (1 / 3)] * 3, [0.75 ** 0.5] * 3],   # the padding's 8 counts in neither
+    }
+    for name, w in want.items():
+        got = Correction(name, cap=2.5, low=0.5)(lp, ls, m)
+        assert torch.allclose(got, t(w), atol=1e-6), name
+        assert not got.requires_grad
+    # a sequence beyond the cap: truncated (tis_seq) or dropped whole (mis_seq)
+    assert torch.allclose(Correction("tis_seq", cap=1.2)(lp, ls, m), t([[1.2] * 3, [0.75] * 3]), atol=1e-6)
+    assert torch.allclose(Correction("mis_seq", cap=1.2)(lp, ls, m), t([[0.0] * 3, [0.75] * 3]), atol=1e-6)
+
+
+def test_every_correction_is_one_without_mismatch_and_config_lists_them_all():
+    from llmrl.config import RolloutConfig
+    from llmrl.objectives.mismatch import MISMATCH, Correction
+    import dataclasses
+
+    g = torch.Generator().manual_seed(0)
+    lp = -torch.rand(4, 6, generator=g)
+    m = (torch.rand(4, 6, generator=g) > 0.3).float()
+    for name in MISMATCH.names():
+        assert torch.equal(Correction(name)(lp, lp, m), torch.ones(4, 6)), name
+    field = next(f for f in dataclasses.fields(RolloutConfig) if f.name == "mismatch")
+    assert set(field.metadata["choices"]) == set(MISMATCH.names())
+
+
+def test_correction_bounds_are_checked():
+    from llmrl.objectives.mismatch import Correction
+
+    with pytest.raises(KeyError, match="tis_token"):
+        Correction("tis")
+    with pytest.raises(ValueError, match="cap >= 1"):
+        Correction("icepop", cap=0.9)
+    with pytest.raises(ValueError, match="low"):
+        Correction("icepop", low=1.5)

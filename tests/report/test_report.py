@@ -48,7 +48,8 @@ def train_row(step, **extra):
             "reward_failures": 0, "kl_to_ref": 0.01 * step, "entropy": 1.0 - 0.05 * step, "clip_fraction": 0.02,
             "response_length": 20 + step, "tokens_per_s": 50.0, "time_rollout": 1.0, "time_reward": 0.1,
             "time_ref_values": 0.3, "time_update": 2.0, "time_step": 3.4, "lr": 1e-5, "grad_norm": 0.7,
-            "loss_policy": -0.01, **extra}
+            "loss_policy": -0.01, "zero_variance_group_fraction": 0.5, "duplicate_completion_fraction": 0.25,
+            "truncated_fraction": 0.1 * step, **extra}
 
 
 def sample(step, group, reward, tokens, advantages, mask=None, step_ids=None, completion=None):
@@ -103,7 +104,8 @@ def test_report_structure(run_dir):
     assert {k: int(a["data-series"]) for k, a in charts.items()} == {
         "reward": 3, "held-out accuracy": 1, "KL(policy ‖ reference)": 2, "entropy": 1, "clip fraction": 1,
         "response length (tokens)": 2, "time per phase (s)": 5, "losses": 1, "gradient norm": 1,
-        "learning rate": 1, "rollout tokens / s": 1, "reward failures": 1}
+        "learning rate": 1, "rollout tokens / s": 1, "reward failures": 1,
+        "samples that teach nothing (fraction)": 3}
     assert all(a["d"].startswith("M") for a, _ in page.find("path", "series"))
     kl = next(a["d"] for a, s in page.find("path", "series") if page.elements[s][1]["aria-label"].startswith("KL"))
     assert kl.count("M") == 2                              # the null at step 4 breaks the train KL line
@@ -170,7 +172,7 @@ def test_report_renders_in_chromium(run_dir, tmp_path):
     body = page.find("body")[0][0]
     n_series = len(page.find("path", "series"))
     assert body.get("data-ready") == "1" and "data-pwned" not in body      # our JS ran, the hostile text did not
-    assert n_series == 20 and int(body["data-drawn"]) == n_series           # every series has a rendered box
+    assert n_series == 23 and int(body["data-drawn"]) == n_series           # every series has a rendered box
     png = tmp_path / "shot.png"
     chromium(tmp_path, f"--screenshot={png}", "--window-size=1200,3000", path.as_uri())
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

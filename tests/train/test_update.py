@@ -128,9 +128,9 @@ def test_bf16_autocast_matches_fp32_loss_and_gradient(tiny):
 
 
 def test_engine_tis_in_the_update_equals_a_forward_before_it(tiny, rollout):
-    """engine_tis_cap: pi_old and the TIS weight from the update's own forward give the step that a separate
+    """engine_correction: pi_old and the TIS weight from the update's own forward give the step that a separate
     forward over the rollout (logp_old = pi, is_weight = min(pi / mu, cap)) gives, and the mismatch stats."""
-    from llmrl.objectives.mismatch import truncated_is_weight
+    from llmrl.objectives.mismatch import Correction, truncated_is_weight
     from llmrl.compute.batches import batched_logprobs
 
     model, _ = tiny
@@ -144,14 +144,14 @@ def test_engine_tis_in_the_update_equals_a_forward_before_it(tiny, rollout):
                             Execution(micro_batch_size=2, max_len=6), Passes(max_grad_norm=1e9), **kw)
         return out, torch.cat([p.detach().flatten() for p in m.parameters()])
 
-    out, got = run(rollout.with_(logp_old=mu), engine_tis_cap=1.2)
+    out, got = run(rollout.with_(logp_old=mu), engine_correction=Correction("tis_token", cap=1.2))
     _, want = run(rollout.with_(logp_old=pi, is_weight=truncated_is_weight(pi, mu, cap=1.2)))
     assert torch.allclose(got, want, atol=1e-6)
     assert out["mismatch_logp_abs_max"] == pytest.approx(0.3, abs=1e-4)
     assert 0 < out["tis_truncated_fraction"] < 1          # exp(0.3) > 1.2 > exp(0.1): some rows are truncated
     with pytest.raises(ValueError, match="one on-policy"):
         policy_update(model, None, rollout, adv, ppo_clip_objective, Execution(micro_batch_size=2, max_len=6),
-                      Passes(epochs=2), engine_tis_cap=1.2)
+                      Passes(epochs=2), engine_correction=Correction("tis_token", cap=1.2))
 
 
 def test_gradients_are_freed_after_the_step(tiny, rollout):

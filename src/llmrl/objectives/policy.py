@@ -8,9 +8,13 @@ Every function returns tensors and named outputs; the trainer sums the `loss_*` 
     clipped:      min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)   (PPO, Schulman et al. 2017, eq. 7;
                                                                     asymmetric bounds as in DAPO, Yu et al. 2025)
     dual clip:    max(min(r A, clip(r) A), c A) where A < 0         (Ye et al. 2020, eq. 5)
-    KL in loss:   beta * KL_est(pi || pi_ref) per token            (k1/k2/k3, Schulman 2020 "Approximating KL")
+    KL in loss:   beta * sg(pi / pi_old) * KL_est(pi || pi_ref) per token  (k1/k2/k3, Schulman 2020 "Approximating
+                                                                    KL"; the detached ratio: `off_policy_kl`)
     KL in reward: -beta * log(pi_old / pi_ref) per token            (Ziegler et al. 2019; `kl.kl_in_reward`)
     TIS weight:   w * (clipped loss) per token, w = min(pi_old / mu, C) (Yao et al. 2025; `mismatch.truncated_is_weight`)
+
+Every objective in this package (ppo_clip here; gspo, cispo, dppo, sapo, each in its own file) has the signature
+of `ppo_clip_objective` and adds the same `regularizers`; they differ only in the policy-gradient term.
 
 Which KL estimator gives the right gradient in which placement is worked out in `llmrl.objectives.kl`;
 `kl_estimate` and `KL_ESTIMATORS` live there and are re-exported here.
@@ -146,9 +150,8 @@ def ppo_clip_objective(
     `dual_clip` = c > 1 caps the loss of negative-advantage tokens at c |A| (`dual_clipped`).
     `is_weight` multiplies each token's policy-gradient term (after the clips): the truncated importance weight
     pi_old / mu of a rollout sampled by another engine (`llmrl.objectives.mismatch`); None leaves it unchanged.
-    Metrics: `clip_fraction`, `dual_clip_fraction` (with dual_clip), `approx_kl_old` = k3 estimate of
-    KL(pi_old || pi) from the sampled tokens (r - 1 - log r with r = pi / pi_old: unbiased and >= 0, unlike
-    the (log r)^2 / 2 it replaces; Schulman 2020), `kl_to_ref` = k3 estimate of KL(pi || pi_ref), `entropy`.
+    The KL-to-reference term is weighted by sg(pi / pi_old) (`off_policy_kl`: unbiased when data is reused).
+    Metrics: `clip_fraction`, `dual_clip_fraction` (with dual_clip), and those of `regularizers`.
     """
     pg, clipped = clipped_surrogate(logp, logp_old, advantages, clip_low=clip_low, clip_high=clip_high)
     metrics = {"clip_fraction": aggregate(clipped.float(), mask, "token-mean", counts).detach()}
@@ -158,10 +161,51 @@ def ppo_clip_objective(
     if is_weight is not None:
         pg = pg * is_weight.detach()
     losses = {"loss_policy": aggregate(pg, mask, aggregation, counts)}
-    metrics["approx_kl_old"] = aggregate(kl_estimate(logp_old, logp.detach(), "k3"), mask, "token-mean", counts)
+    reg_losses, reg_metrics = regularizers(logp, logp_old, mask, counts, logp_ref=logp_ref, entropy=entropy,
+                                           kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
+                                           aggregation=aggregation)
+    return ObjectiveOutput(losses=losses | reg_losses, metrics=metrics | reg_metrics)
+
+
+def off_policy_kl(
+    logp: torch.Tensor,          # [N, T] under the policy being trained (carries gradient)
+    logp_old: torch.Tensor,      # [N, T] under the policy that sampled the tokens
+    logp_ref: torch.Tensor,      # [N, T] under the reference policy
+    kind: str,
+) -> torch.Tensor:
+    """Per-token KL-to-reference loss term of tokens sampled from pi_old: sg(pi / pi_old) * k(x) [N, T].
+
+    A KL estimator in the loss is an expectation over x ~ pi, but a reused rollout (objective.epochs or
+    minibatches > 1) was sampled from pi_old; E_old[sg(pi / pi_old) grad k(x)] = E_pi[grad k(x)], so the detached
+    ratio makes the gradient the on-policy one (tests/test_kl_gradients.py proves it exactly). On one on-policy
+    pass pi_old = sg(pi), the weight is exactly 1 and the term is unchanged bit for bit. The state distribution
+    stays pi_old's (the usual PPO approximation: only the token-level ratio is corrected).
+    """
+    weight = torch.exp(logp.detach() - logp_old)
+    return weight * kl_estimate(logp, logp_ref, kind)
+
+
+def regularizers(
+    logp: torch.Tensor,              # [N, T] (carries gradient)
+    logp_old: torch.Tensor,          # [N, T]
+    mask: torch.Tensor,              # [N, T]
+    counts: BatchCounts,
+    *,
+    logp_ref: torch.Tensor | None,   # [N, T]
+    entropy: torch.Tensor | None,    # [N, T]
+    kl_coef: float,
+    kl_estimator: str,
+    entropy_coef: float,
+    aggregation: str,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """What every policy objective adds beside its policy-gradient term -> (losses, metrics): the KL to the
+    reference (`off_policy_kl`, weighted by sg(pi / pi_old)) and the entropy bonus as losses; as metrics
+    `approx_kl_old` = k3 estimate of KL(pi_old || pi) (r - 1 - log r with r = pi / pi_old: unbiased and >= 0;
+    Schulman 2020), `kl_to_ref` = k3 estimate of KL(pi || pi_ref), `entropy`."""
+    losses: dict[str, torch.Tensor] = {}
+    metrics = {"approx_kl_old": aggregate(kl_estimate(logp_old, logp.detach(), "k3"), mask, "token-mean", counts)}
     if logp_ref is not None:
-        per_token_kl = kl_estimate(logp, logp_ref, kl_estimator)
-        kl = aggregate(per_token_kl, mask, aggregation, counts)
+        kl = aggregate(off_policy_kl(logp, logp_old, logp_ref, kl_estimator), mask, aggregation, counts)
         if kl_coef:
             losses["loss_kl_to_ref"] = kl_coef * kl
         metrics["kl_to_ref"] = aggregate(kl_estimate(logp.detach(), logp_ref, "k3"), mask, "token-mean", counts)
@@ -170,4 +214,11 @@ def ppo_clip_objective(
         if entropy_coef:
             losses["loss_entropy"] = -entropy_coef * aggregate(entropy, mask, aggregation, counts)
         metrics["entropy"] = ent.detach()
-    return ObjectiveOutput(losses=losses, metrics=metrics)
+    return losses, metrics
+
+
+def no_dual_clip(objective: str, dual_clip: float | None) -> None:
+    """The objectives other than ppo_clip take `dual_clip` (the signature is shared) but have no dual clip."""
+    if dual_clip is not None:
+        raise ValueError(f"objective.dual_clip applies to ppo_clip only; {objective} has no dual clip "
+                         f"(set objective.dual_clip=null)")

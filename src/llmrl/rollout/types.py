@@ -101,3 +101,38 @@ class Rollout:
             logp_ref=pick(self.logp_ref), values=pick(self.values), step_ids=pick(self.step_ids),
             is_weight=pick(self.is_weight), step_scores=pick(self.step_scores),
         )
+
+
+def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """One rollout of the rows of `parts`, in order: prompts left-padded to the longest prompt (P), responses
+    right-padded to the longest response (T), group ids renumbered so groups of different parts never merge.
+    Only freshly sampled rollouts (before the stages fill logp_ref, values, ...); `extras` of [N] tensors are
+    concatenated."""
+    if len(parts) == 1:
+        return parts[0]
+    for p in parts:
+        if any(x is not None for x in (p.logp_ref, p.values, p.step_ids, p.is_weight, p.step_scores)):
+            raise ValueError("concat_rollouts joins freshly sampled rollouts only (before the stages run)")
+    P = max(p.prompt_len for p in parts)
+    T = max(p.response_mask.shape[1] for p in parts)
+
+    def pad(x, left, right, value):   # [n, L] -> [n, left + L + right]
+        return torch.nn.functional.pad(x, (left, right), value=value)
+
+    ids, att, resp, logp, groups, offset = [], [], [], [], [], 0
+    for p in parts:
+        dp, dt = P - p.prompt_len, T - p.response_mask.shape[1]
+        ids.append(pad(p.input_ids, dp, dt, pad_id))
+        att.append(pad(p.attention_mask, dp, dt, 0))
+        resp.append(pad(p.response_mask, 0, dt, 0))
+        logp.append(pad(p.logp_old, 0, dt, 0))
+        groups.append(p.group_ids + offset)
+        offset += int(p.group_ids.max()) + 1 if len(p.group_ids) else 0
+    keys = set(parts[0].extras)
+    if any(set(p.extras) != keys for p in parts):
+        raise ValueError("concat_rollouts: the parts carry different extras")
+    return Rollout(
+        input_ids=torch.cat(ids), attention_mask=torch.cat(att), response_mask=torch.cat(resp),
+        logp_old=torch.cat(logp), group_ids=torch.cat(groups),
+        completions=[c for p in parts for c in p.completions], examples=[e for p in parts for e in p.examples],
+        extras={k: torch.cat([p.extras[k] for p in parts]) for k in keys})

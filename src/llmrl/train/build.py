@@ -9,6 +9,7 @@ rule moves the policy: train/rules.py), so the step itself has nothing to branch
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from dataclasses import dataclass, field
 from functools import partial
@@ -20,7 +21,7 @@ import torch
 from llmrl.compute.fused import fuse_decoder_ops
 from llmrl.compute.heap import allocate_adam_state
 from llmrl.compute.settings import Execution
-from llmrl.config import TrainConfig
+from llmrl.config import ConfigError, TrainConfig
 from llmrl.credit import CREDIT
 from llmrl.data import make_task
 from llmrl.distributed import runtime as dist
@@ -31,6 +32,7 @@ from llmrl.models import enable_gradient_checkpointing, load_model, load_referen
 from llmrl.models.lora import AdapterDisabledReference, add_lora
 from llmrl.models.value import Critic
 from llmrl.objectives.kl import AdaptiveKLController, FixedKLController
+from llmrl.objectives.mismatch import Correction
 from llmrl.objectives.policy import OBJECTIVES
 from llmrl.objectives.value import clipped_value_loss
 from llmrl.rollout.collect import collect_rollout
@@ -41,8 +43,9 @@ from llmrl.runio.metrics import MetricsLog
 from llmrl.runio.runs import start_run
 from llmrl.runio.sinks import open_metrics
 from llmrl.train import stages as stages_mod
-from llmrl.train.checks import check_credit_sources, check_engine, check_prompts_fit
+from llmrl.train.checks import check_credit_sources, check_engine, check_prompts_fit, check_sampling
 from llmrl.train.rules import UPDATES
+from llmrl.train.sampling import SAMPLING, PassRates
 from llmrl.train.schedules import lr_multiplier
 from llmrl.train.update import CriticTraining, Passes
 
@@ -71,7 +74,9 @@ class Recipe:
     critic: CriticTraining | None
     engine: Any                         # None: the native sampler; else a VLLMEngine
     collect: Callable                   # prompts -> Rollout (single-turn, or multi-turn tool episodes)
+    sample: Callable                    # how a step's batch is drawn and scored (train/sampling.py)
     stages: list[Callable]              # what credit reads beyond the scores, in order (train/stages.py)
+    mismatch: Correction                # the engine / trainer mismatch correction (objectives/mismatch.py)
     tis_in_update: bool                 # the engine's TIS weight comes from the update's own forward
     prompt_kw: dict
     eval_tokens: int
@@ -81,6 +86,7 @@ class Recipe:
     metrics_log: MetricsLog | None = None
     samples_log: MetricsLog | None = None
     heldout_log: MetricsLog | None = None      # the first held-out answers of each evaluation
+    pass_rates: PassRates | None = None  # sampling=curriculum: the prompts' running pass rates
 
 
 def build(cfg: TrainConfig) -> Recipe:
@@ -89,6 +95,7 @@ def build(cfg: TrainConfig) -> Recipe:
     value head, LoRA) draws from the global RNG in this order."""
     dist.init()                     # joins torchrun's process group; nothing in one process
     check_credit_sources(cfg)
+    check_sampling(cfg)
     with dist.main_first():         # rank 0 sweeps or removes old checkpoints before the others look
         resume_from = checkpoint.resume_point(cfg)
     check_parallel(cfg, resume_from)
@@ -114,9 +121,7 @@ def build(cfg: TrainConfig) -> Recipe:
     policy = wrap_policy(model, cfg.run.parallel)   # DDP / FSDP2 under torchrun (after the critic's copy); else model
     optimizer, scheduler = _optimizer(cfg, policy, model)
     o = cfg.objective
-    objective = partial(OBJECTIVES.get(o.name), clip_low=o.clip_low, clip_high=o.clip_high,
-                        kl_estimator=o.kl_estimator, entropy_coef=o.entropy_coef, aggregation=o.aggregation,
-                        dual_clip=o.dual_clip)
+    objective = _objective(o)
     beta = (AdaptiveKLController(o.kl_coef, o.kl_target, o.kl_horizon) if o.kl_target and o.kl_coef > 0
             else FixedKLController(o.kl_coef))
     state = checkpoint.TrainingState(model, optimizer, scheduler, gen, beta, critic and critic.critic,
@@ -137,7 +142,9 @@ def build(cfg: TrainConfig) -> Recipe:
         tokenizer=tokenizer, model=model, policy=policy, reference=reference, optimizer=optimizer,
         scheduler=scheduler, beta=beta, objective=objective, estimator=estimator, update=UPDATES.get(o.update),
         critic=critic, engine=engine, collect=make_collector(cfg, demo, engine, prompt_kw),
+        sample=SAMPLING.get(cfg.rollout.sampling), pass_rates=PassRates(cfg.rollout.curriculum_pool),
         stages=stages_mod.plan(cfg, engine is not None and not tis_in_update), tis_in_update=tis_in_update,
+        mismatch=Correction(cfg.rollout.mismatch, cfg.rollout.tis_cap, cfg.rollout.mismatch_low),
         prompt_kw=prompt_kw, eval_tokens=eval_tokens, state=state, start=start, evals=evals,
         metrics_log=open_metrics(cfg, run_dir, start=start, enabled=dist.is_main()),
         samples_log=MetricsLog(run_dir / "samples.jsonl", "a" if start else "w", enabled=dist.is_main()),
@@ -180,6 +187,18 @@ def _policy_and_reference(cfg: TrainConfig, model, ex: Execution):
     for m in (model, reference) if cfg.model.fused_ops else ():   # after LoRA: a LoRA down_proj keeps HF's MLP
         fuse_decoder_ops(m)
     return model, reference
+
+
+def _objective(o) -> Callable:
+    """The policy loss objective.name names, every hyper-parameter but kl_coef bound (objective.options: its own)."""
+    fn = OBJECTIVES.get(o.name)
+    own = set(inspect.signature(fn).parameters) - set(inspect.signature(OBJECTIVES.get("ppo_clip")).parameters)
+    unknown = sorted(set(o.options) - own)
+    if unknown:
+        raise ConfigError(f"objective.options: {o.name} takes no {', '.join(unknown)}; "
+                          f"its own options: {', '.join(sorted(own)) or 'none'}")
+    return partial(fn, clip_low=o.clip_low, clip_high=o.clip_high, kl_estimator=o.kl_estimator,
+                   entropy_coef=o.entropy_coef, aggregation=o.aggregation, dual_clip=o.dual_clip, **o.options)
 
 
 def _critic(cfg: TrainConfig, model, ex: Execution) -> CriticTraining | None:

@@ -58,6 +58,14 @@ def check_update_rule(cfg: TrainConfig) -> None:
                          "which must be k2 or k3 (k1 can be negative on a sample)")
 
 
+def check_sampling(cfg: TrainConfig) -> None:
+    """Sampling and shaping settings that cannot work together."""
+    s = cfg.rollout
+    if s.sampling == "dynamic" and s.group_size < 2:
+        raise ValueError("rollout.sampling=dynamic drops groups whose rewards have zero variance, and a group of "
+                         "one always has none: set rollout.group_size >= 2")
+
+
 def check_engine(cfg: TrainConfig) -> None:
     """With rollout.engine=vllm: fail before loading anything when vLLM is missing or cannot serve the run."""
     if cfg.rollout.engine != "vllm":

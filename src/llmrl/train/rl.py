@@ -26,7 +26,6 @@ from llmrl.credit import CreditInputs
 from llmrl.distributed import runtime as dist
 from llmrl.distributed.parallel import full_params
 from llmrl.objectives.kl import kl_in_reward
-from llmrl.rewards import score
 from llmrl.runio import checkpoint
 from llmrl.runio.metrics import sample_records, zero_variance_fraction
 from llmrl.runio.runs import save_checkpoint
@@ -61,17 +60,12 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict:
 
 def rl_step(r: Recipe, prompts: list, step: int) -> dict:
     """One RL step on a batch of prompts; returns its metrics record (written by the caller)."""
-    s, o = r.cfg.rollout, r.cfg.objective
+    o = r.cfg.objective
     t0 = time.perf_counter()
-    # 1. generate (under torchrun: this rank's share of the prompts; with tools, multi-turn episodes whose tool
-    #    outputs sit in the response with response_mask 0)
-    with full_params(r.policy):
-        rollout = r.collect(r.model, r.tokenizer, dist.split_prompts(prompts), group_size=s.group_size,
-                            max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                            autocast_dtype=r.ex.autocast_dtype, generator=r.generator)
-    t1 = time.perf_counter()
-    # 2. score
-    rewards = dist.global_rewards(score(rollout.completions, rollout.examples, r.cfg.reward.terms), r.cfg.reward.terms)
+    # 1-2. generate and score (under torchrun: this rank's share of the prompts; with tools, multi-turn episodes
+    #    whose tool outputs sit in the response with response_mask 0), as rollout.sampling draws the batch
+    sampled = r.sample(r, prompts)
+    rollout, rewards = sampled.rollout, sampled.rewards
     t2 = time.perf_counter()
     # 3. what credit reads beyond the scores: pi_old and the TIS weight, reference log-probs, steps, step scores,
     #    values (the stages this config needs: train/stages.py)
@@ -108,8 +102,9 @@ def rl_step(r: Recipe, prompts: list, step: int) -> dict:
            "zero_variance_groups": zero_variance_fraction(rewards.total, rollout.group_ids),
            **{k: float(rollout.extras[k].float().mean()) for k in ("tool_calls", "turns", "tool_errors")
               if k in rollout.extras},
-           "lr": r.scheduler.get_last_lr()[0], **upd, **stage_stats,
-           "tokens_per_s": n_tokens / (t1 - t0), "time_rollout": t1 - t0, "time_reward": t2 - t1,
+           "lr": r.scheduler.get_last_lr()[0], **upd, **stage_stats, **sampled.stats,
+           "tokens_per_s": n_tokens / sampled.time_rollout, "time_rollout": sampled.time_rollout,
+           "time_reward": sampled.time_reward,
            "time_ref_values": t3 - t2, "time_update": t4 - t3, "time_step": t4 - t0}
     rec = dist.reduce_metrics(rec, sums=SUMMED_METRICS, weights={"step_reward": "steps_scored"})
     if r.cfg.run.samples_every and (step % r.cfg.run.samples_every == 0 or step == 1):

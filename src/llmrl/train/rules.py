@@ -34,7 +34,7 @@ def gradient_rule(r, rollout, credit) -> dict:
     upd = policy_update(r.policy, r.optimizer, rollout, credit.advantages, partial(r.objective, kl_coef=kl_in_loss),
                         r.ex, r.passes, generator=r.generator, critic=critic,
                         skip_zero_advantage=kl_in_loss == 0 and o.entropy_coef == 0,
-                        engine_tis_cap=r.cfg.rollout.tis_cap if r.tis_in_update else None)
+                        engine_correction=r.mismatch if r.tis_in_update else None)
     with warnings.catch_warnings():   # a step whose advantages were all 0 took no optimizer step;
         warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
         r.scheduler.step()            # the schedule counts training steps all the same

@@ -20,20 +20,21 @@ from __future__ import annotations
 from llmrl.compute.batches import batched_logprobs, batched_values
 from llmrl.credit import step_boundaries, step_ids_for_batch
 from llmrl.distributed.parallel import full_params
-from llmrl.objectives.mismatch import mismatch_stats, truncated_is_weight
+from llmrl.objectives.mismatch import mismatch_stats
 from llmrl.rewards import score
 from llmrl.rewards.process import score_steps, step_texts
 from llmrl.rollout.branch import monte_carlo_values as branched_values
 
 
 def engine_logprobs(r, rollout):
-    """pi_old: the policy's own log-probs of the engine's tokens, and each token's truncated importance weight
-    min(pi_old / mu, rollout.tis_cap) over the engine's mu (objectives/mismatch.py)."""
-    cap = r.cfg.rollout.tis_cap
+    """pi_old: the policy's own log-probs of the engine's tokens, and each token's importance weight over the
+    engine's mu from the correction rollout.mismatch names (token TIS min(pi_old / mu, rollout.tis_cap) by
+    default; objectives/mismatch.py)."""
     logp_engine = rollout.logp_old
     logp_policy = batched_logprobs(r.model, rollout, r.ex)
-    stats = mismatch_stats(logp_policy, logp_engine, rollout.response_mask, cap=cap)
-    rollout = rollout.with_(logp_old=logp_policy, is_weight=truncated_is_weight(logp_policy, logp_engine, cap=cap))
+    stats = mismatch_stats(logp_policy, logp_engine, rollout.response_mask, cap=r.mismatch.cap)
+    rollout = rollout.with_(logp_old=logp_policy, is_weight=r.mismatch(logp_policy, logp_engine,
+                                                                         rollout.response_mask))
     return rollout, {k: float(v) for k, v in stats.items()}
 
 

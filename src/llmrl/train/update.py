@@ -25,7 +25,7 @@ from llmrl.compute.logprobs import policy_logprobs, response_logprobs
 from llmrl.compute.settings import Execution
 from llmrl.distributed import runtime as D
 from llmrl.distributed.parallel import average_gradients, grad_sync, loss_scale
-from llmrl.objectives.mismatch import mismatch_stats, truncated_is_weight
+from llmrl.objectives.mismatch import Correction, mismatch_stats
 from llmrl.objectives.policy import BatchCounts, ObjectiveOutput
 
 
@@ -70,12 +70,13 @@ def plan_minibatches(N: int, passes: Passes, generator: torch.Generator | None) 
 
 def accumulate(model, rollout, rows: torch.Tensor, advantages: torch.Tensor, objective, counts: BatchCounts,
                ex: Execution, *, logp_old: torch.Tensor | None, critic: CriticTraining | None,
-               engine_tis_cap: float | None, chosen: list) -> tuple[dict[str, float], int]:
+               engine_correction: Correction | None, chosen: list) -> tuple[dict[str, float], int]:
     """Forward and backward over `rows` micro-batch by micro-batch; gradients add up in the parameters. Returns
     (each named loss and metric summed over the micro-batches, the number of passes). Every rank runs as many
-    passes: a rank short of rows runs row 0 with weight 0. `engine_tis_cap`: pi_old is this forward's own
-    log-probs and the rollout's logp_old is the sampling engine's; the TIS weight comes from both, and the pairs
-    go to `chosen` for the mismatch statistics."""
+    passes: a rank short of rows runs row 0 with weight 0. `engine_correction`: pi_old is this forward's own
+    log-probs and the rollout's logp_old is the sampling engine's; the correction's weight comes from both (a
+    micro-batch holds whole rows, so sequence-level corrections see whole sequences), and the pairs go to
+    `chosen` for the mismatch statistics."""
     sums: dict[str, float] = defaultdict(float)
     micro = micro_batches_of(rows, rollout, ex) if len(rows) else []
     n_micro = D.all_max(len(micro))
@@ -89,8 +90,8 @@ def accumulate(model, rollout, rows: torch.Tensor, advantages: torch.Tensor, obj
                                             chunk=ex.head_chunk)
         logp, entropy = logp.float(), entropy.float()
         is_weight = part.is_weight
-        if engine_tis_cap is not None:
-            is_weight = truncated_is_weight(logp.detach(), part.logp_old, cap=engine_tis_cap)
+        if engine_correction is not None:
+            is_weight = engine_correction(logp.detach(), part.logp_old, part.response_mask)
             picked = part.response_mask.bool()
             chosen.append((logp.detach()[picked], part.logp_old[picked]))
         out = objective(logp, logp.detach() if logp_old is None else logp_old[idx, :T],
@@ -138,23 +139,23 @@ def zero_grads(optimizer: torch.optim.Optimizer, critic: CriticTraining | None) 
 def policy_update(model, optimizer: torch.optim.Optimizer, rollout, advantages: torch.Tensor,
                   objective: Callable[..., ObjectiveOutput], ex: Execution, passes: Passes = Passes(), *,
                   generator: torch.Generator | None = None, critic: CriticTraining | None = None,
-                  skip_zero_advantage: bool = False, engine_tis_cap: float | None = None) -> dict[str, float]:
+                  skip_zero_advantage: bool = False, engine_correction: Correction | None = None) -> dict[str, float]:
     """Run the update on `advantages` [N, T]; returns metrics averaged over the optimizer steps taken
     (`update_rows`: this rank's). `skip_zero_advantage`: rows with A = 0 everywhere add exactly zero gradient
     (no KL or entropy term, no critic) and are not computed.
 
-    `engine_tis_cap` (one on-policy pass only): the rollout's `logp_old` holds the log-probs of the engine that
-    sampled it (vLLM), and each micro-batch's own forward supplies pi_old = logp.detach() and the truncated IS
-    weight min(pi_old / mu, cap) (objectives/mismatch.py), with no separate forward over the rollout first. The
-    mismatch statistics are then over the rows the update computed."""
-    if engine_tis_cap is not None and not passes.on_policy:
-        raise ValueError("engine_tis_cap: the TIS weight comes from the update's forward only with one on-policy "
+    `engine_correction` (one on-policy pass only): the rollout's `logp_old` holds the log-probs of the engine that
+    sampled it (vLLM), and each micro-batch's own forward supplies pi_old = logp.detach() and the correction's
+    weight, e.g. token TIS min(pi_old / mu, cap) (objectives/mismatch.py), with no separate forward over the
+    rollout first. The mismatch statistics are then over the rows the update computed."""
+    if engine_correction is not None and not passes.on_policy:
+        raise ValueError("engine_correction: the weight comes from the update's forward only with one on-policy "
                          "pass (epochs = minibatches = 1)")
     N = advantages.shape[0]                   # this rank's rows
     logp_old = None if passes.on_policy else batched_logprobs(model, rollout, ex)
     skip_zero = skip_zero_advantage and critic is None
     sums: dict[str, float] = defaultdict(float)
-    chosen: list[tuple[torch.Tensor, torch.Tensor]] = []   # engine_tis_cap: (logp_policy, logp_engine) chosen
+    chosen: list[tuple[torch.Tensor, torch.Tensor]] = []   # engine_correction: (logp_policy, logp_engine) chosen
     steps, stopped = 0, False
     for mb, num_seqs in plan_minibatches(N, passes, generator):
         counts = D.batch_counts(rollout.response_mask[mb], num_seqs, ex.max_len)
@@ -162,7 +163,7 @@ def policy_update(model, optimizer: torch.optim.Optimizer, rollout, advantages: 
             mb = mb[(advantages[mb] != 0).any(-1)]
         zero_grads(optimizer, critic)
         mb_sums, n_micro = accumulate(model, rollout, mb, advantages, objective, counts, ex, logp_old=logp_old,
-                                      critic=critic, engine_tis_cap=engine_tis_cap, chosen=chosen)
+                                      critic=critic, engine_correction=engine_correction, chosen=chosen)
         # token-mean metrics were divided by all the minibatch's tokens; rescale to the rows actually computed
         mb_sums["_active"] = float(rollout.response_mask[mb].sum()) if len(mb) else 0.0
         mb_sums = D.sum_values(mb_sums)                           # the global minibatch's values
@@ -182,7 +183,7 @@ def policy_update(model, optimizer: torch.optim.Optimizer, rollout, advantages: 
     if chosen:            # (a step whose rows were all skipped measured no mismatch: no keys rather than zeros)
         policy, engine = (torch.cat(x) for x in zip(*chosen))
         out |= {k: float(v) for k, v in mismatch_stats(policy, engine, torch.ones_like(policy),
-                                                         cap=engine_tis_cap).items()}
+                                                         cap=engine_correction.cap).items()}
     return out
 
 

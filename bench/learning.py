@@ -1,0 +1,119 @@
+"""The learning benchmark: presets x tasks, each for the same training wall time from the same start.
+
+Every (task, preset) pair trains SmolLM2-135M-Instruct (examples/arithmetic_base.yaml's settings) in its own process
+for `--minutes` of training (held-out evaluations not counted: run.time_limit_minutes), evaluating greedily on the
+task's held-out problems every `--eval-every` steps. The table gives held-out accuracy before, after and at the
+first evaluation past 5 minutes, the entropy over the last steps and the share of groups with zero reward variance;
+one SVG per task plots held-out accuracy and one the per-step entropy (`sampled_entropy`: -log p of the sampled
+tokens, measured on every step, even one whose advantages are all 0), against training minutes.
+
+    python bench/learning.py --minutes 20                                     # the full benchmark (~7 hours here)
+    python bench/learning.py --minutes 0.2 --presets grpo,dapo --tasks arithmetic --heldout 8 \\
+        model.name=tiny --doc /tmp/x.md                                        # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import DOC, markdown_table, write_section  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+# task -> its overrides of examples/arithmetic_base.yaml: one counting, one logic, one algorithmic task beside it
+TASKS: dict[str, list[str]] = {
+    "arithmetic": [],
+    "letter_counting": ["task.name=reasoning_gym:letter_counting", "task.options={}", "rollout.max_new_tokens=64"],
+    "syllogism": ["task.name=reasoning_gym:syllogism", "task.options={}", "rollout.max_new_tokens=64"],
+    "spell_backward": ["task.name=reasoning_gym:spell_backward", "task.options={}", "rollout.max_new_tokens=64"],
+}
+PRESETS = ("grpo", "dapo", "gspo", "cispo", "dppo")
+
+
+def run(task: str, preset: str, args) -> Path:
+    """Train one pair in a subprocess; returns its run folder."""
+    out = Path(args.out_dir) / task
+    cmd = [sys.executable, "-m", "llmrl", "train", str(ROOT / "examples/arithmetic_base.yaml"), f"preset={preset}",
+           "objective.kl_coef=0.0", "reward.terms=[correct]", f"run.time_limit_minutes={args.minutes}",
+           "run.steps=100000", f"run.eval_every={args.eval_every}", f"task.heldout_size={args.heldout}",
+           "run.progress=false", "run.resume=never", "run.samples_every=0", f"run.output_dir={out}",
+           f"run.name={preset}", *TASKS[task], *args.overrides]
+    print(" ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    return out / preset
+
+
+def curves(run_dir: Path) -> dict:
+    """(training minutes, value) curves of held-out accuracy and entropy, and the run's summary numbers."""
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    minutes, t, acc, ent, zero = {0: 0.0}, 0.0, [], [], []
+    for rec in recs:
+        if rec["kind"] == "train":
+            t += rec.get("time_step", 0.0) / 60
+            minutes[rec["step"]] = t
+            ent.append((t, rec.get("sampled_entropy", rec.get("entropy"))))
+            zero.append(rec.get("zero_variance_group_fraction"))
+        elif rec["kind"] == "eval":
+            acc.append((minutes.get(rec["step"], t), rec["heldout_accuracy"]))
+    at5 = next((a for m, a in acc if m >= 5.0), None)
+    tail = [e for _, e in ent[-10:] if e is not None]
+    zeros = [z for z in zero[-10:] if z is not None]
+    return {"acc": acc, "entropy": ent, "before": acc[0][1], "after": acc[-1][1], "at5": at5,
+            "entropy_end": sum(tail) / len(tail) if tail else None, "zero_var": sum(zeros) / len(zeros) if zeros else None,
+            "steps": max(minutes), "minutes": t}
+
+
+def report(results: dict, args) -> None:
+    from llmrl.report.charts import Series, line_chart, standalone_svg
+
+    doc = Path(args.doc)
+    rows, figs = [], []
+    for task, by_preset in results.items():
+        for preset, c in by_preset.items():
+            rows.append([task, preset, c["before"], c["at5"] if c["at5"] is not None else "–", c["after"],
+                         c["entropy_end"] if c["entropy_end"] is not None else "–",
+                         c["zero_var"] if c["zero_var"] is not None else "–", c["steps"], f"{c['minutes']:.1f}"])
+        for what, key in (("held-out accuracy", "acc"), ("entropy (nats/token)", "entropy")):
+            fig = doc.parent / "figures" / f"learning{args.figure_suffix}_{task}_{key}.svg"
+            fig.parent.mkdir(parents=True, exist_ok=True)
+            fig.write_text(standalone_svg(line_chart(
+                f"{task}: {what} vs training minutes", [Series(p, c[key], markers=key == "acc")
+                                                       for p, c in by_preset.items()],
+                width=520, height=280, x_label="training minutes")))
+            figs.append(f"![{task} {key}]({fig.relative_to(doc.parent)})")
+    body = (f"{args.note}\n\n" if args.note else "") + (
+        f"Each preset trains from the same start for {args.minutes} minutes of training (evaluations not counted), "
+        f"greedy held-out accuracy on {args.heldout} problems every {args.eval_every} steps; no KL term for any "
+        f"preset; overrides `{' '.join(args.overrides) or 'none'}`. 'acc @5 min': the first evaluation at or past 5 "
+        "training minutes; entropy and zero-variance share: means over the last 10 steps.\n\n")
+    body += markdown_table(["task", "preset", "acc before", "acc @5 min", "acc after", "entropy end",
+                            "zero-var groups", "steps", "train min"], rows)
+    body += "\n\n" + "\n".join(figs) + "\n"
+    write_section("learning", "Learning benchmark: presets x tasks at equal wall time", body, doc=doc)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", default=",".join(PRESETS))
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--minutes", type=float, default=20.0)
+    p.add_argument("--eval-every", type=int, default=20)
+    p.add_argument("--heldout", type=int, default=200)
+    p.add_argument("--out-dir", default="runs/bench_learning")
+    p.add_argument("--doc", default=str(DOC))
+    p.add_argument("--figure-suffix", default="")
+    p.add_argument("--note", default="", help="a line above the table (e.g. 'SMOKE RUN: ...')")
+    p.add_argument("overrides", nargs="*", help="config overrides applied to every run")
+    args = p.parse_args()
+    results = {task: {preset: curves(run(task, preset, args)) for preset in args.presets.split(",")}
+               for task in args.tasks.split(",")}
+    report(results, args)
+
+
+if __name__ == "__main__":
+    main()
