@@ -67,4 +67,6 @@ def sample_records(step: int, rollout, advantages, rewards, tokenizer, *, groups
             "correct": float(rewards.components["correct"][i]) if "correct" in rewards.components else None,
             **{k: int(rollout.extras[k][i]) for k in tool_stats},
         })
+        if "teacher_rewards" in rollout.extras:     # on-policy distillation: the teacher's per-token term
+            rows[-1]["teacher"] = [round(float(a), 5) for a in rollout.extras["teacher_rewards"][i, :n].tolist()]
     return rows

@@ -39,6 +39,7 @@ from llmrl.runio.metrics import MetricsLog
 from llmrl.runio.runs import start_run
 from llmrl.runio.sinks import open_metrics
 from llmrl.train import stages as stages_mod
+from llmrl.train.teacher import make_teacher
 from llmrl.train.checks import check_credit_sources, check_engine, check_prompts_fit
 from llmrl.train.rules import UPDATES
 from llmrl.train.schedules import lr_multiplier
@@ -78,6 +79,7 @@ class Recipe:
     evals: list = field(default_factory=list)
     metrics_log: MetricsLog | None = None
     samples_log: MetricsLog | None = None
+    teacher: Any = None                 # on-policy distillation's teacher (train/teacher.py), or None
 
 
 def build(cfg: TrainConfig) -> Recipe:
@@ -136,7 +138,8 @@ def build(cfg: TrainConfig) -> Recipe:
         stages=stages_mod.plan(cfg, engine is not None and not tis_in_update), tis_in_update=tis_in_update,
         prompt_kw=prompt_kw, eval_tokens=eval_tokens, state=state, start=start, evals=evals,
         metrics_log=open_metrics(cfg, run_dir, start=start, enabled=dist.is_main()),
-        samples_log=MetricsLog(run_dir / "samples.jsonl", "a" if start else "w", enabled=dist.is_main()))
+        samples_log=MetricsLog(run_dir / "samples.jsonl", "a" if start else "w", enabled=dist.is_main()),
+        teacher=make_teacher(cfg, tokenizer))
 
 
 def _task(cfg: TrainConfig) -> tuple[list, Iterator[list], list]:
