@@ -154,7 +154,7 @@ def main() -> None:
     rows = []
     for name, pts in curves.items():
         reach = time_to(pts, teacher_acc) if teacher_acc is not None else None
-        rows.append([name, pts[0][1] if pts else None, pts[-1][1] if pts else None,
+        rows.append([name, pts[0][1] if pts else "-", pts[-1][1] if pts else "-",
                      f"{pts[-1][0] / 60:.2f}" if pts else "-", "-" if reach is None else f"{reach / 60:.2f}",
                      "-" if reach is None else f"{reach / teacher_wall:.2f}"])
     (Path(args.out_dir) / "curves.json").write_text(json.dumps(curves))

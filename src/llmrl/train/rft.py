@@ -7,7 +7,8 @@
 Round k is a supervised run in RUN_DIR/round_k (its own checkpoints, metrics and final model); its accepted
 completions are kept in RUN_DIR/round_k/accepted.jsonl and the per-round accounting (sampled, passing, accepted,
 acceptance rate) in RUN_DIR/rounds.jsonl. A killed job resumes: finished rounds are skipped, an unfinished one
-continues from its checkpoints with the same accepted data. run.time_limit_minutes bounds the whole job.
+continues from its checkpoints with the same accepted data. run.time_limit_minutes bounds the whole job's
+sampling and training (held-out evaluations not counted, as in every other trainer).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def train_rft(cfg: SftTrainConfig, *, progress: bool | None = None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path, done = run_dir / "rounds.jsonl", _read_rounds(run_dir / "rounds.jsonl")
     stream = task.train_stream(cfg.run.seed)
-    limit, t0 = cfg.run.time_limit_minutes, time.perf_counter()
+    limit, t0, t_eval = cfg.run.time_limit_minutes, time.perf_counter(), 0.0
     model_name, rounds, before, after, steps = cfg.model.name, [], None, None, 0
     for k in range(1, cfg.rft.rounds + 1):
         examples = list(itertools.islice(stream, cfg.rft.prompts_per_round))       # fresh prompts each round
@@ -107,7 +108,7 @@ def train_rft(cfg: SftTrainConfig, *, progress: bool | None = None) -> dict:
             rounds.append(done[k])
             model_name = done[k]["checkpoint"] or model_name
             continue
-        left = None if limit is None else limit - (time.perf_counter() - t0) / 60
+        left = None if limit is None else limit - (time.perf_counter() - t0 - t_eval) / 60
         if left is not None and left <= 0:
             log.info("run.time_limit_minutes reached after %d rounds", k - 1)
             break
@@ -128,6 +129,7 @@ def train_rft(cfg: SftTrainConfig, *, progress: bool | None = None) -> dict:
             summary = train_sft(_round_config(cfg, run_dir, k, model_name, left), examples=rows, progress=progress)
             if summary.get("interrupted"):
                 return {**summary, "rounds": rounds}
+            t_eval += summary["before"].get("time_eval", 0.0) + summary["after"].get("time_eval", 0.0)
             model_name, before = summary["checkpoint"], before or summary["before"]
             after, steps = summary["after"], steps + summary["steps"]
             rec |= {"checkpoint": model_name, "steps": summary["steps"],
