@@ -10,7 +10,7 @@
 Each arm trains for --minutes of wall time (held-out evaluations not counted, as run.time_limit_minutes counts)
 and is evaluated (greedy accuracy on --heldout held-out additions) every --eval-every steps; the curve is held-out
 accuracy against training wall time. Writes a table to docs/benchmarks.md (section "teacher") and the figure
-docs/teacher_bench.svg; "time to teacher acc" is the first evaluation at which an arm reaches the teacher's final
+docs/figures/teacher_bench.svg; "time to teacher acc" is the first evaluation at which an arm reaches the teacher's final
 accuracy (the issue's bar: distillation within 1/4 of the teacher's wall time).
 
     python bench/teacher.py --minutes 30 --teacher-minutes 120              # the full benchmark (~4.5 h)
@@ -160,14 +160,14 @@ def main() -> None:
     (Path(args.out_dir) / "curves.json").write_text(json.dumps(curves))
     label = "SMOKE RUN (tiny random model, seconds per arm): plumbing only, the figures mean nothing. " \
         if args.smoke else ""
-    svg(curves, ROOT / "docs" / "teacher_bench.svg", f"{label}held-out accuracy vs training wall time")
+    svg(curves, ROOT / "docs" / "figures" / "teacher_bench.svg", f"{label}held-out accuracy vs training wall time")
     body = (f"{label}From the same {'tiny' if args.smoke else 'SmolLM2-135M-Instruct'} model, each arm trains for "
             f"{args.minutes} min of wall time (evaluations not counted) on 2-digit addition; greedy accuracy on "
             f"{args.heldout} held-out additions every {args.eval_every} steps (RFT: after each round). The teacher is "
             f"GRPO trained for {teacher_wall / 60:.2f} min ({teacher_path}); 'to teacher acc' is the training time at "
             "which an arm first reaches the teacher's final accuracy, and its ratio to the teacher's wall time.\n\n")
     body += markdown_table(["arm", "acc start", "acc end", "train min", "min to teacher acc", "/ teacher time"], rows)
-    body += "\n\n![held-out accuracy against wall time](teacher_bench.svg)\n"
+    body += "\n\n![held-out accuracy against wall time](figures/teacher_bench.svg)\n"
     write_section("teacher", "Teacher signals: SFT, rejection sampling, distillation and RL at equal wall time", body)
     print(body)
 

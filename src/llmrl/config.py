@@ -506,7 +506,9 @@ def _set(schema: type, merged: dict, path: tuple[str, ...], value: Any) -> None:
 
 
 def _complete(schema: type, merged: Mapping) -> bool:
-    return all(isinstance(merged.get(s), dict) and all(fd.name in merged[s] for fd in fields(cls))
+    """Every section given in full (a section that may be null counts when it is given as null)."""
+    return all((isinstance(merged.get(s), dict) and all(fd.name in merged[s] for fd in fields(cls)))
+               or (s in merged and merged[s] is None and _nullable(schema, s))
                for s, cls in sections(schema).items())
 
 
