@@ -72,16 +72,16 @@ def time_to(points: list[tuple[float, float]], target: float) -> float | None:
     return next((t for t, acc in points if acc >= target), None)
 
 
-def svg(curves: dict[str, list[tuple[float, float]]], path: Path, title: str) -> None:
+def svg(curves: dict[str, list[tuple[float, float]]], path: Path, title: str, label: str = "") -> None:
     """Held-out accuracy against training minutes, one polyline per arm (no plotting dependency)."""
-    W, H, L, B = 640, 400, 50, 40
+    W, H, L, B = 760, 400, 50, 40
     t_max = max([t for pts in curves.values() for t, _ in pts] + [1.0]) / 60
     x = lambda t: L + (W - L - 150) * (t / 60) / t_max  # noqa: E731
     y = lambda a: H - B - (H - B - 30) * a  # noqa: E731
     colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
              f'font-size="12"><rect width="{W}" height="{H}" fill="white"/>',
-             f'<text x="{L}" y="18">{title}</text>',
+             f'<text x="{L}" y="18">{title}</text>', f'<text x="{L}" y="32" fill="#c00">{label}</text>',
              f'<line x1="{L}" y1="{y(0)}" x2="{W - 150}" y2="{y(0)}" stroke="black"/>',
              f'<line x1="{L}" y1="{y(0)}" x2="{L}" y2="{y(1)}" stroke="black"/>',
              f'<text x="{(W - 150) / 2}" y="{H - 8}">training wall time (min, max {t_max:.1f})</text>']
@@ -160,8 +160,9 @@ def main() -> None:
     (Path(args.out_dir) / "curves.json").write_text(json.dumps(curves))
     label = "SMOKE RUN (tiny random model, seconds per arm): plumbing only, the figures mean nothing. " \
         if args.smoke else ""
-    svg(curves, ROOT / "docs" / "figures" / "teacher_bench.svg", f"{label}held-out accuracy vs training wall time")
-    body = (f"{label}From the same {'tiny' if args.smoke else 'SmolLM2-135M-Instruct'} model, each arm trains for "
+    label = label.strip()
+    svg(curves, ROOT / "docs" / "figures" / "teacher_bench.svg", "held-out accuracy vs training wall time", label)
+    body = (f"{label + ' ' if label else ''}From the same {'tiny' if args.smoke else 'SmolLM2-135M-Instruct'} model, each arm trains for "
             f"{args.minutes} min of wall time (evaluations not counted) on 2-digit addition; greedy accuracy on "
             f"{args.heldout} held-out additions every {args.eval_every} steps (RFT: after each round). The teacher is "
             f"GRPO trained for {teacher_wall / 60:.2f} min ({teacher_path}); 'to teacher acc' is the training time at "

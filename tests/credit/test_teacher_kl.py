@@ -89,3 +89,40 @@ def test_expected_gradient_is_the_gradient_of_the_reverse_kl_to_the_teacher(seed
     torch.testing.assert_close(expected, truth, rtol=1e-10, atol=1e-12)
     # a sign error would give -truth, and the k1 term without the log pi part would give another vector
     assert not torch.allclose(expected, -truth)
+
+
+def test_with_reward_to_go_the_expected_gradient_is_that_of_the_sequence_kl():
+    """Two tokens from K, the second's distribution depending on the first: with gamma = 1 the expected gradient
+    over all K^2 sequences is grad KL(pi || pi_teacher) of whole sequences; the per-token term alone (gamma = 0)
+    drops what the first token does to the second's KL, so it is another vector."""
+    K = 4
+    g = torch.Generator().manual_seed(7)
+    t1 = torch.randn(K, generator=g, dtype=torch.float64, requires_grad=True)
+    t2 = torch.randn(K, K, generator=g, dtype=torch.float64, requires_grad=True)
+    q1 = torch.log_softmax(torch.randn(K, generator=g, dtype=torch.float64), -1)
+    q2 = torch.log_softmax(torch.randn(K, K, generator=g, dtype=torch.float64), -1)
+    p1, p2 = torch.log_softmax(t1, -1), torch.log_softmax(t2, -1)                 # [K], [K, K]
+    seq_kl = sum(p1[a].exp() * p2[a, b].exp() * (p1[a] + p2[a, b] - q1[a] - q2[a, b])
+                 for a in range(K) for b in range(K))
+    truth = torch.autograd.grad(seq_kl, (t1, t2))
+
+    def expected(gamma):
+        out = [torch.zeros_like(t1), torch.zeros_like(t2)]
+        mask = torch.ones(1, 2, dtype=torch.float64)
+        for a in range(K):
+            for b in range(K):
+                p1, p2 = torch.log_softmax(t1, -1), torch.log_softmax(t2, -1)
+                lp = torch.stack([p1[a], p2[a, b]]).view(1, 2)
+                r = teacher_token_rewards(lp, torch.stack([q1[a], q2[a, b]]).view(1, 2), mask)
+                inputs = CreditInputs(scores=torch.zeros(1, dtype=torch.float64), response_mask=mask,
+                                      group_ids=torch.zeros(1, dtype=torch.long), token_rewards=r)
+                adv = assign_credit("teacher_kl", inputs, gamma=gamma).advantages
+                out_ = ppo_clip_objective(lp, lp.detach(), adv, mask, BatchCounts(1.0, 1.0, 2.0))   # token sum
+                grads = torch.autograd.grad(out_.losses["loss_policy"], (t1, t2))
+                w = (p1[a] + p2[a, b]).exp().detach()
+                out = [o + w * gr for o, gr in zip(out, grads)]
+        return out
+
+    for got, want in zip(expected(1.0), truth):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(expected(0.0)[0], truth[0])
