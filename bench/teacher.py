@@ -10,8 +10,8 @@
 Each arm trains for --minutes of wall time (held-out evaluations not counted, as run.time_limit_minutes counts)
 and is evaluated (greedy accuracy on --heldout held-out additions) every --eval-every steps; the curve is held-out
 accuracy against training wall time. Writes a table to docs/benchmarks.md (section "teacher") and the figure
-docs/figures/teacher_bench.svg; "time to teacher acc" is the first evaluation at which an arm reaches the teacher's final
-accuracy (the issue's bar: distillation within 1/4 of the teacher's wall time).
+docs/figures/teacher_bench.svg; "time to teacher acc" is the first evaluation at which an arm reaches the teacher's
+final accuracy (the issue's bar: distillation within 1/4 of the teacher's wall time).
 
     python bench/teacher.py --minutes 30 --teacher-minutes 120              # the full benchmark (~4.5 h)
     python bench/teacher.py --teacher runs/main_arithmetic/final --teacher-wall-minutes 120 --minutes 30
@@ -162,7 +162,8 @@ def main() -> None:
         if args.smoke else ""
     label = label.strip()
     svg(curves, ROOT / "docs" / "figures" / "teacher_bench.svg", "held-out accuracy vs training wall time", label)
-    body = (f"{label + ' ' if label else ''}From the same {'tiny' if args.smoke else 'SmolLM2-135M-Instruct'} model, each arm trains for "
+    model = "tiny" if args.smoke else "SmolLM2-135M-Instruct"
+    body = (f"{label + ' ' if label else ''}From the same {model} model, each arm trains for "
             f"{args.minutes} min of wall time (evaluations not counted) on 2-digit addition; greedy accuracy on "
             f"{args.heldout} held-out additions every {args.eval_every} steps (RFT: after each round). The teacher is "
             f"GRPO trained for {teacher_wall / 60:.2f} min ({teacher_path}); 'to teacher acc' is the training time at "

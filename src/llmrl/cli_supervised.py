@@ -203,7 +203,7 @@ def add_subcommands(sub) -> None:
     for name, fn, what in (("dpo", cmd_dpo, "DPO / IPO / conservative DPO on preference pairs"),
                            ("rm", cmd_rm, "train a Bradley-Terry reward model on preference pairs"),
                            ("prm", cmd_prm, "train a process reward model on step-labelled responses"),
-                           ("sft", cmd_sft, "supervised fine-tuning on completions (JSONL, or worked answers of a task)"),
+                           ("sft", cmd_sft, "supervised fine-tuning on completions (JSONL, or a task's worked answers)"),
                            ("rft", cmd_rft, "rejection-sampling fine-tuning (STaR / expert iteration): rounds of "
                                             "sampling, keeping passing answers, SFT")):
         p = sub.add_parser(name, help=f"{what}, from a YAML config plus key=value overrides")

@@ -201,7 +201,8 @@ class TeacherConfig:
     """On-policy distillation: a teacher's per-token term -coef * (log pi - log pi_teacher) of each sampled token,
     added to credit's token_rewards (train/teacher.py; credit.estimator teacher_kl, or any that reads them)."""
     source: str = f("checkpoint", "checkpoint: a local model with the student's tokenizer (teacher.path) | self: "
-                                  "the student itself with teacher.hint added to the prompt", choices=("checkpoint", "self"))
+                                  "the student itself with teacher.hint added to the prompt",
+                    choices=("checkpoint", "self"))
     path: str | None = f(None, "source=checkpoint: the teacher model (a local folder, e.g. runs/main/final)")
     coef: float = f(1.0, "weight of the teacher term in the per-token rewards", gt=0)
     hint: str = f("\n\nA correct worked answer: {demonstration}", "source=self: text appended to the user prompt the "
