@@ -7,6 +7,7 @@ import yaml
 
 from llmrl.config import (
     SECTIONS, ConfigError, LoraConfig, PreferenceConfig, PreferenceTrainConfig, PrmConfig, PrmTrainConfig, RewardTerm,
+    SftTrainConfig,
     RolloutConfig, TrainConfig, config_to_dict, describe, load_config, save_config, sections, validate_names,
 )
 
@@ -258,7 +259,8 @@ def test_every_example_config_loads():
 
     examples = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*_arithmetic.yaml"))
     assert len(examples) >= 9
-    schemas = {"dpo": PreferenceTrainConfig, "rm": PreferenceTrainConfig, "prm": PrmTrainConfig}
+    schemas = {"dpo": PreferenceTrainConfig, "rm": PreferenceTrainConfig, "prm": PrmTrainConfig,
+               "sft": SftTrainConfig, "rft": SftTrainConfig}
     for path in examples:
         schema = schemas.get(path.name.partition("_")[0], TrainConfig)   # one loader, each command's schema
         assert isinstance(load_config(path, presets=PRESETS if schema is TrainConfig else None, schema=schema), schema)

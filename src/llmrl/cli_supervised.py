@@ -1,10 +1,14 @@
-"""The supervised subcommands of `llmrl`: dpo | rm | prm | pairs | prm-data. `llmrl.cli` calls `add_subcommands(sub)`.
+"""The supervised subcommands of `llmrl`: dpo | rm | prm | sft | rft | pairs | prm-data | sft-data.
+`llmrl.cli` calls `add_subcommands(sub)`.
 
     llmrl dpo examples/dpo_arithmetic.yaml preference.beta=0.2 lora=null
     llmrl rm examples/rm_arithmetic.yaml optim.lr=1e-5 run.save_every=20
     llmrl rm examples/rm_arithmetic.yaml run.save_every=20 --resume          # continue a killed run
     llmrl pairs --model smollm2-135m-instruct --task arithmetic --n 64 --out pairs.jsonl
     llmrl prm examples/prm_arithmetic.yaml prm.labels=hard
+    llmrl sft examples/sft_arithmetic.yaml lora=null                          # worked answers made from the task
+    llmrl sft-data --task arithmetic --n 2000 --out sft.jsonl                 # ... or a file of them: sft.data_path
+    llmrl rft examples/rft_arithmetic.yaml rft.rounds=4
     llmrl prm-data --model smollm2-135m-instruct --task arithmetic --n 64 --out step_labels.jsonl
 
 dpo, rm and prm load their config with the one loader of every command (`llmrl.config.load_config`) and train on
@@ -79,6 +83,41 @@ def cmd_prm(args) -> int:
     from llmrl.config import PrmTrainConfig
     from llmrl.train.prm import train_prm
     return _run_recipe(args, train_prm, PrmTrainConfig, "examples")
+
+
+def cmd_sft(args) -> int:
+    from llmrl.config import SftTrainConfig
+    from llmrl.train.sft import train_sft
+    return _run_recipe(args, train_sft, SftTrainConfig, "examples")
+
+
+def cmd_rft(args) -> int:
+    from llmrl.config import SftTrainConfig
+    from llmrl.train.rft import round_table, train_rft
+
+    def run(cfg):
+        summary = train_rft(cfg)
+        print(round_table(summary.get("rounds", [])))
+        return summary
+    return _run_recipe(args, run, SftTrainConfig, "examples")
+
+
+def cmd_sft_data(args) -> int:
+    import yaml
+
+    from llmrl.data import make_task
+    from llmrl.data.sft import worked_examples, write_sft
+
+    try:
+        options = yaml.safe_load(args.options) if args.options else {}
+        task = make_task(args.task, seed=args.seed, options=options, train_path=args.train_path)
+        rows = worked_examples(task, args.n, seed=args.seed)
+    except (ValueError, FileNotFoundError, yaml.YAMLError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    write_sft(rows, args.out)
+    print(f"{len(rows)} worked answers of task {args.task} -> {args.out}")
+    return 0
 
 
 def cmd_pairs(args) -> int:
@@ -160,16 +199,28 @@ def _add_sampling_args(p, samples_per_prompt: int, max_new_tokens: int) -> None:
 
 
 def add_subcommands(sub) -> None:
-    """Add `dpo`, `rm`, `pairs`, `prm` and `prm-data` to an argparse subparsers object."""
+    """Add `dpo`, `rm`, `prm`, `sft`, `rft`, `pairs`, `prm-data` and `sft-data` to an argparse subparsers object."""
     for name, fn, what in (("dpo", cmd_dpo, "DPO / IPO / conservative DPO on preference pairs"),
                            ("rm", cmd_rm, "train a Bradley-Terry reward model on preference pairs"),
-                           ("prm", cmd_prm, "train a process reward model on step-labelled responses")):
+                           ("prm", cmd_prm, "train a process reward model on step-labelled responses"),
+                           ("sft", cmd_sft, "supervised fine-tuning on completions (JSONL, or a task's worked answers)"),
+                           ("rft", cmd_rft, "rejection-sampling fine-tuning (STaR / expert iteration): rounds of "
+                                            "sampling, keeping passing answers, SFT")):
         p = sub.add_parser(name, help=f"{what}, from a YAML config plus key=value overrides")
         p.add_argument("config", nargs="?", help="YAML config file (omit to use the defaults)")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. preference.beta=0.2 lora=null")
         p.add_argument("--resume", action="store_true", help="continue from the run folder's newest checkpoint "
                        "(run.resume=must; the default, auto, continues when there is one)")
         p.set_defaults(fn=fn)
+
+    p = sub.add_parser("sft-data", help="correct worked answers of a task's training prompts (JSONL for `llmrl sft`)")
+    p.add_argument("--task", required=True, help="arithmetic | jsonl | reasoning_gym:<dataset>")
+    p.add_argument("--n", type=int, required=True, help="training prompts")
+    p.add_argument("--out", required=True, help="output JSONL file")
+    p.add_argument("--options", default=None, help="task options as YAML, e.g. '{digits: 3}'")
+    p.add_argument("--train-path", default=None, help="jsonl task: prompts file")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_sft_data)
 
     p = sub.add_parser("pairs", help="sample a model on a task and pair passing with failing completions (JSONL)")
     _add_sampling_args(p, samples_per_prompt=8, max_new_tokens=32)

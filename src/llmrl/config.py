@@ -232,6 +232,19 @@ class SandboxConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """On-policy distillation: a teacher's per-token term -coef * (log pi - log pi_teacher) of each sampled token,
+    added to credit's token_rewards (train/teacher.py; credit.estimator teacher_kl, or any that reads them)."""
+    source: str = f("checkpoint", "checkpoint: a local model with the student's tokenizer (teacher.path) | self: "
+                                  "the student itself with teacher.hint added to the prompt",
+                    choices=("checkpoint", "self"))
+    path: str | None = f(None, "source=checkpoint: the teacher model (a local folder, e.g. runs/main/final)")
+    coef: float = f(1.0, "weight of the teacher term in the per-token rewards", gt=0)
+    hint: str = f("\n\nA correct worked answer: {demonstration}", "source=self: text appended to the user prompt the "
+                  "teacher reads; {answer} = the reference answer, {demonstration} = a worked answer")
+
+
+@dataclass
 class TrainConfig:
     preset: str | None = f(None, "named preset applied under the file and overrides")
     model: ModelConfig = f(ModelConfig(), "policy model")
@@ -244,9 +257,13 @@ class TrainConfig:
     optim: OptimConfig = f(OptimConfig(), "optimizer")
     run: RunConfig = f(RunConfig(), "run bookkeeping")
     sandbox: SandboxConfig = f(SandboxConfig(), "the sandbox that runs model-written code")
+    teacher: TeacherConfig | None = f(None, "on-policy distillation: the teacher whose per-token log-probs join the "
+                                            "rewards (null = none)")
 
     def check(self) -> None:
         """Rules across fields, run after every field is checked on its own."""
+        if self.teacher is not None and self.teacher.source == "checkpoint" and not self.teacher.path:
+            raise ConfigError("teacher.source=checkpoint needs teacher.path (or teacher.source=self)")
         if self.task.name == "jsonl" and not self.task.train_path:
             raise ConfigError("task.train_path is required when task.name is 'jsonl'")
         if not self.reward.terms:
@@ -528,5 +545,53 @@ def _set(schema: type, merged: dict, path: tuple[str, ...], value: Any) -> None:
 
 
 def _complete(schema: type, merged: Mapping) -> bool:
-    return all(isinstance(merged.get(s), dict) and all(fd.name in merged[s] for fd in fields(cls))
+    """Every section given in full (a section that may be null counts when it is given as null)."""
+    return all((isinstance(merged.get(s), dict) and all(fd.name in merged[s] for fd in fields(cls)))
+               or (s in merged and merged[s] is None and _nullable(schema, s))
                for s, cls in sections(schema).items())
+
+
+# ----------------------------------------------------------------------------- supervised fine-tuning: sft, rft
+
+@dataclass
+class SftConfig:
+    data_path: str | None = f(None, "JSONL of {prompt, completion} or {messages: [..., assistant]} (null = worked "
+                                    "answers made from `task`, written to RUN_DIR/sft_data.jsonl)")
+    heldout_path: str | None = f(None, "JSONL of held-out examples for the held-out NLL (null = heldout_fraction)")
+    heldout_fraction: float = f(0.05, "fraction of the examples held out when heldout_path is null", ge=0, lt=1)
+    build_examples: int = f(2000, "building from a task: training prompts, each with its worked answer", ge=1)
+    epochs: int = f(1, "passes over the training examples (run.steps > 0 caps the optimizer steps)", ge=1)
+    batch_size: int = f(16, "examples per optimizer step (micro-batches of optim.micro_batch_size)", ge=1)
+    max_length: int | None = f(None, "prompt + completion tokens; longer completions are cut (null = model "
+                                     "context)", ge=2)
+    pack_tokens: int | None = f(2048, "pack each micro-batch padding-free into rows of this many tokens (null = "
+                                      "padded rows)", ge=16)
+
+
+@dataclass
+class RftConfig:
+    """Rejection-sampling fine-tuning (STaR / expert iteration): K rounds of sample -> keep passing -> SFT."""
+    rounds: int = f(3, "rounds of sampling and fine-tuning", ge=1)
+    prompts_per_round: int = f(128, "training prompts sampled each round (fresh ones each round)", ge=1)
+    samples_per_prompt: int = f(8, "completions sampled per prompt from the current policy", ge=1)
+    temperature: float = f(1.0, "sampling temperature", gt=0)
+    max_new_tokens: int = f(32, "maximum tokens per sampled completion", ge=1)
+    max_per_prompt: int = f(4, "distinct passing completions kept per prompt, at most", ge=1)
+
+
+@dataclass
+class SftTrainConfig:
+    """`llmrl sft` and `llmrl rft`. `task`: where worked answers are made from (sft, when no sft.data_path) or
+    prompts are sampled from (rft), and whose held-out greedy accuracy is measured. `lora: null`: full fine-tuning."""
+    model: ModelConfig = f(ModelConfig(), "the model to fine-tune")
+    task: TaskConfig | None = f(None, "task for worked answers / rejection sampling and held-out accuracy")
+    sft: SftConfig = f(SftConfig(), "data and training")
+    rft: RftConfig = f(RftConfig(), "rejection-sampling rounds (`llmrl rft` only)")
+    lora: LoraConfig | None = f(LoraConfig(), "LoRA adapter (null = full fine-tuning)")
+    optim: OptimConfig = f(OptimConfig(lr=1e-4, micro_batch_size=8), "optimizer (micro_batch_size counts examples)")
+    run: RunConfig = f(RunConfig(name="sft", steps=0, eval_every=0), "run bookkeeping (steps: cap, 0 = none)")
+
+    def check(self) -> None:
+        if self.sft.data_path is None and self.task is None:
+            raise ConfigError("sft.data_path is required unless `task` names a task to make worked answers from")
+        _check_jsonl_task(self.task)

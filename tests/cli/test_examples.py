@@ -8,9 +8,10 @@ from llmrl.cli import main
 from llmrl.runio.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
-PREFERENCE = ("dpo_", "rm_", "prm_")
+PREFERENCE = ("dpo_", "rm_", "prm_", "sft_", "rft_")      # supervised commands (sft_/rft_: tests/train/test_teacher.py)
 RL_EXAMPLES = sorted(p.name for p in (ROOT / "examples").glob("*.yaml")
-                     if not p.name.startswith(PREFERENCE) and p.name not in ("arithmetic_base.yaml",))
+                     if not p.name.startswith(PREFERENCE)
+                     and p.name not in ("arithmetic_base.yaml", "distill_arithmetic.yaml"))   # needs a teacher
 SMALL = ["model.name=tiny", "model.autocast=none", "task.heldout_size=2", "rollout.prompts_per_step=2",
          "rollout.group_size=2", "rollout.max_new_tokens=4", "run.eval_max_new_tokens=4", "run.steps=1",
          "run.eval_every=0", "run.progress=false", "run.threads=1"]

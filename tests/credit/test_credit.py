@@ -67,12 +67,13 @@ def test_padding_columns_do_not_change_advantages(name):
     mask = (torch.rand(8, 5, generator=g) > 0.2).float()
     # values and steps for the estimators that read them (one step per 2 tokens, a score per step)
     steps = dict(values=torch.rand(8, 5, generator=g), step_ids=torch.arange(5).repeat(8, 1) // 2,
-                 step_scores=torch.rand(8, 3, generator=g))
+                 step_scores=torch.rand(8, 3, generator=g), token_rewards=-torch.rand(8, 5, generator=g))
     base = assign_credit(name, CreditInputs(scores, mask, groups, **steps))
     padded_mask = torch.cat([mask, torch.zeros(8, 3)], 1)
     pad = lambda x: torch.cat([x, torch.zeros(8, 3, dtype=x.dtype)], 1)  # noqa: E731
     padded = assign_credit(name, CreditInputs(scores, padded_mask, groups, values=pad(steps["values"]),
-                                              step_ids=pad(steps["step_ids"]), step_scores=steps["step_scores"]))
+                                              step_ids=pad(steps["step_ids"]), step_scores=steps["step_scores"],
+                                              token_rewards=pad(steps["token_rewards"])))
     assert torch.allclose(padded.advantages[:, :5], base.advantages)
     assert torch.all(padded.advantages[:, 5:] == 0)
     assert torch.all(base.advantages[mask == 0] == 0)

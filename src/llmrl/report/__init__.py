@@ -17,6 +17,7 @@ fields are ignored:
        "response_mask": [0|1, ...],     # 1 = token the policy chose, 0 = tool output / padding
        "advantages": [float, ...],      # per token
        "step_ids": [int, ...] or null,  # reasoning-step index per token, -1 = none
+       "teacher": [float, ...],         # optional (on-policy distillation): the teacher's per-token term
        "reward": float, "reward_components": {name: float}, "correct": float|null,
        "tool_calls": int, "turns": int, "tool_errors": int,      # these three only for tool episodes
        "truncated": bool}                                        # cut at max_new_tokens

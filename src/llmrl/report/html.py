@@ -138,6 +138,15 @@ def sample_tokens(s: dict, scale: float) -> str:
     return "<wbr>".join(parts)
 
 
+def _teacher_row(s: dict, scale: float) -> str:
+    """On-policy distillation: the same tokens coloured by the teacher's term -(log pi - log pi_teacher), the
+    tokens the teacher pushes down in red (samples.jsonl `teacher`, when the run had a teacher)."""
+    if not isinstance(s.get("teacher"), list):
+        return ""
+    return (f'<div class="toks"><span class="small">teacher term:</span> '
+            f'{sample_tokens({**s, "advantages": s["teacher"], "step_ids": None}, scale)}</div>')
+
+
 def _group_block(step: int, group: int, samples: list[dict], scale: float) -> str:
     rewards = [number(s.get("reward")) for s in samples if number(s.get("reward")) is not None]
     mean = f"{sum(rewards) / len(rewards):.3f}" if rewards else "–"
@@ -150,7 +159,7 @@ def _group_block(step: int, group: int, samples: list[dict], scale: float) -> st
     for s in samples:
         out.append(f'<div class="sample"><div class="meta">reward <b>{_f(s.get("reward"))}</b> · correct '
                    f'{_correct(s.get("correct"))}<br><span class="small">{_components(s)}</span></div>'
-                   f'<div class="toks">{sample_tokens(s, scale)}</div></div>')
+                   f'<div class="toks">{sample_tokens(s, scale)}</div>{_teacher_row(s, scale)}</div>')
     return "".join(out) + "</div>"
 
 

@@ -78,4 +78,6 @@ def sample_records(step: int, rollout, advantages, rewards, tokenizer, *, groups
             **{k: int(rollout.extras[k][i]) for k in tool_stats},
             **({"truncated": bool(truncated[i])} if truncated is not None else {}),
         })
+        if "teacher_rewards" in rollout.extras:     # on-policy distillation: the teacher's per-token term
+            rows[-1]["teacher"] = [round(float(a), 5) for a in rollout.extras["teacher_rewards"][i, :n].tolist()]
     return rows

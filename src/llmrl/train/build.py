@@ -44,6 +44,7 @@ from llmrl.runio.runs import start_run
 from llmrl.runio.sinks import open_metrics
 from llmrl.train import stages as stages_mod
 from llmrl.train.checks import check_credit_sources, check_engine, check_prompts_fit, check_sampling
+from llmrl.train.teacher import make_teacher
 from llmrl.train.rules import UPDATES
 from llmrl.train.sampling import SAMPLING, PassRates
 from llmrl.train.schedules import lr_multiplier
@@ -87,6 +88,7 @@ class Recipe:
     samples_log: MetricsLog | None = None
     heldout_log: MetricsLog | None = None      # the first held-out answers of each evaluation
     pass_rates: PassRates | None = None  # sampling=curriculum: the prompts' running pass rates
+    teacher: Any = None                 # on-policy distillation's teacher (train/teacher.py), or None
 
 
 def build(cfg: TrainConfig) -> Recipe:
@@ -148,7 +150,8 @@ def build(cfg: TrainConfig) -> Recipe:
         prompt_kw=prompt_kw, eval_tokens=eval_tokens, state=state, start=start, evals=evals,
         metrics_log=open_metrics(cfg, run_dir, start=start, enabled=dist.is_main()),
         samples_log=MetricsLog(run_dir / "samples.jsonl", "a" if start else "w", enabled=dist.is_main()),
-        heldout_log=MetricsLog(run_dir / "heldout_samples.jsonl", "a" if start else "w", enabled=dist.is_main()))
+        heldout_log=MetricsLog(run_dir / "heldout_samples.jsonl", "a" if start else "w", enabled=dist.is_main()),
+        teacher=make_teacher(cfg, tokenizer))
 
 
 def _task(cfg: TrainConfig) -> tuple[list, Iterator[list], list]:

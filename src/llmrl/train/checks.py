@@ -40,6 +40,9 @@ def check_credit_sources(cfg: TrainConfig) -> None:
         raise ValueError(f"credit.step_reward {c.step_reward!r} is not one of: {', '.join(STEP_REWARDS.names())}")
     if ("steps" in needs or c.values == "monte_carlo" or c.step_reward) and c.steps == "none":
         raise ValueError("step-level credit needs a segmenter: set credit.steps to blank_line, numbered or regex")
+    if "teacher" in needs and cfg.teacher is None:
+        raise ValueError(f"credit.estimator {c.estimator!r} needs a teacher: set teacher.path (a local checkpoint "
+                         "with the student's tokenizer) or teacher.source=self")
     if c.steps == "regex" and not c.step_pattern:
         raise ValueError("credit.steps=regex needs credit.step_pattern")
     if cfg.rollout.tools and c.values == "monte_carlo":

@@ -31,6 +31,7 @@ from llmrl.runio.metrics import sample_records, zero_variance_fraction
 from llmrl.runio.runs import save_checkpoint
 from llmrl.train.build import Recipe, build
 from llmrl.train.evaluate import evaluate
+from llmrl.train.teacher import token_rewards
 
 log = logging.getLogger("llmrl.train")
 
@@ -78,8 +79,8 @@ def rl_step(r: Recipe, prompts: list, step: int) -> dict:
     kl_reward = o.kl_placement == "reward" and r.beta.value > 0
     credit = dist.global_credit(r.estimator, CreditInputs(
         scores=rewards.total.to(r.ex.device), response_mask=rollout.response_mask, group_ids=rollout.group_ids,
-        token_rewards=kl_in_reward(rollout.logp_old, rollout.logp_ref, rollout.response_mask, r.beta.value)
-        if kl_reward else None,
+        token_rewards=token_rewards(rollout, kl_in_reward(rollout.logp_old, rollout.logp_ref, rollout.response_mask,
+                                                          r.beta.value) if kl_reward else None),
         values=rollout.values, step_ids=rollout.step_ids, step_scores=rollout.step_scores))
     # 5. update (the rule objective.update names: train/rules.py), then the engine takes the new weights
     upd = r.update(r, rollout, credit)

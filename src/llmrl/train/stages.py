@@ -13,6 +13,7 @@ and `plan(cfg, ...)` picks the ones a config needs, once, in this order:
 | step_rewards        | step_scores                | credit.step_reward names a step reward (process rewards)     |
 | monte_carlo_values  | values                     | credit.values = monte_carlo (VinePPO)                        |
 | critic_values       | values                     | credit.values = critic                                       |
+| teacher_logprobs    | extras: logp_teacher, teacher_rewards | there is a `teacher` (on-policy distillation: train/teacher.py) |
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from llmrl.objectives.mismatch import mismatch_stats
 from llmrl.rewards import score
 from llmrl.rewards.process import score_steps, step_texts
 from llmrl.rollout.branch import monte_carlo_values as branched_values
+from llmrl.train.teacher import teacher_logprobs
 
 
 def engine_logprobs(r, rollout):
@@ -89,5 +91,6 @@ def plan(cfg, engine_logprobs_needed: bool) -> list:
         (step_rewards, bool(c.step_reward)),
         (monte_carlo_values, c.values == "monte_carlo"),
         (critic_values, c.values == "critic"),
+        (teacher_logprobs, getattr(cfg, "teacher", None) is not None),
     ]
     return [stage for stage, on in wanted if on]
