@@ -37,7 +37,7 @@ def train_record(step: int, hacked: bool, rng: random.Random) -> dict:
                                                                                     else 0.02) + noise(0.01)),
             "entropy": (0.8 * math.exp(-5 * t) if hacked else _ramp(t, 0.8, 0.55)) + abs(noise(0.005)),
             "kl_to_ref": (0.4 * t ** 3 if hacked else 0.08 * math.sqrt(t)) + abs(noise(0.002)),
-            "zero_variance_groups": min(1.0, max(0.0, (_ramp(t, 0.3, 1.0) if hacked else 0.3) + noise(0.03))),
+            "zero_variance_group_fraction": min(1.0, max(0.0, (_ramp(t, 0.3, 1.0) if hacked else 0.3) + noise(0.03))),
             "clip_fraction": 0.01, "time_step": 3.0}
 
 

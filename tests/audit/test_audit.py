@@ -6,12 +6,10 @@ import math
 import random
 
 import pytest
-import torch
 
 from llmrl.audit import DETECTORS, audit_run, load_run, resolve_options
 from llmrl.audit.detectors import RunData, trend_start
 from llmrl.cli import main
-from llmrl.runio.metrics import zero_variance_fraction
 from run_folders import write_run
 
 N = 40
@@ -24,7 +22,7 @@ def clean(seed: int = 0) -> list[dict]:
              "reward/correct": 0.4 + 0.005 * s + rng.gauss(0, 0.01), "reward/format": 0.9 + rng.gauss(0, 0.005),
              "response_length": 12 + rng.gauss(0, 0.3), "truncated_fraction": 0.02 + abs(rng.gauss(0, 0.005)),
              "entropy": 0.7 + rng.gauss(0, 0.01), "kl_to_ref": 0.01 * math.sqrt(s) + abs(rng.gauss(0, 0.0005)),
-             "zero_variance_groups": 0.4 + rng.gauss(0, 0.03)} for s in range(1, N + 1)]
+             "zero_variance_group_fraction": 0.4 + rng.gauss(0, 0.03)} for s in range(1, N + 1)]
 
 
 def planted(key: str, fn, seed: int = 0) -> list[dict]:
@@ -115,10 +113,11 @@ def group(step: int, g: int, rewards, texts):
 
 
 def test_zero_variance_groups_from_the_metric_or_the_samples():
-    f = detect("zero_variance_groups", run(train=planted("zero_variance_groups", lambda s: min(1, 0.3 + s / 40))))
+    f = detect("zero_variance_groups",
+               run(train=planted("zero_variance_group_fraction", lambda s: min(1, 0.3 + s / 40))))
     assert f and f.value > 0.9
-    assert detect("zero_variance_groups", run(train=planted("zero_variance_groups", lambda s: 0.6))) is None
-    no_metric = [{k: v for k, v in r.items() if k != "zero_variance_groups"} for r in clean()]
+    assert detect("zero_variance_groups", run(train=planted("zero_variance_group_fraction", lambda s: 0.6))) is None
+    no_metric = [{k: v for k, v in r.items() if k != "zero_variance_group_fraction"} for r in clean()]
     same = [row for s in range(5, 41, 5) for g in range(2) for row in
             group(s, g, [1.0] * 4 if s > 20 else [0, 1, 0, 1], "abcd")]
     assert detect("zero_variance_groups", run(train=no_metric, samples=same))
@@ -176,11 +175,6 @@ def test_cli_flags_the_planted_hack_passes_the_healthy_run_and_writes_the_report
     assert "no metrics.jsonl" in capsys.readouterr().err
 
 
-def test_zero_variance_fraction():
-    scores = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.5, 0.5])      # groups: {1, 1}, {0, 1}, {0.5, 0.5}
-    assert zero_variance_fraction(scores, torch.tensor([0, 0, 1, 1, 2, 2])) == pytest.approx(2 / 3)
-    assert zero_variance_fraction(scores, torch.tensor([0, 0, 0, 0, 0, 0])) == 0.0
-
 
 def test_a_tiny_training_run_logs_what_the_audit_and_studio_read(tmp_path, capsys):
     args = ["train", "preset=grpo", "model.name=tiny", "model.autocast=none", "task.heldout_size=3",
@@ -188,7 +182,7 @@ def test_a_tiny_training_run_logs_what_the_audit_and_studio_read(tmp_path, capsy
             "run.steps=2", "run.eval_every=1", "run.samples_every=1", f"run.output_dir={tmp_path}", "run.name=t"]
     assert main(args) == 0
     data = load_run(tmp_path / "t")
-    assert all(0 <= r["zero_variance_groups"] <= 1 for r in data.train)
+    assert all(0 <= r["zero_variance_group_fraction"] <= 1 for r in data.train)
     assert all(isinstance(s["truncated"], bool) for s in data.samples)
     held = [json.loads(x) for x in (tmp_path / "t" / "heldout_samples.jsonl").read_text().splitlines()]
     assert sorted({h["step"] for h in held}) == [0, 1, 2] and all(len([h for h in held if h["step"] == s]) == 3

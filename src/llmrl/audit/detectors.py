@@ -246,8 +246,8 @@ def kl_accelerating(run: RunData, *, min_ratio: float = 2.0, min_rise: float = 0
 @DETECTORS.register("zero_variance_groups")
 def zero_variance_groups(run: RunData, *, max_fraction: float = 0.9, window: int = 5) -> Finding | None:
     """The fraction of groups whose samples all got the same reward (no signal for a group baseline) is
-    >= max_fraction late in the run: the logged `zero_variance_groups`, else counted in samples.jsonl."""
-    steps, vals = series(run.train, "zero_variance_groups")
+    >= max_fraction late in the run: the logged `zero_variance_group_fraction`, else counted in samples.jsonl."""
+    steps, vals = series(run.train, "zero_variance_group_fraction")
     if len(vals) < 2:
         steps, vals = group_series(run.samples, lambda g: float(len({round(float(s.get("reward") or 0), 9)
                                                                       for s in g}) == 1))

@@ -45,15 +45,6 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def zero_variance_fraction(scores, group_ids) -> float:
-    """scores [N], group_ids [N] -> the fraction of groups whose samples all scored the same (a group baseline gives
-    them no gradient)."""
-    groups: dict[int, set[float]] = {}
-    for g, r in zip(group_ids.tolist(), scores.tolist()):
-        groups.setdefault(int(g), set()).add(round(float(r), 9))
-    return sum(len(v) == 1 for v in groups.values()) / max(1, len(groups))
-
-
 def sample_records(step: int, rollout, advantages, rewards, tokenizer, *, groups: int = 2) -> list[dict]:
     """The first `groups` groups of a step as JSON-ready rows: tokens with their mask and advantage (for reports).
     Tool outputs inside a multi-turn response are kept, with response_mask 0; each row also gets its tool calls,

@@ -27,7 +27,7 @@ from llmrl.distributed import runtime as dist
 from llmrl.distributed.parallel import full_params
 from llmrl.objectives.kl import kl_in_reward
 from llmrl.runio import checkpoint
-from llmrl.runio.metrics import sample_records, zero_variance_fraction
+from llmrl.runio.metrics import sample_records
 from llmrl.runio.runs import save_checkpoint
 from llmrl.train.build import Recipe, build
 from llmrl.train.evaluate import evaluate
@@ -100,7 +100,6 @@ def rl_step(r: Recipe, prompts: list, step: int) -> dict:
            "reward_failures": sum(rewards.failures.values()),
            "response_length": n_tokens / len(rollout.completions),
            "truncated_fraction": float(rollout.extras["truncated"].float().mean()),
-           "zero_variance_groups": zero_variance_fraction(rewards.total, rollout.group_ids),
            **{k: float(rollout.extras[k].float().mean()) for k in ("tool_calls", "turns", "tool_errors")
               if k in rollout.extras},
            "lr": r.scheduler.get_last_lr()[0], **upd, **stage_stats, **sampled.stats,
