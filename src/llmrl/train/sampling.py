@@ -85,7 +85,7 @@ def group_counts(rollout: Rollout, rewards: RewardResult) -> tuple[torch.Tensor,
         varied.append(bool(scores.max() > scores.min()))
         texts = [rollout.completions[i] for i in rows.tolist()]
         dups += len(texts) - len(set(texts))
-    varied_t = torch.tensor(varied, dtype=torch.bool)
+    varied_t = torch.tensor(varied, dtype=torch.bool, device=rollout.group_ids.device)
     chosen = rollout.response_mask.bool()
     return varied_t, {"groups": float(len(ids)), "zero_variance": float((~varied_t).sum()),
                       "rows": float(len(rollout.completions)), "duplicates": float(dups),
