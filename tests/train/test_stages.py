@@ -9,6 +9,7 @@ import torch
 from llmrl.compute.settings import Execution
 from llmrl.config import load_config
 from llmrl.data import Example
+from llmrl.objectives.mismatch import Correction
 from llmrl.presets import PRESETS
 from llmrl.rollout.collect import collect_rollout
 from llmrl.train import stages
@@ -42,7 +43,8 @@ def recipe(tiny):
     cfg = load_config(None, ["credit.steps=regex", "credit.step_pattern='[ 0-9]'", "credit.step_reward=equations",
                              "rollout.tis_cap=2.0"])
     return SimpleNamespace(cfg=cfg, model=model, reference=model, tokenizer=tok, ex=Execution(micro_batch_size=4),
-                           critic=SimpleNamespace(critic=lambda ids, mask, T: torch.ones(len(ids), T)))
+                           critic=SimpleNamespace(critic=lambda ids, mask, T: torch.ones(len(ids), T)),
+                           mismatch=Correction(cfg.rollout.mismatch, cfg.rollout.tis_cap, cfg.rollout.mismatch_low))
 
 
 @pytest.fixture
