@@ -1,6 +1,6 @@
 """Is a refactor slower? The llmrl arm of bench/compare_trl.py (its default GRPO step on SmolLM2-135M-Instruct,
-the settings of the TRL comparison) run with two checkouts' code, alternating A B A B ... so that a machine's drift
-hits both alike. Each run is the checkout's own `bench/compare_trl.py --worker llmrl_bf16` in a subprocess with
+the settings of the TRL comparison) run with two checkouts' code, in the order A B B A A B ... so that a machine's
+drift hits both alike. Each run is the checkout's own `bench/compare_trl.py --worker llmrl_bf16` in a subprocess with
 that checkout's `src` on PYTHONPATH: seconds per step (median after a warm-up step) and peak RSS.
 
     git worktree add /tmp/old 0b2017c
@@ -49,7 +49,7 @@ def main() -> None:
     a, b = args.a.resolve(), args.b.resolve()
     runs: dict[Path, list[dict]] = {a: [], b: []}
     for r in range(args.rounds):
-        for checkout in (a, b):
+        for checkout in ((a, b) if r % 2 == 0 else (b, a)):     # A B B A ...: a drifting machine hits both alike
             runs[checkout].append(run_arm(checkout, args.steps))
             print(f"round {r + 1} {git_rev(checkout)}: {runs[checkout][-1]['step_s']:.2f} s/step, "
                   f"{runs[checkout][-1]['peak_rss_mib']:.0f} MiB", flush=True)
