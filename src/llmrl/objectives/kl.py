@@ -30,7 +30,7 @@ of the sequence-level KL also moves the state distribution, which only the rewar
 when the credit estimator passes the penalty of later tokens back to earlier ones (reward-to-go, gamma = 1).
 Off-policy (samples from pi_old != pi) the same results hold once each term is weighted by the detached ratio
 pi / pi_old, since E_old[(pi / pi_old) f] = E_pi[f]: the loss term does so (`policy.off_policy_kl`; exact
-in tests/test_kl_gradients.py), and on one on-policy pass the weight is exactly 1.
+in tests/objectives/test_kl_gradients.py), and on one on-policy pass the weight is exactly 1.
 """
 
 from __future__ import annotations
