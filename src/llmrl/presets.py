@@ -16,8 +16,8 @@ objective and which constraints; anything it sets, a config file or a `key=value
     dppo         = group baseline + binary-TV divergence mask instead of ratio clip   (Qi et al. 2026)
 
 The last four take two minibatches per rollout (two optimizer steps on halves of it): on one on-policy pass every
-ratio is exactly 1 and each of these objectives is the plain policy gradient (tests/objectives/test_trust_region_objectives.py),
-so only data reuse lets their trust regions act.
+ratio is exactly 1 and each of these objectives is the plain policy gradient
+(tests/objectives/test_trust_region_objectives.py), so only data reuse lets their trust regions act.
 """
 
 from __future__ import annotations

@@ -177,8 +177,8 @@ def off_policy_kl(
 
     A KL estimator in the loss is an expectation over x ~ pi, but a reused rollout (objective.epochs or
     minibatches > 1) was sampled from pi_old; E_old[sg(pi / pi_old) grad k(x)] = E_pi[grad k(x)], so the detached
-    ratio makes the gradient the on-policy one (tests/objectives/test_kl_gradients.py proves it exactly). On one on-policy
-    pass pi_old = sg(pi), the weight is exactly 1 and the term is unchanged bit for bit. The state distribution
+    ratio makes the gradient the on-policy one (tests/objectives/test_kl_gradients.py proves it exactly). On one
+    on-policy pass pi_old = sg(pi), the weight is exactly 1 and the term is unchanged bit for bit. The state distribution
     stays pi_old's (the usual PPO approximation: only the token-level ratio is corrected).
     """
     weight = torch.exp(logp.detach() - logp_old)
