@@ -120,21 +120,30 @@ def cmd_sft_data(args) -> int:
     return 0
 
 
-def cmd_pairs(args) -> int:
+def _task_and_model(args):
+    """(task, model, tokenizer) of a data-building command's --task/--options/--model (and --threads)."""
     import torch
     import yaml
 
     from llmrl.data import make_task
-    from llmrl.data.pairs import save_pairs
     from llmrl.models import load_model
-    from llmrl.train.pairs import build_pairs_from_task
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    options = yaml.safe_load(args.options) if args.options else {}
+    task = make_task(args.task, seed=args.seed, options=options, train_path=args.train_path)
+    return (task, *load_model(args.model))
+
+
+def cmd_pairs(args) -> int:
+    import torch
+    import yaml
+
+    from llmrl.data.pairs import save_pairs
+    from llmrl.train.pairs import build_pairs_from_task
+
     try:
-        options = yaml.safe_load(args.options) if args.options else {}
-        task = make_task(args.task, seed=args.seed, options=options, train_path=args.train_path)
-        model, tokenizer = load_model(args.model)
+        task, model, tokenizer = _task_and_model(args)
     except (ValueError, FileNotFoundError, yaml.YAMLError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -153,17 +162,11 @@ def cmd_prm_data(args) -> int:
     import torch
     import yaml
 
-    from llmrl.data import make_task
     from llmrl.data.step_labels import save_step_labels
-    from llmrl.models import load_model
     from llmrl.train.prm import build_step_labels
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
-        options = yaml.safe_load(args.options) if args.options else {}
-        task = make_task(args.task, seed=args.seed, options=options, train_path=args.train_path)
-        model, tokenizer = load_model(args.model)
+        task, model, tokenizer = _task_and_model(args)
         if args.steps == "regex" and not args.step_pattern:
             raise ValueError("--steps regex needs --step-pattern")
     except (ValueError, FileNotFoundError, yaml.YAMLError) as e:
