@@ -26,6 +26,24 @@ def reward(completion: str, ex: Example = IS_PRIME, **options) -> float:
     return code_tests([completion], [ex], **options)[0]
 
 
+def test_the_harness_is_built_before_the_worker_threads(monkeypatch):
+    """Regression: two worker threads building the harness at once ran `inspect.getsource` (an `ast.parse`) in
+    parallel, which CPython 3.11 can fail with "AST constructor recursion depth mismatch" (seen once in CI)."""
+    import threading
+    from llmrl.rewards import code_harness
+    built_in = []
+    real = code_harness._build_harness_program
+    monkeypatch.setattr(code_harness, "_build_harness_program",
+                        lambda: built_in.append(threading.current_thread()) or real())
+    code_harness._harness_program.cache_clear()
+    try:
+        assert code_tests([RIGHT, "def is_prime(n):\n    return None\n"], [IS_PRIME, IS_PRIME],
+                          timeout_s=3.0, workers=2) == [1.0, 0.0]
+    finally:
+        code_harness._harness_program.cache_clear()
+    assert built_in == [threading.main_thread()]
+
+
 # ---------------------------------------------------------------- extraction
 
 @pytest.mark.parametrize("text, expected", [

@@ -130,8 +130,12 @@ def code_tests(completions: list[str], examples: list[Example], *, timeout_s: fl
         raise ValueError("code_tests: timeout_s and time_budget_s must be > 0")
     specs = [_spec(extract_code(c), ex, timeout_s, test_timeout_s, style_weight > 0)
              for c, ex in zip(completions, examples, strict=True)]
-    run = functools.partial(_score_one, timeout_s=timeout_s, memory_mb=memory_mb, style_weight=style_weight,
-                            efficiency_weight=efficiency_weight, time_budget_s=time_budget_s)
+    # Built here, once, before any worker thread: inspect.getsource parses with `ast`, which CPython 3.11 does not
+    # make safe to run from two threads at once ("AST constructor recursion depth mismatch").
+    program = _harness_program()
+    run = functools.partial(_score_one, program=program, timeout_s=timeout_s, memory_mb=memory_mb,
+                            style_weight=style_weight, efficiency_weight=efficiency_weight,
+                            time_budget_s=time_budget_s)
     n_workers = max(1, min(len(specs), workers or os.cpu_count() or 1))
     if n_workers == 1:
         results = [run(s) for s in specs]
@@ -148,12 +152,13 @@ def code_tests(completions: list[str], examples: list[Example], *, timeout_s: fl
 code_tests.runs_model_code = True   # the CLI checks that a sandbox layer can start before training
 
 
-def _score_one(spec: dict, *, timeout_s, memory_mb, style_weight, efficiency_weight, time_budget_s):
+def _score_one(spec: dict, *, program: str, timeout_s, memory_mb, style_weight, efficiency_weight,
+               time_budget_s):
     """(reward, why it is below the maximum or None) for one completion."""
     counted = [i for i, step in enumerate(spec["steps"]) if step["counts"]]
     if not counted:
         return 0.0, "the example has no tests"
-    res = run_python(_harness_program(), stdin=json.dumps(spec), timeout_s=timeout_s + 2.0, cpu_s=timeout_s + 2.0,
+    res = run_python(program, stdin=json.dumps(spec), timeout_s=timeout_s + 2.0, cpu_s=timeout_s + 2.0,
                      memory_mb=memory_mb, max_procs=16, max_output_bytes=1_000_000)
     events = []
     for line in res.stdout.splitlines():  # only the harness writes here, never the candidate

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import threading
 
 def _encode(x, depth=0):
     """A value as plain JSON data, tagged where JSON has no type of its own (candidate side: may be lenient)."""
@@ -409,9 +410,20 @@ except Exception:  # another Python's internals: the module itself
 """
 
 
+_BUILD_LOCK = threading.Lock()
+
+
 @functools.lru_cache(maxsize=1)
 def _harness_program() -> str:
-    """The program run_python runs for code_tests: the harness, carrying the candidate's program as a string."""
+    """The program run_python runs for code_tests: the harness, carrying the candidate's program as a string.
+
+    Built under a lock: `inspect.getsource` parses with `ast`, and two threads parsing at once can fail in CPython 3.11
+    with "SystemError: AST constructor recursion depth mismatch"."""
+    with _BUILD_LOCK:
+        return _build_harness_program()
+
+
+def _build_harness_program() -> str:
     src = lambda *objs: "\n\n".join(inspect.getsource(o) for o in objs)  # noqa: E731
     child = _HEADER + src(_encode, _decode, _send, _recv, _guard, _describe, _child_main) + \
         "\n\n_child_main(int(sys.argv[1]), int(sys.argv[2]))\n"
