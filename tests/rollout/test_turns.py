@@ -23,8 +23,9 @@ def full_logp(model, seqs: list[list[int]], chosen: list[list[bool]], temperatur
     return out
 
 
-def play(model, tok, *, capacity=24, lean=True, amp=None, temperature=1.0, seed=0):
-    """Three turns of 3 prompts x 2 rows: turn limits 5, observations of 1..4 tokens, row 1 dropped after turn 1."""
+def play(model, tok, *, capacity=24, lean=True, amp=None, temperature=1.0, seed=0, limit=lambda r, turn: 5):
+    """Three turns of 3 prompts x 2 rows: turn limits `limit(row, turn)` (5), observations of 1..4 tokens, row 1
+    dropped after turn 1."""
     prompts = [encode_prompt(tok, t) for t in TEXTS]
     G = 2
     turns = TurnSampler(model, prompts, group_size=G, capacity=capacity, temperature=temperature,
@@ -35,7 +36,7 @@ def play(model, tok, *, capacity=24, lean=True, amp=None, temperature=1.0, seed=
     logps = {r: [] for r in seqs}
     rows = list(seqs)
     for turn in range(3):
-        out = turns.sample({r: 5 for r in rows})
+        out = turns.sample({r: limit(r, turn) for r in rows})
         for r in rows:
             seqs[r] += out[r].ids
             chosen[r] += [True] * len(out[r].ids)
@@ -60,6 +61,25 @@ def test_recorded_logp_equals_a_full_forward_over_every_turn(tiny, lean, capacit
         assert len(logps[r]) == len(w) > 0
         torch.testing.assert_close(torch.tensor(logps[r]), torch.tensor(w), atol=1e-5, rtol=0)
     assert sum(chosen[1]) <= 5 < sum(chosen[0])                  # row 1 was dropped after its first turn
+
+
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_rows_parked_mid_turn_come_back_with_their_own_cache(tiny, amp, monkeypatch):
+    """Limits from 1 to 9 tokens a row: rows stop one after another, so the stopped ones are parked (set aside)
+    while the rest decode, and put back at the turn's end. Every recorded log-prob still equals a full forward, and
+    the lean runner parked rows (bf16: the C decode layout; fp32: the plain lean cache)."""
+    from llmrl.rollout import turns as turns_module
+    parks = []
+    real = turns_module._LeanTurns.park
+    monkeypatch.setattr(turns_module._LeanTurns, "park", lambda self, out, stay: parks.append(len(out)) or
+                        real(self, out, stay))
+    model, tok = tiny
+    seqs, chosen, logps = play(model, tok, amp=amp, temperature=0.7, limit=lambda r, turn: 1 + (2 * r + turn) % 9)
+    want = full_logp(model, [seqs[r] for r in seqs], [chosen[r] for r in seqs], 0.7, amp=amp)
+    for r, w in zip(seqs, want):
+        assert len(logps[r]) == len(w) > 0
+        torch.testing.assert_close(torch.tensor(logps[r]), torch.tensor(w), atol=0.05 if amp else 1e-5, rtol=0)
+    assert len(parks) >= 3 and sum(parks) >= 6, parks
 
 
 def test_bf16_on_the_c_decode_path_matches_an_autocast_forward(tiny):

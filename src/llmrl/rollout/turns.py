@@ -12,8 +12,12 @@ the padding of an observation block (observations are left-padded to the block's
 was fed after it stopped while other rows of its turn were still decoding. Positions are per row and count only
 the row's own tokens, so a row's cache is exactly what a prefill of its whole sequence would compute (to the
 forward's float rounding). Memory is bounded by the rows in flight: rows whose episode ended are dropped from
-the cache at `extend`, and, within a turn, rows ended by a `final_ids` token (EOS of a tool episode) are compacted
-away once they are half of the batch; the cache grows (by copy) only if a turn needs more slots than it has.
+the cache at `extend`; the cache grows (by copy) only if a turn needs more slots than it has.
+
+Within a turn, on the lean runner, rows that stopped are parked once they are half of the batch: their cache
+slices are set aside and the turn decodes only the rows still sampling (as the one-shot sampler drops stopped
+rows); at the turn's end they are put back in their places, the slots written after they were parked masked out
+for them. On the HF runner (a DynamicCache) stopped rows idle instead: fed tokens that are masked out afterwards.
 """
 
 from __future__ import annotations
@@ -84,6 +88,39 @@ class _LeanTurns(LeanRunner):
     def invalidate(self, row: int, start: int) -> None:
         self.keys[row, start:] = False
 
+    parks = True
+
+    def park(self, out: torch.Tensor, stay: torch.Tensor) -> tuple:
+        """Set the batch rows `out` aside (their cache slices and key masks); the batch keeps the rows `stay`."""
+        if self.lean.c is not None:
+            parked = (self.length, self.keys[out], self.kt[:, out], self.vc[:, out])
+            self.kt, self.vc = self.kt[:, stay], self.vc[:, stay]
+        else:
+            parked = (self.length, self.keys[out], self.cache[:, :, out])
+            self.cache = self.cache[:, :, stay]
+        self.keys = self.keys[stay]
+        return parked
+
+    def unpark(self, parked: list[tuple], order: torch.Tensor) -> None:
+        """Put parked rows back. The batch becomes [the rows in it, then each parked set in turn], indexed by `order`
+        (for each row in its original place, its position in that concatenation). A parked row's key mask is the
+        one saved when it was parked, so the slots written since are masked out for it; they are zeroed, as the
+        attention reads masked slots too (uninitialised memory could hold a NaN, and NaN x 0 is NaN)."""
+        now = self.length
+        for then, _, *cache in parked:
+            if self.lean.c is not None:
+                cache[0][..., then:now].zero_()
+                cache[1][..., then:now, :].zero_()
+            else:
+                cache[0][..., then:now, :].zero_()
+        keys = torch.cat([self.keys, *(p[1] for p in parked)], 0)[order]
+        if self.lean.c is not None:
+            self.kt = torch.cat([self.kt, *(p[2] for p in parked)], 1)[:, order]
+            self.vc = torch.cat([self.vc, *(p[3] for p in parked)], 1)[:, order]
+        else:
+            self.cache = torch.cat([self.cache, *(p[2] for p in parked)], 2)[:, :, order]
+        self.keys = keys
+
     def extend(self, ids, positions, valid):                      # [n, S] each -> logits [n, V]
         n, S = ids.shape
         start, end = self.length, self.length + S
@@ -106,6 +143,7 @@ class _HFTurns(HFRunner):
     """HFRunner plus `extend`, `invalidate` (its DynamicCache grows by itself, so `grow` has nothing to do)."""
 
     length = 0
+    parks = False       # a DynamicCache's rows are not set aside: stopped rows idle until the turn ends
 
     def prefill(self, prompt_ids, prompt_mask, positions, group_size: int, max_new_tokens: int):
         self.length = prompt_ids.shape[1]
@@ -160,41 +198,61 @@ class TurnSampler:
 
     def sample(self, limits: dict[int, int]) -> dict[int, TurnOutput]:
         """One turn for every row in flight, row r sampling at most limits[r] >= 1 tokens; a row stops after a stop
-        id, a stop string or its limit. Rows that stopped early idle (fed tokens later masked out) until the turn
-        ends."""
-        runner, n = self.runner, len(self.rows)
-        cap = torch.tensor([limits[r] for r in self.rows], device=self.device)                   # [n]
+        id, a stop string or its limit. Rows that stopped early are parked once they are half of the batch (lean
+        runner) or idle, fed tokens later masked out (HF runner), until the turn ends."""
+        runner, n, dev = self.runner, len(self.rows), self.device
+        cap = torch.tensor([limits[r] for r in self.rows], device=dev)                           # [n]
         if int(cap.min()) < 1:
             raise ValueError("TurnSampler.sample: every row in flight needs a limit >= 1")
         T = int(cap.max())
-        ids = torch.zeros(n, T, dtype=torch.long, device=self.device)
-        logps = torch.zeros(n, T, device=self.device)
-        steps = torch.zeros(n, dtype=torch.long, device=self.device)                 # tokens sampled per row
-        alive = torch.ones(n, dtype=torch.bool, device=self.device)
+        ids = torch.zeros(n, T, dtype=torch.long, device=dev)
+        logps = torch.zeros(n, T, device=dev)
+        steps = torch.zeros(n, dtype=torch.long, device=dev)                 # [n] tokens sampled per row
+        fed = torch.zeros(n, dtype=torch.long, device=dev)                   # [n] of them written to its cache
+        alive = torch.ones(n, dtype=torch.bool, device=dev)                  # [n] still sampling
+        batch = torch.arange(n, device=dev)                                  # [b] the runner's rows (row indices)
+        parked: list[tuple] = []                                             # (row indices, runner.park's state)
         runner.grow(runner.length + T)
-        start, fed, logits = runner.length, 0, self.logits                            # fed: decode calls made
+        start, logits = runner.length, self.logits
         with self.amp():
             for t in range(T):
-                token, logp = _sampler.sample_next(logits, self.temperature, self.top_p, self.generator)
-                ids[alive, t], logps[alive, t] = token[alive], logp[alive]
-                steps[alive] = t + 1
-                ended = alive & (torch.isin(token, self.stop) | (steps >= cap))
+                token, logp = _sampler.sample_next(logits, self.temperature, self.top_p, self.generator)   # [b]
+                live = alive[batch]                                                                        # [b]
+                ids[batch[live], t], logps[batch[live], t] = token[live], logp[live]
+                steps[batch[live]] = t + 1
+                ended = live & (torch.isin(token, self.stop) | (steps[batch] >= cap[batch]))
                 if self.stop_text is not None:
-                    idx = (alive & ~ended).nonzero()[:, 0]
+                    idx = (live & ~ended).nonzero()[:, 0]
                     if len(idx):
-                        ended[idx] |= self.stop_text(ids[idx, max(0, t + 1 - self.stop_text.window):t + 1])
-                alive &= ~ended
+                        ended[idx] |= self.stop_text(ids[batch[idx], max(0, t + 1 - self.stop_text.window):t + 1])
+                alive[batch] = live & ~ended
                 if not alive.any():
                     break
-                logits = runner.decode(token, self.pos + t)                            # writes slot start + t
-                fed = t + 1
+                if runner.parks and 2 * int(alive[batch].sum()) <= len(batch):
+                    batch, token = self._park(batch, token, alive, parked)
+                logits = runner.decode(token, self.pos[batch] + t)                     # writes slot start + t
+                fed[batch] = t + 1
+        if parked:
+            order = torch.cat([batch, *(rows for rows, _ in parked)])          # the row at each place of the concat
+            runner.unpark([state for _, state in parked], torch.argsort(order))
+        return self._outputs(start, steps, fed, ids, logps, cap)
+
+    def _park(self, batch, token, alive, parked: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Set the batch's stopped rows aside (appended to `parked`); -> the rows that stay and their tokens."""
+        live = alive[batch]
+        stay, out = live.nonzero()[:, 0], (~live).nonzero()[:, 0]
+        parked.append((batch[out], self.runner.park(out, stay)))
+        return batch[stay], token[stay]
+
+    def _outputs(self, start: int, steps, fed, ids, logps, cap) -> dict[int, TurnOutput]:
+        """Each row's turn; masks out what a row was fed after its stop; a last token not fed is kept pending."""
         out = {}
         for i, row in enumerate(self.rows):
-            k = int(steps[i])
-            runner.invalidate(i, start + min(k, fed))          # what it was fed after its stop is not its text
-            if k > fed:                                         # its last token never went through the model
+            k, f = int(steps[i]), int(fed[i])
+            self.runner.invalidate(i, start + min(k, f))        # what it was fed after its stop is not its text
+            if k > f:                                           # its last token never went through the model
                 self.pending[row] = int(ids[i, k - 1])
-            self.pos[i] += min(k, fed)
+            self.pos[i] += min(k, f)
             out[row] = TurnOutput(ids[i, :k].tolist(), logps[i, :k].tolist(),
                                   bool(k >= int(cap[i])) and not bool(torch.isin(ids[i, k - 1], self.stop)))
         return out
