@@ -185,3 +185,27 @@ def _last_train_step(path) -> int:
         if row.get("kind") == "train":
             steps.append(row["step"])
     return max(steps)
+
+
+@pytest.mark.parametrize("sampling", [
+    ["rollout.sampling=dynamic", "rollout.dynamic_max_rounds=3",
+     "reward.terms=[{name: format, options: {pattern: '[aeiou][aeiou]'}}]"],   # some groups all 0: extra draws
+    ["rollout.sampling=curriculum", "rollout.curriculum_replay=0.5", "rollout.curriculum_pool=8"],
+], ids=["dynamic", "curriculum"])
+def test_sampling_state_survives_a_resume(tmp_path, one_thread, sampling):
+    """Dynamic sampling draws more than one batch a step, and the curriculum keeps a pool of pass rates: a run
+    resumed after step 2 continues from the batches actually drawn and the pool as it was, so 2 + 2 steps == 4."""
+    args = [*sampling, "preset=grpo", "optim.schedule=constant", "run.save_every=2", "run.eval_every=0"]
+    assert main(train_args(tmp_path / "long", *args, steps=4)) == 0
+    assert main(train_args(tmp_path / "short", *args, steps=2)) == 0
+    assert main(train_args(tmp_path / "short", *args, "--resume", steps=4)) == 0
+    state = json.loads((tmp_path / "long" / "r" / "checkpoints" / "step-000002" / "state.json").read_text())
+    if "dynamic" in sampling[0]:
+        assert state["sampling"]["batches_drawn"] > 2          # the case this test is for: more than a batch a step
+    else:
+        assert state["sampling"]["pass_rates"]                  # a pool to carry over
+    a, b = (load_file(tmp_path / d / "r" / "final" / "model.safetensors") for d in ("long", "short"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = (read_metrics(tmp_path / d / "r" / "metrics.jsonl") for d in ("long", "short"))
+    strip = lambda r: {k: v for k, v in r.items() if not k.startswith(("time_", "tokens_per_s"))}  # noqa: E731
+    assert [strip(r) for r in ra] == [strip(r) for r in rb]

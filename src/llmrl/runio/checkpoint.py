@@ -5,7 +5,8 @@
         optimizer.pt     the optimizer's and the LR scheduler's state dicts
         critic.pt        the critic's trainable parameters and its optimizer (only with a critic)
         rng.pt           python `random`, torch's global CPU RNG, the recipe's torch.Generator, numpy's global RNG
-        state.json       step, data position, the KL controller (beta; RL only), the evaluations so far
+        state.json       step, the KL controller (beta; RL only), sampling's state (RL only: the batches drawn, the
+                         curriculum pool), the evaluations so far
         metrics.jsonl    RUN_DIR's metrics.jsonl and samples.jsonl (RL) as they were at this step: resuming puts them
         samples.jsonl    back, so no record is duplicated or lost
         config.yaml      the resolved config; resuming refuses one that differs in anything but CONTINUABLE keys
@@ -16,9 +17,9 @@ SIGKILL) mid-write leaves only a temporary folder, which `latest` ignores and re
 last `run.keep_checkpoints` are kept; an older one is renamed away before it is deleted, for the same reason.
 
 Every trainer uses it: RL (`train/rl.py`) and the supervised loop of DPO, reward and process reward models
-(`train/supervised.py`). Data position: each step draws exactly one batch (RL: `rollout.prompts_per_step` examples
-of the task's seeded train stream; supervised: a batch of a seeded shuffle per epoch), so a run resumed after step
-k recreates the stream and skips k batches.
+(`train/supervised.py`). Data position: RL counts the batches of `rollout.prompts_per_step` examples it drew from
+the task's seeded train stream (dynamic sampling draws more than one a step), and a resumed run recreates the
+stream and skips that many; the supervised loop draws one batch of a seeded shuffle per step and skips k.
 Exactness: with the same threads and fp32 on CPU, a resumed run ends with bitwise the same weights as one that was
 never stopped (tests/runio/test_resume.py). Evaluations are greedy and draw no random numbers; nothing else does between
 the checkpoint and the next step.
@@ -65,6 +66,7 @@ class TrainingState:
     beta: Any = None                    # RL: FixedKLController | AdaptiveKLController
     critic: torch.nn.Module | None = None
     critic_optimizer: torch.optim.Optimizer | None = None
+    sampling: Any = None                # RL: the batches drawn and the curriculum pool (train/sampling.py)
 
 
 # ----------------------------------------------------------------------------- finding one
@@ -175,8 +177,9 @@ def save(run_dir: Path, step: int, state: TrainingState, evals: list[dict], *, k
             if src.exists():
                 data = src.read_bytes()
                 _write(tmp / name, lambda f: f.write(data))
-        meta = {"step": step, "batches_drawn": step,
+        meta = {"step": step,
                 **({"beta": state.beta.state_dict()} if state.beta is not None else {}),
+                **({"sampling": state.sampling.state_dict()} if state.sampling is not None else {}),
                 "evals": [{k: v for k, v in e.items() if k != "samples"} for e in evals]}
         _write(tmp / "state.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
         _fsync(tmp)
@@ -254,6 +257,8 @@ def restore(path: Path, state: TrainingState, run_dir: Path) -> tuple[int, list[
         state.critic_optimizer.load_state_dict(saved["optimizer"])
     if state.beta is not None:
         state.beta.load_state_dict(meta["beta"])
+    if state.sampling is not None:      # a checkpoint from before the sampling state: one batch a step, no pool
+        state.sampling.load_state_dict(meta.get("sampling", {"batches_drawn": meta["step"], "pass_rates": []}))
     rng = torch.load(path / "rng.pt", weights_only=True, map_location="cpu")
     if D.world() > 1:                           # this rank's own sampling generator
         written = len(rng.get("rank_generators", [None]))

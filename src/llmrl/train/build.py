@@ -46,7 +46,7 @@ from llmrl.train import stages as stages_mod
 from llmrl.train.checks import check_credit_sources, check_engine, check_prompts_fit, check_sampling
 from llmrl.train.teacher import make_teacher
 from llmrl.train.rules import UPDATES
-from llmrl.train.sampling import SAMPLING, PassRates
+from llmrl.train.sampling import SAMPLING, Batches, PassRates, SamplingState
 from llmrl.train.schedules import lr_multiplier
 from llmrl.train.update import CriticTraining, Passes
 
@@ -126,8 +126,9 @@ def build(cfg: TrainConfig) -> Recipe:
     objective = _objective(o)
     beta = (AdaptiveKLController(o.kl_coef, o.kl_target, o.kl_horizon) if o.kl_target and o.kl_coef > 0
             else FixedKLController(o.kl_coef))
+    batches, pass_rates = Batches(batches), PassRates(cfg.rollout.curriculum_pool)
     state = checkpoint.TrainingState(model, optimizer, scheduler, gen, beta, critic and critic.critic,
-                                     critic and critic.optimizer)
+                                     critic and critic.optimizer, SamplingState(batches, pass_rates))
     start, evals = checkpoint.restore(resume_from, state, run_dir) if resume_from else (0, [])   # last: sets RNGs
     rule_uses_optimizer = UPDATES.info(o.update).get("optimizer", True)
     for opt in (optimizer if rule_uses_optimizer else None, critic and critic.optimizer):
@@ -140,11 +141,11 @@ def build(cfg: TrainConfig) -> Recipe:
                      and not (o.kl_placement == "reward" and o.kl_coef > 0))
     return Recipe(
         cfg=cfg, run_dir=run_dir, config_yaml=config_yaml, generator=gen, ex=ex, passes=passes, heldout=heldout,
-        batches=itertools.islice(batches, start, None),     # resumed: the batches of steps 1..start were drawn
+        batches=batches,                # resumed: the batches drawn up to the checkpoint are already skipped
         tokenizer=tokenizer, model=model, policy=policy, reference=reference, optimizer=optimizer,
         scheduler=scheduler, beta=beta, objective=objective, estimator=estimator, update=UPDATES.get(o.update),
         critic=critic, engine=engine, collect=make_collector(cfg, demo, engine, prompt_kw),
-        sample=SAMPLING.get(cfg.rollout.sampling), pass_rates=PassRates(cfg.rollout.curriculum_pool),
+        sample=SAMPLING.get(cfg.rollout.sampling), pass_rates=pass_rates,
         stages=stages_mod.plan(cfg, engine is not None and not tis_in_update), tis_in_update=tis_in_update,
         mismatch=Correction(cfg.rollout.mismatch, cfg.rollout.tis_cap, cfg.rollout.mismatch_low),
         prompt_kw=prompt_kw, eval_tokens=eval_tokens, state=state, start=start, evals=evals,

@@ -21,8 +21,9 @@ prompts drawn and kept, the wasted fraction and the rounds.
 
 Under torchrun every decision is taken from global counts (`dist.any_rank`, `dist.all_max`), so every rank samples
 the same number of rounds and keeps as many groups: no rank waits on a collective the others never reach.
-A `dynamic` or `curriculum` run draws more batches from the prompt stream than it takes steps, so a resumed one
-continues on other prompts than an uninterrupted one would (the model state is restored exactly).
+What sampling carries from step to step (`SamplingState`: the batches drawn, which `dynamic` makes more than the
+steps, and the curriculum's pool) goes into every checkpoint, so a resumed run draws exactly the prompts an
+uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
+from typing import Iterator
 
 import torch
 
@@ -185,6 +187,46 @@ class PassRates:
     def learnable(self, n: int) -> list:
         """Up to n pool examples with 0 < rate < 1, least recently updated first."""
         return [ex for rate, ex in self.pool.values() if 0.0 < rate < 1.0][:n]
+
+
+class Batches:
+    """The training prompts, a step's batch at a time, counting the batches drawn."""
+
+    def __init__(self, batches: Iterator[list]):
+        self._it, self.drawn = batches, 0
+
+    def __iter__(self) -> "Batches":
+        return self
+
+    def __next__(self) -> list:
+        batch = next(self._it)
+        self.drawn += 1
+        return batch
+
+
+@dataclass
+class SamplingState:
+    """What sampling carries between steps, as a checkpoint saves it (JSON): how many batches were drawn and the
+    curriculum pool as (prompt, rate) pairs. Restoring draws the batches again (the stream is seeded) and finds
+    the pool's examples among them, so a resumed run goes on from the same prompts and rates."""
+    batches: Batches
+    pass_rates: PassRates
+
+    def state_dict(self) -> dict:
+        return {"batches_drawn": self.batches.drawn,
+                "pass_rates": [[prompt, rate] for prompt, (rate, _) in self.pass_rates.pool.items()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        wanted, seen = {prompt for prompt, _ in state["pass_rates"]}, {}
+        while self.batches.drawn < state["batches_drawn"]:
+            for ex in next(self.batches):
+                if ex.prompt in wanted:
+                    seen[ex.prompt] = ex
+        missing = wanted - seen.keys()
+        if missing:
+            raise ValueError(f"the checkpoint's curriculum pool names {len(missing)} prompt(s) the task's training "
+                             f"stream did not produce again, e.g. {next(iter(missing))!r}: was the task changed?")
+        self.pass_rates.pool = OrderedDict((prompt, (rate, seen[prompt])) for prompt, rate in state["pass_rates"])
 
 
 @SAMPLING.register("curriculum")
