@@ -94,7 +94,9 @@ def report(results: dict, args) -> None:
     body += markdown_table(["task", "preset", "acc before", "acc @5 min", "acc after", "entropy end",
                             "zero-var groups", "steps", "train min"], rows)
     body += "\n\n" + "\n".join(figs) + "\n"
-    write_section("learning", "Learning benchmark: presets x tasks at equal wall time", body, doc=doc)
+    title = "Learning benchmark: presets x tasks at equal wall time"
+    write_section(args.section, title if args.section == "learning" else f"{title} ({args.minutes:g} minutes)",
+                  body, doc=doc)
 
 
 def main() -> None:
@@ -107,6 +109,7 @@ def main() -> None:
     p.add_argument("--out-dir", default="runs/bench_learning")
     p.add_argument("--doc", default=str(DOC))
     p.add_argument("--figure-suffix", default="")
+    p.add_argument("--section", default="learning", help="the docs section to write (another keeps this one)")
     p.add_argument("--note", default="", help="a line above the table (e.g. 'SMOKE RUN: ...')")
     p.add_argument("overrides", nargs="*", help="config overrides applied to every run")
     args = p.parse_args()
