@@ -60,7 +60,7 @@ def curves(run_dir: Path) -> dict:
             zero.append(rec.get("zero_variance_group_fraction"))
         elif rec["kind"] == "eval":
             acc.append((minutes.get(rec["step"], t), rec["heldout_accuracy"]))
-    at5 = next((a for m, a in acc if m >= 5.0), None)
+    at5 = next((a for m, a in acc if m >= min(5.0, t - 1e-9)), None)     # a run of <= 5 minutes: its last
     tail = [e for _, e in ent[-10:] if e is not None]
     zeros = [z for z in zero[-10:] if z is not None]
     return {"acc": acc, "entropy": ent, "before": acc[0][1], "after": acc[-1][1], "at5": at5,
@@ -90,7 +90,7 @@ def report(results: dict, args) -> None:
         f"Each preset trains from the same start for {args.minutes} minutes of training (evaluations not counted), "
         f"greedy held-out accuracy on {args.heldout} problems every {args.eval_every} steps; no KL term for any "
         f"preset; overrides `{' '.join(args.overrides) or 'none'}`. 'acc @5 min': the first evaluation at or past 5 "
-        "training minutes; entropy and zero-variance share: means over the last 10 steps.\n\n")
+        "training minutes (in a run of 5 minutes or less, its last); entropy and zero-variance share: means over the last 10 steps.\n\n")
     body += markdown_table(["task", "preset", "acc before", "acc @5 min", "acc after", "entropy end",
                             "zero-var groups", "steps", "train min"], rows)
     body += "\n\n" + "\n".join(figs) + "\n"
@@ -111,9 +111,12 @@ def main() -> None:
     p.add_argument("--figure-suffix", default="")
     p.add_argument("--section", default="learning", help="the docs section to write (another keeps this one)")
     p.add_argument("--note", default="", help="a line above the table (e.g. 'SMOKE RUN: ...')")
+    p.add_argument("--report-only", action="store_true", help="rewrite the table from the runs in --out-dir")
     p.add_argument("overrides", nargs="*", help="config overrides applied to every run")
     args = p.parse_args()
-    results = {task: {preset: curves(run(task, preset, args)) for preset in args.presets.split(",")}
+    train = (lambda task, preset: Path(args.out_dir) / task / preset) if args.report_only else \
+        (lambda task, preset: run(task, preset, args))
+    results = {task: {preset: curves(train(task, preset)) for preset in args.presets.split(",")}
                for task in args.tasks.split(",")}
     report(results, args)
 

@@ -135,7 +135,9 @@ def _turns_cached(model, tokenizer, rows, prompts, G, sample, tools, max_new_tok
     """The episode loop on a TurnSampler: each row's cache is kept, observations are appended to it."""
     from llmrl.rollout import turns as turns_module
 
-    turns = turns_module.TurnSampler(model, prompts, group_size=G, capacity=max_new_tokens * max_turns, **sample)
+    # A row's whole response fits in max_new_tokens; the shared write pointer can run further (each turn lasts as
+    # long as its longest row, observation blocks are padded), and the cache then grows by copy.
+    turns = turns_module.TurnSampler(model, prompts, group_size=G, capacity=max_new_tokens, **sample)
     active = list(range(len(rows)))
     for turn in range(max_turns):
         out = turns.sample({i: max_new_tokens - len(rows[i].ids) for i in active})
