@@ -17,6 +17,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llmrl.data.jsonl import read_jsonl
+
 Messages = list[dict]
 
 
@@ -48,26 +50,6 @@ def _pair(row, where: str) -> PreferencePair:
         if not isinstance(row[key], str):
             _check_messages(row[key], key, where, response=key != "prompt")
     return PreferencePair(row.pop("prompt"), row.pop("chosen"), row.pop("rejected"), row)
-
-
-def read_jsonl(path: str | Path, what: str, parse) -> list:
-    """`parse(row, "file:line")` of every non-blank line of a JSONL file; every error names file:line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what}: no such file: {path}")
-    out = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            out.append(parse(row, f"{path}:{lineno}"))
-    if not out:
-        raise ValueError(f"{what}: {path} is empty (no JSON lines)")
-    return out
 
 
 def load_pairs(path: str | Path) -> list[PreferencePair]:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmrl.data.jsonl import read_jsonl
+
 
 @dataclass(frozen=True)
 class SftExample:
@@ -48,18 +50,7 @@ def parse_sft(row: dict, where: str) -> SftExample:
 
 
 def read_sft(path: str | Path) -> list[SftExample]:
-    rows = []
-    with open(path) as fh:
-        for i, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: not JSON ({e})") from None
-                rows.append(parse_sft(obj, f"{path}:{i}"))
-    if not rows:
-        raise ValueError(f"{path}: no examples")
-    return rows
+    return read_jsonl(path, "sft data", parse_sft, empty="has no examples")
 
 
 def write_sft(rows: list[SftExample], path: str | Path) -> Path:

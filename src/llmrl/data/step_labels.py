@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-from llmrl.data.pairs import read_jsonl, split_heldout
+from llmrl.data.jsonl import read_jsonl
+from llmrl.data.pairs import split_heldout
 
 
 def _check_row(row, where: str) -> dict:

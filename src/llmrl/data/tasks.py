@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import logging
 import random
 import re
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
 
+from llmrl.data.jsonl import read_jsonl
 from llmrl.registry import Registry
 
 log = logging.getLogger("llmrl.data")
@@ -198,26 +198,16 @@ def _arithmetic(*, seed: int, options: dict, train_path: str | None, heldout_pat
 
 def _read_jsonl(path: str) -> list[Example]:
     """Examples from a file of {"prompt": ..., "answer": ...} lines (other keys go to meta)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"jsonl task: no such file: {path}")
-    examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            for key in ("prompt", "answer"):
-                if not isinstance(row, dict) or key not in row:
-                    raise ValueError(f"{path}:{lineno}: missing key {key!r} (each line must be a JSON object)")
-            if not isinstance(row["prompt"], str):
-                raise ValueError(f"{path}:{lineno}: 'prompt' must be a string")
-            examples.append(Example(row.pop("prompt"), str(row.pop("answer")), row))
-    if not examples:
-        raise ValueError(f"jsonl task: {path} has no examples")
-    return examples
+    return read_jsonl(path, "jsonl task", _example, empty="has no examples")
+
+
+def _example(row, where: str) -> Example:
+    for key in ("prompt", "answer"):
+        if not isinstance(row, dict) or key not in row:
+            raise ValueError(f"{where}: missing key {key!r} (each line must be a JSON object)")
+    if not isinstance(row["prompt"], str):
+        raise ValueError(f"{where}: 'prompt' must be a string")
+    return Example(row.pop("prompt"), str(row.pop("answer")), row)
 
 
 class JsonlTask:
