@@ -92,3 +92,20 @@ def write_run(path: Path, *, hacked: bool, seed: int = 0) -> Path:
         {"name": "correct", "weight": 1.0}, {"name": "length_bonus", "weight": 0.5}]},
         "rollout": {"group_size": G, "max_new_tokens": MAX_NEW}, "run": {"name": path.name, "steps": STEPS}}))
     return path
+
+
+def last_train_step(path) -> int:
+    """The last training step a (possibly still growing) metrics.jsonl records; 0 before the first."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    steps = [0]
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:                 # a line being written
+            continue
+        if row.get("kind") == "train":
+            steps.append(row["step"])
+    return max(steps)

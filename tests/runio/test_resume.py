@@ -20,6 +20,8 @@ from llmrl.cli import main
 from llmrl.runio import checkpoint
 from llmrl.runio.metrics import read_metrics
 
+from run_folders import last_train_step
+
 ARGS = ["preset=ppo", "model.name=tiny", "model.autocast=none", "task.heldout_size=6", "rollout.prompts_per_step=2",
         "rollout.group_size=3", "rollout.max_new_tokens=6", "run.progress=false", "run.eval_every=3", "run.threads=1",
         "run.tensorboard=false", "optim.lr=1e-3", "optim.schedule=cosine", "objective.kl_target=0.5",
@@ -102,7 +104,7 @@ def test_killed_at_a_random_moment_and_resumed_ends_bitwise_equal(tmp_path, unin
     proc = child(tmp_path)
     metrics = tmp_path / "r" / "metrics.jsonl"
     deadline = time.monotonic() + 600                # generous: on a loaded machine the child may crawl
-    while _last_train_step(metrics) < kill_after and proc.poll() is None:
+    while last_train_step(metrics) < kill_after and proc.poll() is None:
         if time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"the child did not reach step {kill_after} in 600 s")
@@ -170,21 +172,6 @@ def test_lora_run_extended_after_it_ended_equals_the_longer_run(tmp_path, one_th
     steps = [r["step"] for r in read_metrics(tmp_path / "short" / "r" / "metrics.jsonl") if r["kind"] == "train"]
     assert steps == [1, 2, 3, 4]
 
-
-def _last_train_step(path) -> int:
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        return 0
-    steps = [0]
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:                 # a line being written
-            continue
-        if row.get("kind") == "train":
-            steps.append(row["step"])
-    return max(steps)
 
 
 @pytest.mark.parametrize("sampling", [

@@ -27,6 +27,8 @@ from llmrl.runio.metrics import read_metrics
 from llmrl.train.prm import PrmTask
 from llmrl.train.rm import RewardModelTask
 
+from run_folders import last_train_step
+
 STEPS, SAVE_EVERY = 12, 3          # 8 training examples, batches of 2, 3 epochs
 COMMON = ["model.name=tiny", "model.autocast=none", "run.progress=false", "run.threads=1", "run.tensorboard=false",
           "optim.lr=1e-2", "optim.schedule=cosine", "optim.micro_batch_size=1", "run.eval_every=4"]
@@ -136,7 +138,7 @@ def test_killed_after_a_checkpoint_and_resumed_ends_bitwise_equal(command, tmp_p
                             env={**os.environ, "SLOW_STEP": "0.1"}, stdout=subprocess.DEVNULL,
                             stderr=open(tmp_path / "child.log", "w"))
     deadline = time.monotonic() + 600                # generous: on a loaded machine the child may crawl
-    while _last_train_step(tmp_path / "r" / "metrics.jsonl") < kill_after and proc.poll() is None:
+    while last_train_step(tmp_path / "r" / "metrics.jsonl") < kill_after and proc.poll() is None:
         if time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"the child did not reach step {kill_after} in 600 s")
@@ -232,18 +234,3 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_resume_continues(tmp_path, command
     steps = [r["step"] for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if r["kind"] == "train"]
     assert steps == list(range(1, STEPS + 1))
 
-
-def _last_train_step(path) -> int:
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        return 0
-    steps = [0]
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:                 # a line being written
-            continue
-        if row.get("kind") == "train":
-            steps.append(row["step"])
-    return max(steps)
