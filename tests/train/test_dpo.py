@@ -11,28 +11,14 @@ from transformers import AutoModelForCausalLM
 import llmrl.train.dpo as dpo_module
 from llmrl.cli import main
 from llmrl.config import ConfigError, PreferenceTrainConfig, load_config
-from llmrl.data.pairs import PreferencePair, load_pairs, save_pairs
+from llmrl.data.pairs import load_pairs
 from llmrl.models import build_tiny
 from llmrl.rewards import RewardResult
 from llmrl.train.dpo import collate_pairs, pair_logps, train_dpo
 from llmrl.train.pairs import encode_pair
 from llmrl.runio.metrics import read_metrics
 
-PAIRS = [PreferencePair(f"What is {i} + {i}?", str(2 * i), str(2 * i + 1)) for i in range(6)]
-PAIRS.append(PreferencePair([{"role": "user", "content": "hi"}], [{"role": "assistant", "content": "hello"}],
-                            [{"role": "assistant", "content": "bye"}]))
-
-
-@pytest.fixture
-def pairs_file(tmp_path):
-    return str(save_pairs(PAIRS, tmp_path / "pairs.jsonl"))
-
-
-def config(tmp_path, pairs_file, *overrides):
-    return load_config(None, schema=PreferenceTrainConfig, overrides=[
-        "model.name=tiny", "model.autocast=none", f"preference.data_path={pairs_file}", "preference.batch_size=3",
-        "preference.heldout_fraction=0.3", "optim.micro_batch_size=2", "optim.lr=1e-2", "run.progress=false",
-        f"run.output_dir={tmp_path}", "run.name=r", *overrides])
+from preference_files import PAIRS, config, pairs_file  # noqa: F401  (pairs_file: a fixture)
 
 
 def weights_differ(path):
