@@ -32,9 +32,12 @@ def browser():
 
 
 def wait_for(driver, condition, timeout=30):
+    """Poll `condition` until true; an element the page replaced while it was read (a reload after a submit) is
+    read again on the next poll, not an error."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout).until(condition)
+    return WebDriverWait(driver, timeout, ignored_exceptions=(StaleElementReferenceException,)).until(condition)
 
 
 def press(driver, key: str, old_key: str | None = None):
