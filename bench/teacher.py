@@ -15,6 +15,7 @@ final accuracy (the issue's bar: distillation within 1/4 of the teacher's wall t
 
     python bench/teacher.py --minutes 30 --teacher-minutes 120              # the full benchmark (~4.5 h)
     python bench/teacher.py --teacher runs/main_arithmetic/final --teacher-wall-minutes 120 --minutes 30
+        # the teacher's final accuracy is read from the run folder above final/ (its metrics.jsonl)
     python bench/teacher.py --smoke                                         # plumbing only: the tiny random model
 """
 
@@ -115,22 +116,28 @@ def run_arms(args) -> tuple[dict, float, str]:
     curves = {}
     if args.teacher:
         teacher_path, teacher_wall = args.teacher, args.teacher_wall_minutes * 60
+        run_dir = Path(args.teacher).parent
+        if (run_dir / "metrics.jsonl").exists():   # the RL run that made it: its curve is the teacher's row
+            curves["teacher (RL)"] = curve(run_dir)
+        for name in args.arm_runs:                  # arms measured earlier, e.g. the learning benchmark's GRPO
+            label, _, path = name.partition("=")
+            curves[label] = [(t, a) for t, a in curve(Path(path)) if t <= args.minutes * 60]
     else:
         s = train(rl_cfg("main_arithmetic.yaml", "teacher", args.teacher_minutes, args))
         teacher_path = s["checkpoint"]
         curves["teacher (GRPO)"] = curve(out / "teacher")
         teacher_wall = curves["teacher (GRPO)"][-1][0]
         curves["grpo"] = [(t, a) for t, a in curves["teacher (GRPO)"] if t <= args.minutes * 60]
-    sft_eval = [f"run.eval_every={args.eval_every}"]
-    train_sft(sup_cfg("sft_arithmetic.yaml", "sft", args, sft_eval))
-    curves["sft"] = curve(out / "sft")
-    train_rft(sup_cfg("rft_arithmetic.yaml", "rft", args, ["rft.rounds=1000"]))
-    curves["rft"] = rft_curve(out / "rft")
     tp = [f"teacher.path={teacher_path}"]
     train(rl_cfg("distill_arithmetic.yaml", "distill", args.minutes, args, tp))
     curves["distill"] = curve(out / "distill")
     train(rl_cfg("distill_arithmetic.yaml", "distill_rl", args.minutes, args, [*tp, "credit.options.outcome=grpo"]))
     curves["distill+rl"] = curve(out / "distill_rl")
+    sft_eval = [f"run.eval_every={args.eval_every}"]
+    train_sft(sup_cfg("sft_arithmetic.yaml", "sft", args, sft_eval))
+    curves["sft"] = curve(out / "sft")
+    train_rft(sup_cfg("rft_arithmetic.yaml", "rft", args, ["rft.rounds=1000"]))
+    curves["rft"] = rft_curve(out / "rft")
     return curves, teacher_wall, teacher_path
 
 
@@ -140,6 +147,8 @@ def main() -> None:
     p.add_argument("--teacher-minutes", type=float, default=120.0, help="GRPO run that makes the teacher")
     p.add_argument("--teacher", default=None, help="an existing teacher checkpoint instead (skips the GRPO run)")
     p.add_argument("--teacher-wall-minutes", type=float, default=None, help="with --teacher: its RL wall time")
+    p.add_argument("--arm-runs", nargs="*", default=[], metavar="NAME=RUN_DIR",
+                   help="with --teacher: add arms from earlier runs of the same task (cut at --minutes)")
     p.add_argument("--heldout", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=10, help="steps between held-out evaluations")
     p.add_argument("--out-dir", default="runs/bench_teacher")
@@ -150,7 +159,8 @@ def main() -> None:
     if args.teacher and args.teacher_wall_minutes is None:
         p.error("--teacher needs --teacher-wall-minutes (the wall time of the RL run that made it)")
     curves, teacher_wall, teacher_path = run_arms(args)
-    teacher_acc = curves["teacher (GRPO)"][-1][1] if "teacher (GRPO)" in curves else None
+    teacher_row = next((k for k in ("teacher (GRPO)", "teacher (RL)") if curves.get(k)), None)
+    teacher_acc = curves[teacher_row][-1][1] if teacher_row else None
     rows = []
     for name, pts in curves.items():
         reach = time_to(pts, teacher_acc) if teacher_acc is not None else None
@@ -166,7 +176,7 @@ def main() -> None:
     body = (f"{label + ' ' if label else ''}From the same {model} model, each arm trains for "
             f"{args.minutes} min of wall time (evaluations not counted) on 2-digit addition; greedy accuracy on "
             f"{args.heldout} held-out additions every {args.eval_every} steps (RFT: after each round). The teacher is "
-            f"GRPO trained for {teacher_wall / 60:.2f} min ({teacher_path}); 'to teacher acc' is the training time at "
+            f"RL-trained for {teacher_wall / 60:.2f} min ({teacher_path}); 'to teacher acc' is the training time at "
             "which an arm first reaches the teacher's final accuracy, and its ratio to the teacher's wall time.\n\n")
     body += markdown_table(["arm", "acc start", "acc end", "train min", "min to teacher acc", "/ teacher time"], rows)
     body += "\n\n![held-out accuracy against wall time](figures/teacher_bench.svg)\n"
