@@ -13,7 +13,7 @@ from llmrl.models import load_model
 from llmrl.models.lora import add_lora, merged_copy
 from llmrl.rollout.sampler import generate
 from llmrl.rollout.vllm_engine import (PROMPT_ALLOWANCE, _to_samples, default_options, kv_bytes_per_token,
-                                       kv_cache_tokens, policy_weights)
+                                       kv_cache_tokens, policy_weights, prefill_waves)
 from llmrl.runio.metrics import read_metrics
 
 from scripted import TINY
@@ -53,6 +53,21 @@ def test_cpu_kv_cache_is_sized_to_the_run(monkeypatch):
     assert default_options(False, 5 << 20) == {"gpu_memory_utilization": 0.3, "enable_sleep_mode": True}
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")        # vLLM's own setting is left to vLLM
     assert default_options(True, 5 << 20) == {}
+
+
+def test_prefill_waves_keep_every_seeded_prefill_in_one_scheduler_step():
+    """On the CPU a seeded request whose prefill vLLM splits over scheduler steps crashes it ("CPU Generator does not
+    use offset": 16 arithmetic prompts x 8 samples did, 2026-12-06), so requests go in waves whose prompts, times
+    their samples, fit the step's token and sequence budget; order is kept and every request is in one wave."""
+    lengths = [50] * 16
+    waves = prefill_waves(lengths, 8, 2048, 256)
+    assert [w.stop - w.start for w in waves] == [5, 5, 5, 1]                     # 8 x 5 x 50 = 2000 <= 2048
+    assert [i for w in waves for i in range(w.start, w.stop)] == list(range(16))
+    assert all(8 * sum(lengths[w]) <= 2048 for w in waves)
+    assert [w.stop - w.start for w in prefill_waves([10] * 10, 8, 10**6, 32)] == [4, 4, 2]   # 8 x 4 <= 32 seqs
+    assert prefill_waves([300, 10, 10], 8, 2048, 256) == [slice(0, 1), slice(1, 3)]   # too long alone: own wave
+    assert prefill_waves([], 8, 2048, 256) == []
+    assert prefill_waves([50] * 4, 1, 2048, 256) == [slice(0, 4)]
 
 
 def test_policy_weights_plain_and_lora_merged(tiny):

@@ -105,6 +105,30 @@ def parallel_options(opts: dict, world: int) -> dict:
     return {"distributed_executor_backend": "external_launcher"}
 
 
+def _unseeded(params):
+    """The same sampling without a per-request seed (vLLM's engine-wide generator), with a one-time warning."""
+    import warnings
+
+    warnings.warn("vLLM on CPU: a prompt too long to prefill in one scheduler step is sampled without its seed "
+                  "(raise rollout.vllm_options.max_num_batched_tokens to keep seeded sampling)", stacklevel=3)
+    out = params.clone()
+    out.seed = None
+    return out
+
+
+def prefill_waves(lengths: list[int], n: int, max_tokens: int, max_seqs: int) -> list[slice]:
+    """Consecutive runs of requests (prompt `lengths`, each sampled `n` times) whose prompts all prefill in one
+    scheduler step: n * sum(lengths) <= max_tokens and n * count <= max_seqs; a request that alone exceeds the
+    budget is a wave of its own."""
+    waves, start, used = [], 0, 0
+    for i, length in enumerate(lengths):
+        if i > start and (used + n * length > max_tokens or n * (i - start + 1) > max_seqs):
+            waves.append(slice(start, i))
+            start, used = i, 0
+        used += n * length
+    return waves + [slice(start, len(lengths))] if lengths else []
+
+
 class VLLMEngine:
     """vLLM in this process, sampling from the policy whose weights `sync_weights` last pushed."""
 
@@ -170,12 +194,35 @@ class VLLMEngine:
             prompts = [p for part in parts for p in part]
         requests = [{"prompt_token_ids": list(p)} for p in prompts for _ in range(G if greedy else 1)]
         self.wake()
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        outputs = []
+        n = 1 if greedy else G
+        for part in self._waves(requests, n, seed):
+            wave = requests[part]
+            outputs += self.llm.generate(wave, params if self._seed_safe(wave, n, seed) else _unseeded(params),
+                                         use_tqdm=False)
         self.sleep()                    # the KV cache and weights leave the GPU until the next sync or generate
         completions = [c for out in outputs for c in sorted(out.outputs, key=lambda c: c.index)]   # N in row order
         if self.tp > 1:
             completions = completions[start * G:(start + len(mine)) * G]
         return _to_samples(mine, G, completions, pad_id)
+
+    def _budget(self) -> tuple[int, int]:
+        sc = self.llm.llm_engine.vllm_config.scheduler_config
+        return sc.max_num_batched_tokens, sc.max_num_seqs
+
+    def _seed_safe(self, requests: list[dict], n: int, seed: int | None) -> bool:
+        tokens, seqs = self._budget()
+        return self.on_gpu or seed is None or (n * sum(len(r["prompt_token_ids"]) for r in requests) <= tokens
+                                               and n * len(requests) <= seqs)
+
+    def _waves(self, requests: list[dict], n: int, seed: int | None) -> list[slice]:
+        """The requests in one call, or on the CPU with a seed in waves that vLLM prefills in one scheduler step.
+        A seeded request whose prefill is split over steps makes vLLM rewind its generator, which a CPU generator
+        cannot do ("CPU Generator does not use offset"); a lone prompt too long for one step runs unseeded."""
+        if self.on_gpu or seed is None:
+            return [slice(0, len(requests))]
+        tokens, seqs = self._budget()
+        return prefill_waves([len(r["prompt_token_ids"]) for r in requests], n, tokens, seqs)
 
     def sleep(self) -> None:
         """With sleep mode: weights to host memory, KV cache freed (vLLM's level 1), the GPU left to the update."""
