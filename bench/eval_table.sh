@@ -12,7 +12,7 @@ mkdir -p "$OUT"
 lim() { [ -n "${FULL:-}" ] && echo "" || echo "--limit $1"; }
 suites() {   # MODEL PREFIX: one suite at a time, each to its own JSON
   $L eval --model "$1" --suite arithmetic $(lim 200) --batch-size 32 --threads 2 --no-progress --out "$2.json"
-  $L eval --model "$1" --suite bfcl $(lim 160) --batch-size 32 --threads 2 --no-progress --out "$2.json"
+  $L eval --model "$1" --suite bfcl $(lim 80) --batch-size 32 --threads 2 --no-progress --out "$2.json"
   $L eval --model "$1" --suite gsm8k $(lim 50) --batch-size 25 --threads 1 --no-progress --out "$2_gsm8k.json"
   $L eval --model "$1" --suite humaneval $(lim 41) --batch-size 21 --threads 1 --no-progress --out "$2_humaneval.json"
 }
