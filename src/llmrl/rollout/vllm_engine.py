@@ -211,9 +211,10 @@ class VLLMEngine:
         return sc.max_num_batched_tokens, sc.max_num_seqs
 
     def _seed_safe(self, requests: list[dict], n: int, seed: int | None) -> bool:
+        if self.on_gpu or seed is None:
+            return True
         tokens, seqs = self._budget()
-        return self.on_gpu or seed is None or (n * sum(len(r["prompt_token_ids"]) for r in requests) <= tokens
-                                               and n * len(requests) <= seqs)
+        return n * sum(len(r["prompt_token_ids"]) for r in requests) <= tokens and n * len(requests) <= seqs
 
     def _waves(self, requests: list[dict], n: int, seed: int | None) -> list[slice]:
         """The requests in one call, or on the CPU with a seed in waves that vLLM prefills in one scheduler step.
