@@ -12,10 +12,10 @@ and the bare question `meta["question"]`. Checked with `math_check` (plain numbe
 
 from __future__ import annotations
 
-import json
 from importlib.resources import files
 from pathlib import Path
 
+from llmrl.data.jsonl import read_jsonl
 from llmrl.data.tasks import Example, math_check
 
 INSTRUCTION = "\nEnd your response with 'Answer: <number>'."
@@ -42,19 +42,16 @@ def read_gsm8k(split: str) -> list[Example]:
     path = data_path(split)
     if not path.is_file():
         raise FileNotFoundError(f"gsm8k {split} data not found at {path}; {HOW_TO_GET}")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            try:
-                question, solution = row["question"], row["answer"]
-            except KeyError as e:
-                raise ValueError(f"{path}:{lineno}: missing key {e}") from None
-            meta = {"question": question, "solution": solution, "index": lineno - 1}
-            out.append(Example(question + INSTRUCTION, final_answer(solution), meta, math_check))
-    return out
+
+    def parse(row: dict, where: str) -> Example:
+        try:
+            question, solution = row["question"], row["answer"]
+        except KeyError as e:
+            raise ValueError(f"{where}: missing key {e}") from None
+        meta = {"question": question, "solution": solution, "index": int(where.rsplit(":", 1)[1]) - 1}
+        return Example(question + INSTRUCTION, final_answer(solution), meta, math_check)
+
+    return read_jsonl(path, f"gsm8k {split}", parse)
 
 
 class GSM8KTask:
