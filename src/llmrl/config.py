@@ -239,7 +239,11 @@ class TeacherConfig:
                                   "the student itself with teacher.hint added to the prompt",
                     choices=("checkpoint", "self"))
     path: str | None = f(None, "source=checkpoint: the teacher model (a local folder, e.g. runs/main/final)")
-    coef: float = f(1.0, "weight of the teacher term in the per-token rewards", gt=0)
+    coef: float = f(1.0, "weight of the teacher term (in the per-token rewards, or of the exact loss term)", gt=0)
+    estimator: str = f("sampled", "sampled: -coef * (log pi - log pi_teacher) of each sampled token as a per-token "
+                                  "reward, through credit | exact: coef * the exact KL(pi || pi_teacher) over the "
+                                  "vocabulary at each response position as a loss term (GKD; no sampling noise; "
+                                  "N x T x vocabulary floats of memory)", choices=("sampled", "exact"))
     hint: str = f("\n\nA correct worked answer: {demonstration}", "source=self: text appended to the user prompt the "
                   "teacher reads; {answer} = the reference answer, {demonstration} = a worked answer")
 
@@ -264,6 +268,9 @@ class TrainConfig:
         """Rules across fields, run after every field is checked on its own."""
         if self.teacher is not None and self.teacher.source == "checkpoint" and not self.teacher.path:
             raise ConfigError("teacher.source=checkpoint needs teacher.path (or teacher.source=self)")
+        if self.teacher is not None and self.teacher.estimator == "exact" and self.objective.update != "gradient":
+            raise ConfigError(f"teacher.estimator=exact is a loss term of the gradient update; objective.update="
+                              f"{self.objective.update!r} takes none (use teacher.estimator=sampled)")
         if self.task.name == "jsonl" and not self.task.train_path:
             raise ConfigError("task.train_path is required when task.name is 'jsonl'")
         if not self.reward.terms:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llmrl.credit import CREDIT, CreditInputs, assign_credit
-from llmrl.credit.teacher_kl import teacher_token_rewards
+from llmrl.credit.teacher_kl import exact_token_kl, teacher_token_rewards
 from llmrl.objectives.policy import BatchCounts, ppo_clip_objective
 
 
@@ -126,3 +126,38 @@ def test_with_reward_to_go_the_expected_gradient_is_that_of_the_sequence_kl():
     for got, want in zip(expected(1.0), truth):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     assert not torch.allclose(expected(0.0)[0], truth[0])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_exact_term_is_the_kl_and_its_gradient_is_the_sampled_terms_expected_gradient(seed):
+    """teacher.estimator=exact: the value is KL(pi || pi_teacher) (torch.distributions' own), and its gradient is
+    the expectation over a ~ pi of the sampled term's gradient through credit and the objective: the same direction
+    with no sampling noise."""
+    K = 6
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.randn(2, K, generator=g, dtype=torch.float64, requires_grad=True)      # two positions
+    logq = torch.log_softmax(torch.randn(2, K, generator=g, dtype=torch.float64) * 2, -1)
+    logp = torch.log_softmax(theta, -1)
+    kl = exact_token_kl(logp, logq)                                                        # [2]
+    want = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=logp),
+                                             torch.distributions.Categorical(logits=logq))
+    torch.testing.assert_close(kl, want)
+    (exact,) = torch.autograd.grad(kl.sum(), theta)
+    sampled = torch.zeros_like(theta)
+    mask = torch.ones(1, 1, dtype=torch.float64)
+    for pos in range(2):
+        for a in range(K):
+            lp = torch.log_softmax(theta, -1)[pos, a].view(1, 1)
+            inputs = CreditInputs(scores=torch.zeros(1, dtype=torch.float64), response_mask=mask,
+                                  group_ids=torch.zeros(1, dtype=torch.long),
+                                  token_rewards=teacher_token_rewards(lp, logq[pos, a].view(1, 1), mask))
+            out = ppo_clip_objective(lp, lp.detach(), assign_credit("teacher_kl", inputs).advantages, mask,
+                                     BatchCounts.of(mask))
+            (g_a,) = torch.autograd.grad(out.losses["loss_policy"], theta)
+            sampled += lp.exp().detach()[0, 0] * g_a
+    torch.testing.assert_close(exact, sampled, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(exact, -sampled)
+    # the teacher side carries no gradient
+    q = logq.clone().requires_grad_()
+    exact_token_kl(torch.log_softmax(theta, -1), q).sum().backward()
+    assert q.grad is None or not q.grad.any()

@@ -64,6 +64,10 @@ def test_config_checks():
     with pytest.raises(Exception, match="teacher.path"):
         load_config(None, ["teacher.source=checkpoint"])
     assert load_config(None, ["teacher.source=self"]).teacher.hint.format(answer=1, demonstration="d")
+    with pytest.raises(Exception, match="teacher.estimator=exact is a loss term"):
+        load_config(None, ["teacher.source=self", "teacher.estimator=exact", "objective.update=trpo"])
+    with pytest.raises(Exception, match="estimator"):
+        load_config(None, ["teacher.source=self", "teacher.estimator=exakt"])
 
 
 def test_self_distillation_reads_the_hinted_prompt_and_the_same_response(tiny):
@@ -91,14 +95,68 @@ def test_self_distillation_reads_the_hinted_prompt_and_the_same_response(tiny):
 
 @pytest.mark.parametrize("name, extra", [("distill_arithmetic.yaml", []),
                                          ("distill_arithmetic.yaml", ["credit.options.outcome=grpo"]),
-                                         ("distill_self_arithmetic.yaml", [])])
+                                         ("distill_arithmetic.yaml", ["teacher.estimator=exact"]),
+                                         ("distill_self_arithmetic.yaml", []),
+                                         ("distill_self_arithmetic.yaml", ["teacher.estimator=exact"])])
 def test_distillation_examples_run_one_step(name, extra, tmp_path, tiny_checkpoint):
     assert main(["train", str(ROOT / "examples" / name), *SMALL, *extra, f"run.output_dir={tmp_path}", "run.name=r",
                  f"teacher.path={tiny_checkpoint}"]) == 0
     train = [r for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if r["kind"] == "train"]
     assert len(train) == 1 and train[0]["teacher_kl_per_seq"] is not None
+    exact = "teacher.estimator=exact" in extra
+    assert (train[0].get("teacher_kl_exact") is not None) == exact
     if name == "distill_arithmetic.yaml":    # the student is the teacher's own weights: the per-token term is ~0
         assert abs(train[0]["teacher_kl_per_seq"]) < 1e-3
+        assert not exact or 0 <= train[0]["teacher_kl_exact"] < 1e-4
+    elif exact:                              # the hinted prompt changes the teacher's distribution
+        assert train[0]["teacher_kl_exact"] > 1e-4
+
+
+def test_exact_distillation_gradient_matches_a_plain_forward(tiny):
+    """teacher.estimator=exact through the update's micro-batches (padded, two of them) against each row's own
+    unpadded forward of student and teacher: coef * token-mean of KL(pi || pi_teacher) over the chosen tokens,
+    the only loss when the advantages are 0."""
+    from functools import partial
+
+    from llmrl.compute.batches import batched_full_logprobs
+    from llmrl.objectives.policy import BatchCounts, ppo_clip_objective
+    from llmrl.train.update import accumulate
+
+    model, tok = tiny
+    teacher, _ = load_model("tiny")
+    with torch.no_grad():                     # another policy: the tiny weights, perturbed
+        g = torch.Generator().manual_seed(1)
+        for prm in teacher.parameters():
+            prm.add_(torch.randn(prm.shape, generator=g) * 0.05)
+    exs = [Example("What is 1 + 2?", "3", {"expression": "1 + 2"}), Example("Say 12", "12")]
+    rollout = collect_rollout(model, tok, exs, group_size=2, max_new_tokens=5, temperature=1.0,
+                              generator=torch.Generator().manual_seed(0))
+    ex = Execution(micro_batch_size=3)
+    rollout = rollout.with_(teacher_logp_all=batched_full_logprobs(teacher, rollout, ex))
+    N, T = rollout.response_mask.shape
+    counts, coef = BatchCounts.of(rollout.response_mask), 0.7
+    model.train()
+    model.zero_grad()
+    sums, _ = accumulate(model, rollout, torch.arange(N), torch.zeros(N, T), partial(ppo_clip_objective), counts, ex,
+                         logp_old=None, critic=None, engine_correction=None, chosen=[], teacher_coef=coef)
+    got = [prm.grad.clone() for prm in model.parameters()]
+    model.zero_grad()
+    total = 0.0
+    for i in range(N):                        # slow: one row, no padding, plain forwards
+        n, real = int(rollout.response_mask[i].sum()), rollout.attention_mask[i].bool()
+        ids = rollout.input_ids[i][real][None]
+        P = int(real[:rollout.prompt_len].sum())
+        logp = model(ids).logits.float().log_softmax(-1)[0, P - 1:P - 1 + n]           # [n, V]
+        with torch.no_grad():
+            logq = teacher(ids).logits.float().log_softmax(-1)[0, P - 1:P - 1 + n]
+        total = total + (logp.exp() * (logp - logq)).sum()
+    loss = coef * total / counts.num_tokens
+    loss.backward()
+    value = float(loss.detach())
+    assert sums["loss_teacher_kl"] == pytest.approx(value, rel=1e-4)
+    assert sums["teacher_kl_exact"] == pytest.approx(value / coef, rel=1e-4) and value > 1e-3
+    for a, b in zip(got, (prm.grad for prm in model.parameters())):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)
 
 
 SUPERVISED_SMALL = ["model.name=tiny", "model.autocast=none", "task.heldout_size=2", "run.eval_max_new_tokens=4",

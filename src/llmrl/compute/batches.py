@@ -21,7 +21,7 @@ def trim(rollout):
         input_ids=rollout.input_ids[:, first:P + T_used], attention_mask=rollout.attention_mask[:, first:P + T_used],
         response_mask=rollout.response_mask[:, :T_used], logp_old=rollout.logp_old[:, :T_used],
         logp_ref=keep(rollout.logp_ref), values=keep(rollout.values), step_ids=keep(rollout.step_ids),
-        is_weight=keep(rollout.is_weight),
+        is_weight=keep(rollout.is_weight), teacher_logp_all=keep(rollout.teacher_logp_all),
     )
 
 
@@ -66,6 +66,27 @@ def batched_logprobs(model, rollout, ex: Execution) -> torch.Tensor:
                                     chunk=ex.head_chunk)
         out.append(torch.nn.functional.pad(lp.float(), (0, T - lp.shape[1])))
     return torch.cat(out) * rollout.response_mask
+
+
+@torch.no_grad()
+def batched_full_logprobs(model, rollout, ex: Execution) -> torch.Tensor:
+    """log pi(. | s_t) [N, T, V] fp32 over the whole vocabulary at every response position under `model`, without
+    gradient, micro-batch by micro-batch (0 at padding). N x T x V x 4 bytes: 32 rows of 32 tokens over SmolLM2's
+    49,152 tokens take 201 MB."""
+    N, T = rollout.response_mask.shape
+    out = None
+    for idx in micro_batches_of(torch.arange(N, device="cpu"), rollout, ex):
+        r = trim(rollout.select(idx))
+        t = r.response_mask.shape[1]
+        with ex.autocast():
+            _, _, logp_all = policy_logprobs(model, r.input_ids, r.attention_mask, t, temperature=ex.temperature,
+                                             with_entropy=False, pack_tokens=ex.pack_tokens, full=True)   # [M, V]
+        if out is None:
+            out = torch.zeros(N, T, logp_all.shape[-1])
+        block = torch.zeros(len(idx), t, logp_all.shape[-1])
+        block[r.attention_mask[:, -t:].bool()] = logp_all.float()
+        out[idx, :t] = block
+    return out
 
 
 @torch.no_grad()

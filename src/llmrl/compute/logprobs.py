@@ -263,11 +263,14 @@ def response_logprobs(
     chunk: int = 128,               # response tokens per head chunk
     with_entropy: bool = True,
     pack_tokens: int | None = None,  # run the backbone on padding-free packs of at most this many tokens
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    full: bool = False,             # also return log pi over the whole vocabulary at the real response positions
+) -> tuple[torch.Tensor, ...]:
     """Returns (logp [N, T], entropy [N, T] or None): log pi(r_t | prompt, r_<t) at each response position.
 
     The head runs only at real response tokens (attention_mask 1), `chunk` of them at a time; padding
-    positions get logp = entropy = 0."""
+    positions get logp = entropy = 0. `full`: a third output, log pi(. | s_t) [M, V] fp32 at the M real response
+    positions (`attention_mask[:, -T:]` true, row by row), through plain differentiable ops: the [M, V] tensor
+    exists whole (M x V x 4 bytes, and as much again for its gradient), as an exact distillation loss needs it."""
     T = response_len
     backbone, head = model.get_decoder(), model.get_output_embeddings()
     if backbone is None or head is None or getattr(head, "bias", None) is not None:
@@ -275,7 +278,7 @@ def response_logprobs(
     weight, embed = head.weight, None
     # the head's [V, H] gradient, reserved now rather than at the start of the backward, when every activation is
     # live: made then, it needs a fresh block on top of the heap (docs/benchmarks.md)
-    dw_buffer = torch.empty_like(weight) if torch.is_grad_enabled() and weight.requires_grad else None
+    dw_buffer = torch.empty_like(weight) if torch.is_grad_enabled() and weight.requires_grad and not full else None
     tied = tied_trainable_weight(model)
     if tied is not None:              # both uses of the weight through one node (TiedEmbedding)
         padding_idx = model.get_input_embeddings().padding_idx
@@ -287,6 +290,12 @@ def response_logprobs(
     hidden = response_hidden(backbone, input_ids, attention_mask, T, pack_tokens=pack_tokens, embed=embed)  # [N, T, H]
     real = attention_mask[:, -T:].bool()                                         # [N, T]
     hidden, targets = hidden[real], input_ids[:, -T:][real]                      # [M, H], [M]
+    if full:
+        logits = F.linear(hidden, weight).float()                                # [M, V]
+        logp_all = torch.log_softmax(logits / temperature if temperature != 1.0 else logits, -1)
+        logp = logp_all.gather(-1, targets[:, None])[:, 0]                       # [M]
+        entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
+        return _scatter(real, logp), (_scatter(real, entropy) if with_entropy else None), logp_all
     outs = ChunkedHead.apply(hidden, weight, targets, temperature, chunk, with_entropy, dw_buffer)
     logp = _scatter(real, outs[0])
     return logp, (_scatter(real, outs[1]) if with_entropy else None)

@@ -16,6 +16,13 @@ and `teacher_kl` below uses it alone or beside an outcome estimator:
     credit: {estimator: teacher_kl, options: {outcome: grpo}}         A_t = r_t + GRPO's advantage of the outcome
     credit: {estimator: teacher_kl, options: {gamma: 1.0}}            A_t = sum_{k>=t} r_k (the sequence KL's
                                                                       reward-to-go instead of the per-token term)
+
+`teacher.estimator=exact` replaces the sampled term by its expectation: the exact KL(pi(. | s_t) || pi_teacher(. | s_t))
+over the whole vocabulary at every response position, as a differentiable loss term (`exact_token_kl`; GKD,
+Agarwal et al. 2023, with the reverse KL as its divergence and only student-sampled sequences). Its gradient is
+the expectation of the sampled term's score-function gradient, so it points the same way with no sampling noise:
+every position teaches the student about every token, not only the one it drew. The per-token reward is then 0
+(the teacher's term is in the loss; `train/update.py`), and the credit estimators carry only the task outcome.
 """
 
 from __future__ import annotations
@@ -31,6 +38,12 @@ def teacher_token_rewards(logp: torch.Tensor, logp_teacher: torch.Tensor, mask: 
                           ) -> torch.Tensor:
     """-coef * (log pi - log pi_teacher) of each sampled token [N, T], 0 where mask [N, T] is 0; detached."""
     return torch.where(mask > 0, -coef * (logp - logp_teacher).detach(), 0.0)
+
+
+def exact_token_kl(logp_all: torch.Tensor, logp_teacher_all: torch.Tensor) -> torch.Tensor:
+    """[..., V] log pi and log pi_teacher over the vocabulary -> [...] KL(pi || pi_teacher) at each position,
+    sum_v pi(v) (log pi(v) - log pi_teacher(v)); differentiable in logp_all (the teacher's side is detached)."""
+    return (logp_all.exp() * (logp_all - logp_teacher_all.detach())).sum(-1)
 
 
 @CREDIT.register("teacher_kl", needs=("teacher",), returns=False)

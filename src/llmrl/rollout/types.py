@@ -60,6 +60,8 @@ class Rollout:
     step_ids: torch.Tensor | None = None   # [N, T] long, which reasoning step each token is in (-1: none)
     is_weight: torch.Tensor | None = None  # [N, T] float, truncated IS weight pi_old / mu when another engine sampled
     step_scores: torch.Tensor | None = None  # [N, S] float, a score per reasoning step (NaN: no such step)
+    teacher_logp_all: torch.Tensor | None = None  # [N, T, V] float, log pi_teacher over the vocabulary
+                                                  # (teacher.estimator=exact: train/teacher.py)
     extras: dict = field(default_factory=dict)  # anything else a stage wants to carry (not tensors the math reads)
 
     @property
@@ -83,7 +85,7 @@ class Rollout:
         move = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
         tensors = {f: move(getattr(self, f)) for f in ("input_ids", "attention_mask", "response_mask", "logp_old",
                                                        "group_ids", "logp_ref", "values", "step_ids", "is_weight",
-                                                       "step_scores")}
+                                                       "step_scores", "teacher_logp_all")}
         return replace(self, **tensors, extras={k: move(v) for k, v in self.extras.items()})
 
     def select(self, idx: torch.Tensor) -> "Rollout":
@@ -100,6 +102,7 @@ class Rollout:
             completions=[self.completions[i] for i in rows], examples=[self.examples[i] for i in rows],
             logp_ref=pick(self.logp_ref), values=pick(self.values), step_ids=pick(self.step_ids),
             is_weight=pick(self.is_weight), step_scores=pick(self.step_scores),
+            teacher_logp_all=pick(self.teacher_logp_all),
         )
 
 

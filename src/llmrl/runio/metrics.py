@@ -70,5 +70,6 @@ def sample_records(step: int, rollout, advantages, rewards, tokenizer, *, groups
             **({"truncated": bool(truncated[i])} if truncated is not None else {}),
         })
         if "teacher_rewards" in rollout.extras:     # on-policy distillation: the teacher's per-token term
-            rows[-1]["teacher"] = [round(float(a), 5) for a in rollout.extras["teacher_rewards"][i, :n].tolist()]
+            shown = rollout.extras.get("teacher_shown", rollout.extras["teacher_rewards"])
+            rows[-1]["teacher"] = [round(float(a), 5) for a in shown[i, :n].tolist()]
     return rows

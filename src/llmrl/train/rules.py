@@ -31,10 +31,11 @@ def gradient_rule(r, rollout, credit) -> dict:
     o = r.cfg.objective
     kl_in_loss = r.beta.value if o.kl_placement == "loss" else 0.0
     critic = r.critic and replace(r.critic, returns=credit.returns)
+    teacher_coef = r.teacher.coef if r.teacher is not None and r.teacher.exact else 0.0   # exact distillation
     upd = policy_update(r.policy, r.optimizer, rollout, credit.advantages, partial(r.objective, kl_coef=kl_in_loss),
                         r.ex, r.passes, generator=r.generator, critic=critic,
                         skip_zero_advantage=kl_in_loss == 0 and o.entropy_coef == 0,
-                        engine_correction=r.mismatch if r.tis_in_update else None)
+                        engine_correction=r.mismatch if r.tis_in_update else None, teacher_coef=teacher_coef)
     with warnings.catch_warnings():   # a step whose advantages were all 0 took no optimizer step;
         warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
         r.scheduler.step()            # the schedule counts training steps all the same

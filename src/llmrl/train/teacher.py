@@ -5,6 +5,10 @@ rewards (`credit/teacher_kl.py`: -coef * (log pi - log pi_teacher) of each sampl
     teacher.source=checkpoint   any local model with the student's tokenizer (refused otherwise, at setup)
     teacher.source=self         the student itself, reading the prompt with teacher.hint appended (the reference
                                 answer or a worked answer): self-distillation with only the bundled model
+    teacher.estimator=sampled   the term is a per-token reward of each sampled token, through credit (default)
+    teacher.estimator=exact     the term is the exact KL(pi || pi_teacher) over the vocabulary at each response
+                                position, a loss term beside the policy gradient (the update reads
+                                rollout.teacher_logp_all [N, T, V]; credit/teacher_kl.py `exact_token_kl`)
 
 The teacher's log-probs of the student's tokens come from the same packed no-grad forward as the reference's
 (`compute/batches.batched_logprobs`); with self-distillation the rows' prompts are first swapped for the hinted
@@ -18,7 +22,7 @@ from typing import Any
 
 import torch
 
-from llmrl.compute.batches import batched_logprobs
+from llmrl.compute.batches import batched_full_logprobs, batched_logprobs
 from llmrl.credit.teacher_kl import teacher_token_rewards
 from llmrl.data.sft import worked_answer
 from llmrl.models import load_model
@@ -31,6 +35,7 @@ class Teacher:
     model: Any                 # a frozen causal LM, or None: the student itself (self-distillation)
     hint: str | None           # self-distillation: appended to each user prompt ({answer}, {demonstration})
     coef: float
+    exact: bool = False        # teacher.estimator=exact: the full KL over the vocabulary as a loss term (GKD)
 
 
 def check_same_tokenizer(student, teacher, where: str) -> None:
@@ -56,12 +61,12 @@ def make_teacher(cfg, tokenizer) -> Teacher | None:
     if t is None:
         return None
     if t.source == "self":
-        return Teacher(None, t.hint, t.coef)
+        return Teacher(None, t.hint, t.coef, t.estimator == "exact")
     model, teacher_tok = load_model(t.path, dtype=getattr(torch, cfg.model.dtype))
     check_same_tokenizer(tokenizer, teacher_tok, repr(t.path))
     model.config.use_cache = False
     model.eval().requires_grad_(False)
-    return Teacher(model, None, t.coef)
+    return Teacher(model, None, t.coef, t.estimator == "exact")
 
 
 def hinted_prompt(ex, hint: str) -> str:
@@ -87,10 +92,21 @@ def teacher_logprobs(r, rollout):
         prompts = [encode_prompt(r.tokenizer, hinted_prompt(ex, teacher.hint), chat_template=kw["chat_template"],
                                  system_prompt=kw["system_prompt"]) for ex in rollout.examples]
         rows = with_prompts(rollout, prompts, r.tokenizer.pad_token_id)
-    logp_teacher = batched_logprobs(teacher.model if teacher.model is not None else r.model, rows, r.ex)  # [N, T]
-    rewards = teacher_token_rewards(rollout.logp_old, logp_teacher, rollout.response_mask, teacher.coef)
+    model = teacher.model if teacher.model is not None else r.model
+    if teacher.exact:       # the whole distribution for the loss term; the sampled tokens' log-probs read from it
+        logp_all = batched_full_logprobs(model, rows, r.ex)                                    # [N, T, V]
+        logp_teacher = logp_all.gather(-1, rollout.response_ids[..., None])[..., 0] * rollout.response_mask
+    else:
+        logp_teacher = batched_logprobs(model, rows, r.ex)                                      # [N, T]
+    shown = teacher_token_rewards(rollout.logp_old, logp_teacher, rollout.response_mask, teacher.coef)
+    # exact: the teacher's term is in the loss (train/update.py) and adds no reward; the report still shows the
+    # sampled term under each token, the one-sample estimate of what the loss term measures
+    rewards = torch.zeros_like(shown) if teacher.exact else shown
     kl = ((rollout.logp_old - logp_teacher) * rollout.response_mask).sum(-1)         # [N] sampled k1 per sequence
-    rollout = rollout.with_(extras={**rollout.extras, "logp_teacher": logp_teacher, "teacher_rewards": rewards})
+    extras = {"logp_teacher": logp_teacher, "teacher_rewards": rewards, "teacher_shown": shown}
+    rollout = rollout.with_(extras={**rollout.extras, **extras})
+    if teacher.exact:
+        rollout = rollout.with_(teacher_logp_all=logp_all)
     return rollout, {"teacher_kl_per_seq": float(kl.mean())}
 
 

@@ -23,10 +23,11 @@ import torch
 from llmrl.compute.batches import batched_logprobs, micro_batches_of, trim
 from llmrl.compute.logprobs import policy_logprobs, response_logprobs
 from llmrl.compute.settings import Execution
+from llmrl.credit.teacher_kl import exact_token_kl
 from llmrl.distributed import runtime as D
 from llmrl.distributed.parallel import average_gradients, grad_sync, loss_scale
 from llmrl.objectives.mismatch import Correction, mismatch_stats
-from llmrl.objectives.policy import BatchCounts, ObjectiveOutput
+from llmrl.objectives.policy import BatchCounts, ObjectiveOutput, aggregate
 
 
 @dataclass(frozen=True)
@@ -70,13 +71,16 @@ def plan_minibatches(N: int, passes: Passes, generator: torch.Generator | None) 
 
 def accumulate(model, rollout, rows: torch.Tensor, advantages: torch.Tensor, objective, counts: BatchCounts,
                ex: Execution, *, logp_old: torch.Tensor | None, critic: CriticTraining | None,
-               engine_correction: Correction | None, chosen: list) -> tuple[dict[str, float], int]:
+               engine_correction: Correction | None, chosen: list,
+               teacher_coef: float = 0.0) -> tuple[dict[str, float], int]:
     """Forward and backward over `rows` micro-batch by micro-batch; gradients add up in the parameters. Returns
     (each named loss and metric summed over the micro-batches, the number of passes). Every rank runs as many
     passes: a rank short of rows runs row 0 with weight 0. `engine_correction`: pi_old is this forward's own
     log-probs and the rollout's logp_old is the sampling engine's; the correction's weight comes from both (a
     micro-batch holds whole rows, so sequence-level corrections see whole sequences), and the pairs go to
-    `chosen` for the mismatch statistics."""
+    `chosen` for the mismatch statistics. `teacher_coef` > 0 with `rollout.teacher_logp_all`: the loss gains
+    teacher_coef * the exact KL(pi || pi_teacher) over the vocabulary, token-mean over the chosen tokens
+    (`teacher_term`)."""
     sums: dict[str, float] = defaultdict(float)
     micro = micro_batches_of(rows, rollout, ex) if len(rows) else []
     n_micro = D.all_max(len(micro))
@@ -84,10 +88,11 @@ def accumulate(model, rollout, rows: torch.Tensor, advantages: torch.Tensor, obj
         idx, weight = (micro[i], 1.0) if i < len(micro) else (torch.tensor([0], device="cpu"), 0.0)
         part = trim(rollout.select(idx))
         T = part.response_mask.shape[1]
+        dense = teacher_coef > 0 and part.teacher_logp_all is not None
         with ex.autocast():
-            logp, entropy = policy_logprobs(model, part.input_ids, part.attention_mask, T,
-                                            temperature=ex.temperature, pack_tokens=ex.pack_tokens,
-                                            chunk=ex.head_chunk)
+            logp, entropy, *logp_all = policy_logprobs(model, part.input_ids, part.attention_mask, T,
+                                                       temperature=ex.temperature, pack_tokens=ex.pack_tokens,
+                                                       chunk=ex.head_chunk, full=dense)
         logp, entropy = logp.float(), entropy.float()
         is_weight = part.is_weight
         if engine_correction is not None:
@@ -98,6 +103,9 @@ def accumulate(model, rollout, rows: torch.Tensor, advantages: torch.Tensor, obj
                         advantages[idx, :T], part.response_mask, counts, logp_ref=part.logp_ref,
                         entropy=entropy, is_weight=is_weight)
         loss, named = out.total, {**out.losses, **out.metrics}
+        if dense:
+            term = teacher_term(logp_all[0], part, counts, teacher_coef)
+            loss, named = loss + term["loss_teacher_kl"], {**named, **term}
         if critic is not None:
             with ex.autocast():
                 values = critic.critic(part.input_ids, part.attention_mask, T)
@@ -108,6 +116,18 @@ def accumulate(model, rollout, rows: torch.Tensor, advantages: torch.Tensor, obj
         for k, v in named.items():   # each is this micro-batch's share of the minibatch value
             sums[k] += weight * float(v.detach())
     return sums, n_micro
+
+
+def teacher_term(logp_all: torch.Tensor, part, counts: BatchCounts, coef: float) -> dict[str, torch.Tensor]:
+    """coef * token-mean over the chosen tokens of the exact KL(pi || pi_teacher) at each position, from the
+    student's log pi [M, V] at the micro-batch's real response positions and the teacher's [n, T, V]
+    (`rollout.teacher_logp_all`) -> {"loss_teacher_kl": the loss share, "teacher_kl_exact": its KL, detached}."""
+    T = part.response_mask.shape[1]
+    real = part.attention_mask[:, -T:].bool()                                       # [n, T], M of them true
+    kl = exact_token_kl(logp_all, part.teacher_logp_all[real])                      # [M]
+    per_token = torch.zeros(real.shape, dtype=kl.dtype).masked_scatter(real, kl)    # [n, T]
+    value = aggregate(per_token, part.response_mask, "token-mean", counts)
+    return {"loss_teacher_kl": coef * value, "teacher_kl_exact": value.detach()}
 
 
 # ----------------------------------------------------------------------------- 3. the optimizer step
@@ -139,7 +159,8 @@ def zero_grads(optimizer: torch.optim.Optimizer, critic: CriticTraining | None) 
 def policy_update(model, optimizer: torch.optim.Optimizer, rollout, advantages: torch.Tensor,
                   objective: Callable[..., ObjectiveOutput], ex: Execution, passes: Passes = Passes(), *,
                   generator: torch.Generator | None = None, critic: CriticTraining | None = None,
-                  skip_zero_advantage: bool = False, engine_correction: Correction | None = None) -> dict[str, float]:
+                  skip_zero_advantage: bool = False, engine_correction: Correction | None = None,
+                  teacher_coef: float = 0.0) -> dict[str, float]:
     """Run the update on `advantages` [N, T]; returns metrics averaged over the optimizer steps taken
     (`update_rows`: this rank's). `skip_zero_advantage`: rows with A = 0 everywhere add exactly zero gradient
     (no KL or entropy term, no critic) and are not computed.
@@ -147,13 +168,16 @@ def policy_update(model, optimizer: torch.optim.Optimizer, rollout, advantages: 
     `engine_correction` (one on-policy pass only): the rollout's `logp_old` holds the log-probs of the engine that
     sampled it (vLLM), and each micro-batch's own forward supplies pi_old = logp.detach() and the correction's
     weight, e.g. token TIS min(pi_old / mu, cap) (objectives/mismatch.py), with no separate forward over the
-    rollout first. The mismatch statistics are then over the rows the update computed."""
+    rollout first. The mismatch statistics are then over the rows the update computed.
+
+    `teacher_coef` > 0 (teacher.estimator=exact): each micro-batch adds the exact distillation loss term
+    (`teacher_term`); no row is skipped then, whatever its advantages."""
     if engine_correction is not None and not passes.on_policy:
         raise ValueError("engine_correction: the weight comes from the update's forward only with one on-policy "
                          "pass (epochs = minibatches = 1)")
     N = advantages.shape[0]                   # this rank's rows
     logp_old = None if passes.on_policy else batched_logprobs(model, rollout, ex)
-    skip_zero = skip_zero_advantage and critic is None
+    skip_zero = skip_zero_advantage and critic is None and not teacher_coef
     sums: dict[str, float] = defaultdict(float)
     chosen: list[tuple[torch.Tensor, torch.Tensor]] = []   # engine_correction: (logp_policy, logp_engine) chosen
     steps, stopped = 0, False
@@ -163,7 +187,8 @@ def policy_update(model, optimizer: torch.optim.Optimizer, rollout, advantages: 
             mb = mb[(advantages[mb] != 0).any(-1)]
         zero_grads(optimizer, critic)
         mb_sums, n_micro = accumulate(model, rollout, mb, advantages, objective, counts, ex, logp_old=logp_old,
-                                      critic=critic, engine_correction=engine_correction, chosen=chosen)
+                                      critic=critic, engine_correction=engine_correction, chosen=chosen,
+                                      teacher_coef=teacher_coef)
         # token-mean metrics were divided by all the minibatch's tokens; rescale to the rows actually computed
         mb_sums["_active"] = float(rollout.response_mask[mb].sum()) if len(mb) else 0.0
         mb_sums = D.sum_values(mb_sums)                           # the global minibatch's values
