@@ -4,8 +4,11 @@
                 its first --minutes are the GRPO arm (same config and seed, constant learning rate)
     sft         SFT on correct worked answers made from the task (examples/sft_arithmetic.yaml)
     rft         rejection-sampling fine-tuning, rounds of sample / keep passing / SFT (examples/rft_arithmetic.yaml)
-    distill     on-policy distillation from the teacher's final/ (examples/distill_arithmetic.yaml)
+    distill     on-policy distillation from the teacher's final/ (examples/distill_arithmetic.yaml): the
+                sampled per-token reverse-KL term as a reward
     distill+rl  the same plus GRPO's advantage of the outcome (credit.options.outcome=grpo)
+    distill exact, distill exact+rl   the same two with teacher.estimator=exact: the full KL over the
+                vocabulary at every response position as a loss term (GKD)
 
 Each arm trains for --minutes of wall time (held-out evaluations not counted, as run.time_limit_minutes counts)
 and is evaluated (greedy accuracy on --heldout held-out additions) every --eval-every steps; the curve is held-out
@@ -121,7 +124,8 @@ def run_arms(args) -> tuple[dict, float, str]:
             curves["teacher (RL)"] = curve(run_dir)
         for name in args.arm_runs:                  # arms measured earlier, e.g. the learning benchmark's GRPO
             label, _, path = name.partition("=")
-            curves[label] = [(t, a) for t, a in curve(Path(path)) if t <= args.minutes * 60]
+            read = rft_curve if label == "rft" else curve          # RFT's curve is per round
+            curves[label] = [(t, a) for t, a in read(Path(path)) if t <= args.minutes * 60]
     else:
         s = train(rl_cfg("main_arithmetic.yaml", "teacher", args.teacher_minutes, args))
         teacher_path = s["checkpoint"]
@@ -129,15 +133,25 @@ def run_arms(args) -> tuple[dict, float, str]:
         teacher_wall = curves["teacher (GRPO)"][-1][0]
         curves["grpo"] = [(t, a) for t, a in curves["teacher (GRPO)"] if t <= args.minutes * 60]
     tp = [f"teacher.path={teacher_path}"]
-    train(rl_cfg("distill_arithmetic.yaml", "distill", args.minutes, args, tp))
-    curves["distill"] = curve(out / "distill")
-    train(rl_cfg("distill_arithmetic.yaml", "distill_rl", args.minutes, args, [*tp, "credit.options.outcome=grpo"]))
-    curves["distill+rl"] = curve(out / "distill_rl")
-    sft_eval = [f"run.eval_every={args.eval_every}"]
-    train_sft(sup_cfg("sft_arithmetic.yaml", "sft", args, sft_eval))
-    curves["sft"] = curve(out / "sft")
-    train_rft(sup_cfg("rft_arithmetic.yaml", "rft", args, ["rft.rounds=1000"]))
-    curves["rft"] = rft_curve(out / "rft")
+    exact, rl = "teacher.estimator=exact", "credit.options.outcome=grpo"
+    arms = {   # label: (run folder name, how to train it, how to read its curve)
+        "distill": ("distill", lambda n: train(rl_cfg("distill_arithmetic.yaml", n, args.minutes, args, tp)), curve),
+        "distill+rl": ("distill_rl", lambda n: train(rl_cfg("distill_arithmetic.yaml", n, args.minutes, args,
+                                                            [*tp, rl])), curve),
+        "distill exact": ("distill_exact", lambda n: train(rl_cfg("distill_arithmetic.yaml", n, args.minutes, args,
+                                                                  [*tp, exact])), curve),
+        "distill exact+rl": ("distill_exact_rl", lambda n: train(rl_cfg("distill_arithmetic.yaml", n, args.minutes,
+                                                                        args, [*tp, exact, rl])), curve),
+        "sft": ("sft", lambda n: train_sft(sup_cfg("sft_arithmetic.yaml", n, args,
+                                                   [f"run.eval_every={args.eval_every}"])), curve),
+        "rft": ("rft", lambda n: train_rft(sup_cfg("rft_arithmetic.yaml", n, args, ["rft.rounds=1000"])), rft_curve),
+    }
+    for label in args.arms.split(","):
+        if label not in arms:
+            raise SystemExit(f"unknown arm {label!r}; valid: {', '.join(arms)}")
+        name, run, read = arms[label]
+        run(name)
+        curves[label] = read(out / name)
     return curves, teacher_wall, teacher_path
 
 
@@ -149,6 +163,8 @@ def main() -> None:
     p.add_argument("--teacher-wall-minutes", type=float, default=None, help="with --teacher: its RL wall time")
     p.add_argument("--arm-runs", nargs="*", default=[], metavar="NAME=RUN_DIR",
                    help="with --teacher: add arms from earlier runs of the same task (cut at --minutes)")
+    p.add_argument("--arms", default="distill exact,distill exact+rl,distill,distill+rl,sft,rft",
+                   help="the arms to train, comma-separated (with --arm-runs for the others)")
     p.add_argument("--heldout", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=10, help="steps between held-out evaluations")
     p.add_argument("--out-dir", default="runs/bench_teacher")
