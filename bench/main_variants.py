@@ -2,7 +2,8 @@
 from the same start, then `llmrl audit` on each: held-out accuracy, token entropy at the start and over the last 5
 steps, the zero-variance group fraction over the last 10 steps, and the audit's findings.
 
-    python bench/main_variants.py                  # 4 runs of about 5 minutes each on 2 cores, then the table
+    python bench/main_variants.py                  # 6 runs of about 5 minutes each on 2 cores, then the table
+    python bench/main_variants.py --run kl10,gspo_lr2   # only these, then the table of every run folder there
     python bench/main_variants.py --report-only    # the table again from the run folders
 """
 
@@ -21,11 +22,13 @@ from llmrl.audit import audit_run  # noqa: E402
 from llmrl.runio.metrics import read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS: dict[str, list[str]] = {
-    "main job (GRPO, no KL)": [],
-    "+ entropy bonus 0.01": ["objective.entropy_coef=0.01"],
-    "+ KL to the reference, beta 0.04 (k3, GRPO's own)": ["objective.kl_coef=0.04"],
-    "preset gspo": ["preset=gspo"],
+VARIANTS: dict[str, tuple[str, list[str]]] = {    # key: (the table's label, the overrides)
+    "main": ("main job (GRPO, no KL)", []),
+    "entropy": ("+ entropy bonus 0.01", ["objective.entropy_coef=0.01"]),
+    "kl04": ("+ KL to the reference, beta 0.04 (k3, GRPO's own)", ["objective.kl_coef=0.04"]),
+    "kl10": ("+ KL to the reference, beta 0.1 (k3)", ["objective.kl_coef=0.1"]),
+    "gspo": ("preset gspo", ["preset=gspo"]),
+    "gspo_lr2": ("preset gspo, lr 2e-5", ["preset=gspo", "optim.lr=2e-5"]),
 }
 
 
@@ -49,15 +52,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", default="runs/bench_main_variants")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--run", default=",".join(VARIANTS), help=f"the variants to train ({', '.join(VARIANTS)}); "
+                   "the table has every variant whose run folder exists")
     args = p.parse_args()
     out = Path(args.out_dir)
-    for name, overrides in VARIANTS.items():
-        run = folder(out, name)
-        if not args.report_only:
-            subprocess.run([sys.executable, "-m", "llmrl", "train", str(ROOT / "examples/main_arithmetic.yaml"),
-                            f"run.output_dir={out}", f"run.name={run.name}", "run.eval_every=20",
-                            "run.progress=false", *overrides], check=True)
-    rows = [row(name, folder(out, name)) for name in VARIANTS]
+    for key in [] if args.report_only else args.run.split(","):
+        label, overrides = VARIANTS[key]
+        subprocess.run([sys.executable, "-m", "llmrl", "train", str(ROOT / "examples/main_arithmetic.yaml"),
+                        f"run.output_dir={out}", f"run.name={folder(out, label).name}", "run.eval_every=20",
+                        "run.progress=false", "run.resume=never", *overrides], check=True)
+    rows = [row(label, folder(out, label)) for label, _ in VARIANTS.values()
+            if (folder(out, label) / "metrics.jsonl").exists()]
     body = ("Each row: `llmrl train examples/main_arithmetic.yaml` with one change, 40 steps, held-out greedy accuracy "
             "on the 200 problems before and after; token entropy (nats) at step 1 and over the last 5 steps; the "
             "fraction of groups whose samples all got one reward over the last 10 steps; the findings of "
