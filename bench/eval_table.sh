@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The published eval table (docs/benchmarks.md): SmolLM2-135M-Instruct on the standard suites, greedy pass@1, with
 # the limits below (a shared 2-core CPU could not run the full sets in one session), then the README's main job
-# (examples/main_arithmetic.yaml) and the same suites on its weights.
+# (examples/main_arithmetic.yaml) and the same suites on its weights, then the same after a GSM8K run.
 #   bash bench/eval_table.sh            # the limits below
 #   FULL=1 bash bench/eval_table.sh     # every problem: arithmetic 200, bfcl 2351, humaneval 164, gsm8k 1319
 set -euo pipefail
@@ -19,3 +19,7 @@ suites() {   # MODEL PREFIX: one suite at a time, each to its own JSON
 suites smollm2-135m-instruct "$OUT/base"
 [ -d runs/main_arithmetic/final ] || $L train examples/main_arithmetic.yaml run.eval_every=0 run.progress=false
 suites runs/main_arithmetic "$OUT/main_arithmetic"
+# a GSM8K run: the example's settings for 20 training minutes
+[ -d runs/gsm8k_run/final ] || $L train examples/gsm8k.yaml run.name=gsm8k_run run.time_limit_minutes=20 \
+  run.eval_every=0 run.progress=false
+suites runs/gsm8k_run "$OUT/gsm8k_run"

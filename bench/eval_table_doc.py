@@ -1,6 +1,6 @@
 """Write the eval table section of docs/benchmarks.md from the results files bench/eval_table.sh leaves.
 
-    python bench/eval_table_doc.py                       # runs/eval_table/base*.json (and main_arithmetic*.json)
+    python bench/eval_table_doc.py                       # runs/eval_table/base*.json (main_arithmetic*, gsm8k_run*)
     python bench/eval_table_doc.py --note "..."          # a line about how the run went (load, what was cut)
 """
 
@@ -39,10 +39,13 @@ def main() -> None:
     p.add_argument("--note", default="")
     args = p.parse_args()
     folder = Path(args.dir)
-    base, after = gather(folder, "base"), gather(folder, "main_arithmetic")
-    rows = [[s, cell(base.get(s)), cell(after.get(s))] for s in SUITES]
-    table = markdown_table(["suite (greedy pass@1)", "SmolLM2-135M-Instruct",
-                            "after the main job (examples/main_arithmetic.yaml)"], rows)
+    columns = {"SmolLM2-135M-Instruct": gather(folder, "base"),
+               "after the main job (examples/main_arithmetic.yaml)": gather(folder, "main_arithmetic"),
+               "after a GSM8K run (examples/gsm8k.yaml)": gather(folder, "gsm8k_run")}
+    columns = {k: v for k, v in columns.items() if v}
+    base = columns["SmolLM2-135M-Instruct"]
+    rows = [[s, *(cell(c.get(s)) for c in columns.values())] for s in SUITES]
+    table = markdown_table(["suite (greedy pass@1)", *columns], rows)
     cmds = "\n".join(f"    llmrl eval --model smollm2-135m-instruct --suite {s} --limit {base[s]['n']}"
                      for s in SUITES if s in base and base[s]["n"] != base[s]["of"])
     body = (f"{table}\n\nPartial sets, spread evenly over each suite (`--limit N` takes every len/N-th problem): "
