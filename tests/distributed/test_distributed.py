@@ -39,6 +39,10 @@ from llmrl.train.update import CriticTraining, Passes, policy_update
 
 W, N = 2, 8
 ATOL = 2e-6
+# weights after up to 4 SGD steps at lr 0.1: the ranks' all-reduced gradients and one process's sum differ in float32
+# rounding (the kernels see 4 rows, not 8), and the steps compound it: up to 3.8e-6 on an AMD EPYC of family 25,
+# model 1 (the critic case), against >= 1e-3 that every case moves the weights (a wrong sum or scale shows there)
+WEIGHT_ATOL = 1e-5
 # (parallel, aggregation, epochs, minibatches, extra): extra = "kl" (KL and entropy terms in the loss, no row
 # skipping), "critic" / "shared_critic" (a value head trained alongside), or "" (zero-advantage rows skipped)
 CASES = ([("ddp", a, 1, 1, "") for a in AGGREGATIONS] + [("fsdp", a, 1, 1, "") for a in AGGREGATIONS] + [
@@ -201,7 +205,7 @@ def test_update_on_two_ranks_equals_one_process(two_ranks, i):
         out, weights = rank_result["updates"][i]
         assert weights.keys() == one_weights.keys()
         diff = max(float((weights[k] - one_weights[k]).abs().max()) for k in weights)
-        assert diff <= ATOL, f"{case}: max |weight difference| {diff:.2e}"
+        assert diff <= WEIGHT_ATOL, f"{case}: max |weight difference| {diff:.2e}"
         moved = max(float((one_weights[k] - before[k]).abs().max()) for k in before)
         assert moved > 1e-3                                     # the step did something a wrong sum would change
         for k, v in one.items():
