@@ -22,7 +22,7 @@ def test_defaults():
     cfg = load_config(None)
     assert cfg == TrainConfig()
     assert cfg.preset is None
-    assert cfg.model.name == "smollm2-135m-instruct" and cfg.model.autocast == "bfloat16"
+    assert cfg.model.name == "smollm2-135m-instruct" and cfg.model.autocast == "auto"
     assert cfg.rollout.group_size == 8 and cfg.rollout.prompts_per_step == 4
     assert cfg.optim.lr == 1e-5 and cfg.optim.betas == (0.9, 0.99)
     assert cfg.reward.terms == [RewardTerm("correct", 1.0)]

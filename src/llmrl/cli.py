@@ -124,6 +124,7 @@ def cmd_eval(args) -> int:
     from llmrl.rollout.collect import collect_rollout
     from llmrl.rollout.episodes import collect_episodes
     from llmrl.rollout.tools import demonstration, resolve_tools, system_prompt
+    from llmrl.compute.settings import resolve_autocast
     from llmrl.train.evaluate import evaluate
 
     if args.threads:
@@ -144,7 +145,7 @@ def cmd_eval(args) -> int:
     task = make_task(args.task, seed=args.seed, train_path=args.train_path, heldout_path=args.heldout_path)
     examples = task.heldout(args.n)
     model, tokenizer = load_model(args.model)
-    amp = torch.bfloat16 if args.autocast == "bfloat16" else None
+    amp = resolve_autocast(args.autocast)
     result = evaluate(model, tokenizer, examples, max_new_tokens=args.max_new_tokens or 32, autocast_dtype=amp,
                       chat_template=not args.no_chat_template, system_prompt=prompt, collect=collect,
                       progress=not args.no_progress)
@@ -184,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-path", default=None)
     p.add_argument("--heldout-path", default=None)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: 32 for --task, the suite's own for --suite")
-    p.add_argument("--autocast", default="bfloat16", choices=["bfloat16", "none"])
+    p.add_argument("--autocast", default="auto", choices=["auto", "bfloat16", "none"],
+                   help="auto: bfloat16 where the CPU computes it natively (AVX-512 BF16, AMX), else fp32")
     p.add_argument("--no-chat-template", action="store_true")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--show", type=int, default=3, help="sample completions to print")

@@ -136,9 +136,9 @@ def _task_and_model(args):
 
 
 def cmd_pairs(args) -> int:
-    import torch
     import yaml
 
+    from llmrl.compute.settings import resolve_autocast
     from llmrl.data.pairs import save_pairs
     from llmrl.train.pairs import build_pairs_from_task
 
@@ -147,7 +147,7 @@ def cmd_pairs(args) -> int:
     except (ValueError, FileNotFoundError, yaml.YAMLError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    amp = torch.bfloat16 if args.autocast == "bfloat16" else None
+    amp = resolve_autocast(args.autocast)
     pairs = build_pairs_from_task(model, tokenizer, task, args.n, samples_per_prompt=args.samples_per_prompt,
                                   pairs_per_prompt=args.pairs_per_prompt, temperature=args.temperature,
                                   max_new_tokens=args.max_new_tokens, seed=args.seed,
@@ -159,9 +159,9 @@ def cmd_pairs(args) -> int:
 
 
 def cmd_prm_data(args) -> int:
-    import torch
     import yaml
 
+    from llmrl.compute.settings import resolve_autocast
     from llmrl.data.step_labels import save_step_labels
     from llmrl.train.prm import build_step_labels
 
@@ -172,7 +172,7 @@ def cmd_prm_data(args) -> int:
     except (ValueError, FileNotFoundError, yaml.YAMLError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    amp = torch.bfloat16 if args.autocast == "bfloat16" else None
+    amp = resolve_autocast(args.autocast)
     rows = build_step_labels(model, tokenizer, task, args.n, samples_per_prompt=args.samples_per_prompt,
                              mc_samples=args.mc_samples, segmenter=args.steps, pattern=args.step_pattern,
                              labels=args.labels, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
@@ -195,7 +195,8 @@ def _add_sampling_args(p, samples_per_prompt: int, max_new_tokens: int) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--autocast", default="bfloat16", choices=["bfloat16", "none"])
+    p.add_argument("--autocast", default="auto", choices=["auto", "bfloat16", "none"],
+                   help="auto: bfloat16 where the CPU computes it natively (AVX-512 BF16, AMX), else fp32")
     p.add_argument("--no-chat-template", action="store_true")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -37,7 +37,9 @@ DEVICE_SPEC = re.compile(r"auto|cpu|cuda(:\d+)?")   # run.device
 class ModelConfig:
     name: str = f("smollm2-135m-instruct", "HF id, local path, 'smollm2-135m-instruct' (bundled) or 'tiny' (random init, tests)")
     dtype: str = f("float32", "master-weight dtype: float32 | bfloat16", choices=("float32", "bfloat16"))
-    autocast: str = f("bfloat16", "compute dtype for forward passes: bfloat16 | none", choices=("bfloat16", "none"))
+    autocast: str = f("auto", "compute dtype for forward passes: auto (bfloat16 where the device has native bf16 "
+                      "matmuls: a CUDA GPU, a CPU with AVX-512 BF16 or AMX; else none) | bfloat16 | none (fp32)",
+                      choices=("auto", "bfloat16", "none"))
     chat_template: bool = f(True, "apply the tokenizer's chat template to prompts")
     system_prompt: str | None = f(None, "optional system message")
     gradient_checkpointing: bool = f(False, "recompute activations during backward to save memory")

@@ -18,10 +18,14 @@ allocates lives there. What differs by device (`DEVICE_CHOICES`):
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,49 @@ def resolve_device(spec: str = "auto", local_rank: int | None = None) -> torch.d
     return torch.device("cuda", index)
 
 
+@functools.cache
+def native_bf16(device_type: str) -> bool:
+    """Whether `device_type` computes bf16 matmuls natively: a CUDA GPU with bf16; a CPU whose oneDNN has bf16
+    kernels (AVX-512 BF16 or AMX: `torch.ops.mkldnn._is_mkldnn_bf16_supported`, or else the CPU flags). Without
+    them oneDNN emulates bf16: on an AVX2-only AMD EPYC Zen 3 a matmul of SmolLM2's MLP shape took 134x, a model
+    forward 7.3x as long as in fp32 (bench/autocast_probe.py)."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type != "cpu":
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):   # a torch without the probe: read the flags (Linux)
+        try:
+            flags = open("/proc/cpuinfo").read().split()
+        except OSError:
+            return False
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+AUTOCAST_SETTINGS = ("auto", "bfloat16", "none")
+
+
+def resolve_autocast(setting: str, device: torch.device | str = "cpu") -> torch.dtype | None:
+    """`model.autocast` (or `--autocast`) -> the matmuls' dtype under autocast, None for the weights' own.
+    auto: bf16 where `device` computes it natively (`native_bf16`), else None (fp32 on fp32 weights)."""
+    if setting not in AUTOCAST_SETTINGS:
+        raise ValueError(f"autocast must be one of {', '.join(AUTOCAST_SETTINGS)}, got {setting!r}")
+    if setting == "auto":
+        kind = torch.device(device).type
+        if native_bf16(kind):
+            return torch.bfloat16
+        _note_fp32(kind)
+        return None
+    return torch.bfloat16 if setting == "bfloat16" else None
+
+
+@functools.cache
+def _note_fp32(kind: str) -> None:
+    log.info("autocast auto: this %s has no native bf16 matmul, so forwards run in fp32 (model.autocast=bfloat16 "
+             "forces bf16, emulated and much slower here)", kind)
+
+
 def device_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
     """A generator on `device` seeded from `generator` (one draw from it), or `generator` itself when it is
     already there. The recipe's generator stays on the CPU (its state is checkpointed); draws on a GPU need one
@@ -96,7 +143,7 @@ class Execution:
         """The settings a `TrainConfig` chooses (the device through `resolve_device`)."""
         return cls(
             device=resolve_device(getattr(cfg.run, "device", "cpu")),
-            autocast_dtype=torch.bfloat16 if cfg.model.autocast == "bfloat16" else None,
+            autocast_dtype=resolve_autocast(cfg.model.autocast, resolve_device(getattr(cfg.run, "device", "cpu"))),
             pack_tokens=cfg.optim.pack_tokens if cfg.optim.packing else None,
             micro_batch_size=cfg.optim.micro_batch_size, micro_batch_tokens=cfg.optim.micro_batch_tokens,
             temperature=cfg.rollout.temperature or 1.0, max_len=cfg.rollout.max_new_tokens)

@@ -112,6 +112,7 @@ def _training_examples(args, run_dir: Path | None) -> tuple[str, list] | None:
 def cmd_suites(args) -> int:
     import torch
 
+    from llmrl.compute.settings import resolve_autocast
     from llmrl.evals import decontam
     from llmrl.evals.runner import EvalOptions, run_suite
     from llmrl.evals.suites import make_suite
@@ -134,7 +135,7 @@ def cmd_suites(args) -> int:
     model, tokenizer = load_model(path)
     opts = EvalOptions(k=args.k, temperature=args.temperature, limit=args.limit, batch_size=args.batch_size,
                        max_new_tokens=args.max_new_tokens, chat_template=not args.no_chat_template,
-                       autocast_dtype=torch.bfloat16 if args.autocast == "bfloat16" else None, seed=args.seed)
+                       autocast_dtype=resolve_autocast(args.autocast), seed=args.seed)
     results = []
     for suite in suites:
         r = run_suite(model, tokenizer, suite, opts, engine=engine, progress=not args.no_progress)

@@ -33,6 +33,7 @@ from llmrl.config import PreferenceTrainConfig
 from llmrl.models import load_model, load_reference
 from llmrl.models.lora import AdapterDisabledReference, add_lora
 from llmrl.compute.logprobs import response_logprobs
+from llmrl.compute.settings import resolve_autocast
 from llmrl.objectives.preference import dpo_loss
 from llmrl.rollout.sampler import left_pad
 from llmrl.train.evaluate import evaluate
@@ -123,7 +124,7 @@ class DpoTask:
         p, o = cfg.preference, cfg.optim
         self.cfg, self.desc = cfg, f"{p.kind} steps"
         self.epochs, self.batch_size, self.micro_batch_size = p.epochs, p.batch_size, o.micro_batch_size
-        self.amp = torch.bfloat16 if cfg.model.autocast == "bfloat16" else None
+        self.amp = resolve_autocast(cfg.model.autocast)
         per_token_mean = p.per_token_mean if p.per_token_mean is not None else p.kind == "ipo"
         self.task = task_of(cfg)
         model, self.tokenizer = load_model(cfg.model.name, dtype=getattr(torch, cfg.model.dtype))

@@ -21,6 +21,7 @@ from typing import Sequence
 
 import torch
 
+from llmrl.compute.settings import resolve_autocast
 from llmrl.config import PrmTrainConfig
 from llmrl.credit.steps import step_boundaries, step_ids_for_batch
 from llmrl.data.step_labels import load_step_labels, save_step_labels, split_by_prompt
@@ -104,7 +105,7 @@ class PrmTask:
     def __init__(self, cfg: PrmTrainConfig, run_dir: Path, resuming: bool, progress: bool | None = None):
         p, m = cfg.prm, cfg.model
         self.epochs, self.batch_size, self.micro_batch_size = p.epochs, p.batch_size, cfg.optim.micro_batch_size
-        self.amp = torch.bfloat16 if m.autocast == "bfloat16" else None
+        self.amp = resolve_autocast(m.autocast)
         model, self.tokenizer = load_prm(m.name, dtype=getattr(torch, m.dtype))
         built = run_dir / "step_labels.jsonl"
         if p.data_path is not None or (resuming and built.exists()):

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from llmrl.compute.settings import resolve_autocast
 from llmrl.config import SftTrainConfig
 from llmrl.data.sft import SftExample, read_sft, write_sft
 from llmrl.models import load_model
@@ -63,7 +64,7 @@ def sample_round(cfg: SftTrainConfig, model_name: str, examples: list) -> tuple[
     r, m = cfg.rft, cfg.model
     model, tokenizer = load_model(model_name, dtype=getattr(torch, m.dtype))
     model.eval()
-    amp = torch.bfloat16 if m.autocast == "bfloat16" else None
+    amp = resolve_autocast(m.autocast)
     generator = torch.Generator().manual_seed(cfg.run.seed)
     completions, rows_examples, scores = [], [], []
     for start in range(0, len(examples), 16):

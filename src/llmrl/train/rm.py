@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from llmrl.config import PreferenceTrainConfig
+from llmrl.compute.settings import resolve_autocast
 from llmrl.models import load_model
 from llmrl.models.heads import load_reward_model, sequence_rewards
 from llmrl.models.lora import add_lora
@@ -40,7 +41,7 @@ class RewardModelTask:
     def __init__(self, cfg: PreferenceTrainConfig, run_dir: Path, resuming: bool):
         p, o = cfg.preference, cfg.optim
         self.epochs, self.batch_size, self.micro_batch_size = p.epochs, p.batch_size, o.micro_batch_size
-        self.amp = torch.bfloat16 if cfg.model.autocast == "bfloat16" else None
+        self.amp = resolve_autocast(cfg.model.autocast)
         sampler = load_model(cfg.model.name)[0] if p.data_path is None else None     # only to build pairs from a task
         model, self.tokenizer = load_reward_model(cfg.model.name, dtype=getattr(torch, cfg.model.dtype))
         train_pairs, heldout_pairs = pair_sets(cfg, task_of(cfg), lambda: sampler, self.tokenizer, run_dir, self.amp,

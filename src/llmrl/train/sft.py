@@ -19,6 +19,7 @@ import torch
 
 from llmrl.config import SftTrainConfig
 from llmrl.compute.logprobs import response_logprobs
+from llmrl.compute.settings import resolve_autocast
 from llmrl.data.sft import SftExample, read_sft, worked_examples, write_sft
 from llmrl.models import load_model
 from llmrl.models.lora import add_lora
@@ -99,7 +100,7 @@ class SftTask:
         s, m = cfg.sft, cfg.model
         self.cfg = cfg
         self.epochs, self.batch_size, self.micro_batch_size = s.epochs, s.batch_size, cfg.optim.micro_batch_size
-        self.amp = torch.bfloat16 if m.autocast == "bfloat16" else None
+        self.amp = resolve_autocast(m.autocast)
         self.task = task_of(cfg)
         model, self.tokenizer = load_model(m.name, dtype=getattr(torch, m.dtype))
         model.config.use_cache = False
