@@ -1,6 +1,7 @@
-"""The README's main job and one-change variants of it against entropy collapse, each run for the main job's 40 steps
-from the same start, then `llmrl audit` on each: held-out accuracy, token entropy at the start and over the last 5
-steps, the zero-variance group fraction over the last 10 steps, and the audit's findings.
+"""The README's main job against entropy collapse: GRPO without a KL term (the main job before 2026-12-06) and
+one-change variants of it, each run for the main job's 40 steps from the same start, then `llmrl audit` on each:
+held-out accuracy, token entropy at the start and over the last 5 steps, the zero-variance group fraction over the
+last 10 steps, and the audit's findings.
 
     python bench/main_variants.py                  # 6 runs of about 5 minutes each on 2 cores, then the table
     python bench/main_variants.py --run kl10,gspo_lr2   # only these, then the table of every run folder there
@@ -23,12 +24,12 @@ from llmrl.runio.metrics import read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS: dict[str, tuple[str, list[str]]] = {    # key: (the table's label, the overrides)
-    "main": ("main job (GRPO, no KL)", []),
-    "entropy": ("+ entropy bonus 0.01", ["objective.entropy_coef=0.01"]),
+    "main": ("GRPO, no KL (the main job before 2026-12-06)", ["objective.kl_coef=0"]),
+    "entropy": ("+ entropy bonus 0.01", ["objective.kl_coef=0", "objective.entropy_coef=0.01"]),
     "kl04": ("+ KL to the reference, beta 0.04 (k3, GRPO's own)", ["objective.kl_coef=0.04"]),
-    "kl10": ("+ KL to the reference, beta 0.1 (k3)", ["objective.kl_coef=0.1"]),
-    "gspo": ("preset gspo", ["preset=gspo"]),
-    "gspo_lr2": ("preset gspo, lr 2e-5", ["preset=gspo", "optim.lr=2e-5"]),
+    "kl10": ("+ KL to the reference, beta 0.1 (k3): the main job", ["objective.kl_coef=0.1"]),
+    "gspo": ("preset gspo", ["preset=gspo", "objective.kl_coef=0"]),
+    "gspo_lr2": ("preset gspo, lr 2e-5", ["preset=gspo", "objective.kl_coef=0", "optim.lr=2e-5"]),
 }
 
 
@@ -40,7 +41,7 @@ def row(name: str, run: Path) -> list:
     rows = read_metrics(run / "metrics.jsonl")
     train = [r for r in rows if r["kind"] == "train"]
     evals = [r for r in rows if r["kind"] == "eval" and r.get("heldout_accuracy") is not None]
-    ent = [r["entropy"] for r in train]
+    ent = [r["entropy"] for r in train if "entropy" in r]   # a step whose advantages were all 0 ran no update
     zv = [r.get("zero_variance_group_fraction", 0.0) for r in train[-10:]]
     findings = audit_run(run)
     return [name, f"{evals[0]['heldout_accuracy']:.3f}", f"{evals[-1]['heldout_accuracy']:.3f}", f"{ent[0]:.2f}",
@@ -63,10 +64,11 @@ def main() -> None:
                         "run.progress=false", "run.resume=never", *overrides], check=True)
     rows = [row(label, folder(out, label)) for label, _ in VARIANTS.values()
             if (folder(out, label) / "metrics.jsonl").exists()]
-    body = ("Each row: `llmrl train examples/main_arithmetic.yaml` with one change, 40 steps, held-out greedy accuracy "
-            "on the 200 problems before and after; token entropy (nats) at step 1 and over the last 5 steps; the "
-            "fraction of groups whose samples all got one reward over the last 10 steps; the findings of "
-            "`llmrl audit` at its default thresholds (entropy_collapse: last 5 / first 5 <= 0.1).\n\n")
+    body = ("Each row: `llmrl train examples/main_arithmetic.yaml` with the overrides of `bench/main_variants.py`, "
+            "40 steps, held-out greedy accuracy on the 200 problems before and after; token entropy (nats) at step 1 "
+            "and over the last 5 steps that ran an update (a step whose advantages are all 0 computes none); the "
+            "fraction of groups whose samples all got one reward over the last 10 steps; the findings of `llmrl "
+            "audit` at its default thresholds (entropy_collapse: last 5 / first 5 <= 0.1).\n\n")
     body += markdown_table(["variant", "acc before", "acc after", "entropy step 1", "entropy last 5",
                             "zero-variance groups, last 10", "audit findings"], rows)
     print(body)
