@@ -11,9 +11,7 @@ ratios to docs/benchmarks.md (section "autocast_probe") beside what `native_bf16
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,21 +19,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from common import command, machine, markdown_table, write_section  # noqa: E402
+from common import markdown_table, timed, write_section  # noqa: E402
 
 from llmrl.compute.settings import native_bf16, resolve_autocast  # noqa: E402
 from llmrl.models import load_model  # noqa: E402
-
-
-def timed(fn, reps: int) -> float:
-    """Median seconds of `reps` calls after one warm-up call."""
-    fn()
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
 
 
 def main() -> None:
@@ -62,7 +49,7 @@ def main() -> None:
             with torch.no_grad(), amp():
                 model(input_ids=ids)
 
-        seconds[name] = (timed(matmul, args.reps * 5), timed(forward, args.reps))
+        seconds[name] = (timed(matmul, args.reps * 5)[0], timed(forward, args.reps)[0])
         rows.append([name, f"{seconds[name][0] * 1e3:.2f}", f"{seconds[name][1]:.3f}"])
     ratio_mm = seconds["bf16 autocast"][0] / seconds["fp32"][0]
     ratio_fw = seconds["bf16 autocast"][1] / seconds["fp32"][1]

@@ -8,7 +8,9 @@ import os
 import platform
 import re
 import shlex
+import statistics
 import sys
+import time
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
@@ -61,6 +63,18 @@ def write_section(key: str, title: str, body: str, doc: Path = DOC) -> None:
     text = pattern.sub(lambda _: block, text) if old else text.rstrip() + "\n\n" + block + "\n"
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)
+
+
+def timed(fn, runs: int) -> tuple[float, float]:
+    """(median, 90th percentile) seconds of fn() over `runs` calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return statistics.median(times), times[min(len(times) - 1, int(0.9 * len(times)))]
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

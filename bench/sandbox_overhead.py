@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import markdown_table, write_section  # noqa: E402
+from common import markdown_table, timed, write_section  # noqa: E402
 
 from llmrl.data.tasks import Example  # noqa: E402
 from llmrl.rewards.code import code_tests  # noqa: E402
@@ -28,18 +26,6 @@ from llmrl.sandbox import bwrap, run_python, status  # noqa: E402
 
 PROGRAM = "assert 1 + 1 == 2"
 TARGETS = {"run_python": 40.0, "code_tests": 70.0}   # ms, medians (issue 24)
-
-
-def timed(fn, runs: int) -> tuple[float, float]:
-    """(median, 90th percentile) seconds of fn() over `runs` calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    times.sort()
-    return statistics.median(times), times[min(len(times) - 1, int(0.9 * len(times)))]
 
 
 def cases(mode: str | None) -> list[tuple[str, object]]:
