@@ -20,7 +20,7 @@ import torch
 
 from llmrl.compute.fused import fuse_decoder_ops
 from llmrl.compute.heap import allocate_adam_state
-from llmrl.compute.settings import Execution, resolve_autocast
+from llmrl.compute.settings import Execution, resolve_autocast, resolve_device
 from llmrl.config import ConfigError, TrainConfig
 from llmrl.credit import CREDIT
 from llmrl.data import make_task
@@ -235,7 +235,8 @@ def make_engine(cfg: TrainConfig):
         return None
     from llmrl.rollout.vllm_engine import VLLMEngine
 
-    dtype = "bfloat16" if resolve_autocast(cfg.model.autocast) is not None else cfg.model.dtype
+    amp = resolve_autocast(cfg.model.autocast, resolve_device(cfg.run.device))   # the trainer's device decides auto
+    dtype = "bfloat16" if amp is not None else cfg.model.dtype
     return VLLMEngine(resolve_model_path(cfg.model.name), dtype=dtype, seed=cfg.run.seed,
                       options=cfg.rollout.vllm_options, rows=cfg.rollout.prompts_per_step * cfg.rollout.group_size,
                       max_new_tokens=max(cfg.rollout.max_new_tokens, cfg.run.eval_max_new_tokens or 0))
