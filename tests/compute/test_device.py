@@ -20,9 +20,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from llmrl.compute import settings
-from llmrl.compute.settings import (DEVICE_CHOICES, Execution, choices, device_generator, native_bf16,
-                                    resolve_autocast, resolve_device)
+from llmrl.compute.settings import DEVICE_CHOICES, Execution, choices, device_generator, resolve_device
 from llmrl.config import ConfigError, load_config
 from llmrl.presets import PRESETS
 from llmrl.rollout.collect import encode_prompt
@@ -55,35 +53,6 @@ def test_resolve_device(monkeypatch):
                 resolve_device(spec)
     with pytest.raises(ValueError, match="run.device"):
         resolve_device("tpu")
-
-
-@pytest.mark.parametrize("native", [True, False])
-def test_autocast_auto_is_bf16_only_where_the_device_computes_it_natively(monkeypatch, native):
-    monkeypatch.setattr(settings, "native_bf16", lambda kind: native)
-    assert resolve_autocast("auto") == (torch.bfloat16 if native else None)
-    assert resolve_autocast("bfloat16") == torch.bfloat16 and resolve_autocast("none") is None   # as asked
-    cfg = load_config(None, ["run.device=cpu"], presets=PRESETS)
-    assert cfg.model.autocast == "auto"                                                        # the default
-    assert Execution.from_config(cfg).autocast_dtype == (torch.bfloat16 if native else None)
-    forced = load_config(None, ["run.device=cpu", "model.autocast=bfloat16"], presets=PRESETS)
-    assert Execution.from_config(forced).autocast_dtype == torch.bfloat16
-    with pytest.raises(ValueError, match="autocast must be one of auto, bfloat16, none"):
-        resolve_autocast("fp16")
-    with pytest.raises(ConfigError, match="model.autocast"):
-        load_config(None, ["model.autocast=fp16"], presets=PRESETS)
-
-
-def test_the_cpu_bf16_probe_agrees_with_the_cpu_flags():
-    """oneDNN's own answer against the instructions it needs (AVX-512 BF16 or AMX bf16); a CUDA-less or non-GPU
-    device is never native."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        pytest.skip("no /proc/cpuinfo to read the CPU flags from")
-    assert native_bf16("cpu") == bool({"avx512_bf16", "amx_bf16"} & flags)
-    assert not native_bf16("mps")
-    if not torch.cuda.is_available():
-        assert not native_bf16("cuda")
 
 
 def test_each_device_picks_its_machinery():
