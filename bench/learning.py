@@ -3,9 +3,10 @@
 Every (task, preset) pair trains SmolLM2-135M-Instruct (examples/arithmetic_base.yaml's settings) in its own process
 for `--minutes` of training (held-out evaluations not counted: run.time_limit_minutes), evaluating greedily on the
 task's held-out problems every `--eval-every` steps. The table gives held-out accuracy before, after and at the
-first evaluation past 5 minutes, the entropy over the last steps and the share of groups with zero reward variance;
-one SVG per task plots held-out accuracy and one the per-step entropy (`sampled_entropy`: -log p of the sampled
-tokens, measured on every step, even one whose advantages are all 0), against training minutes.
+first evaluation past 5 minutes, and over the last steps the entropy, the share of groups with zero reward variance
+and the share of truncated responses. One SVG per task plots held-out accuracy and one the per-step entropy
+(`sampled_entropy`: -log p of the sampled tokens, measured on every step, even one whose advantages are all 0),
+against training minutes.
 
     python bench/learning.py --minutes 20                                     # the full benchmark (~7 hours here)
     python bench/learning.py --minutes 0.2 --presets grpo,dapo --tasks arithmetic --heldout 8 \\
@@ -51,20 +52,24 @@ def run(task: str, preset: str, args) -> Path:
 def curves(run_dir: Path) -> dict:
     """(training minutes, value) curves of held-out accuracy and entropy, and the run's summary numbers."""
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    minutes, t, acc, ent, zero = {0: 0.0}, 0.0, [], [], []
+    minutes, t, acc, ent, zero, trunc = {0: 0.0}, 0.0, [], [], [], []
     for rec in recs:
         if rec["kind"] == "train":
             t += rec.get("time_step", 0.0) / 60
             minutes[rec["step"]] = t
             ent.append((t, rec.get("sampled_entropy", rec.get("entropy"))))
             zero.append(rec.get("zero_variance_group_fraction"))
+            trunc.append(rec.get("truncated_fraction"))
         elif rec["kind"] == "eval":
             acc.append((minutes.get(rec["step"], t), rec["heldout_accuracy"]))
     at5 = next((a for m, a in acc if m >= min(5.0, t - 1e-9)), None)     # a run of <= 5 minutes: its last
     tail = [e for _, e in ent[-10:] if e is not None]
     zeros = [z for z in zero[-10:] if z is not None]
+    truncs = [z for z in trunc[-10:] if z is not None]
     return {"acc": acc, "entropy": ent, "before": acc[0][1], "after": acc[-1][1], "at5": at5,
-            "entropy_end": sum(tail) / len(tail) if tail else None, "zero_var": sum(zeros) / len(zeros) if zeros else None,
+            "entropy_end": sum(tail) / len(tail) if tail else None,
+            "zero_var": sum(zeros) / len(zeros) if zeros else None,
+            "truncated": sum(truncs) / len(truncs) if truncs else None,
             "steps": max(minutes), "minutes": t}
 
 
@@ -77,7 +82,8 @@ def report(results: dict, args) -> None:
         for preset, c in by_preset.items():
             rows.append([task, preset, c["before"], c["at5"] if c["at5"] is not None else "–", c["after"],
                          c["entropy_end"] if c["entropy_end"] is not None else "–",
-                         c["zero_var"] if c["zero_var"] is not None else "–", c["steps"], f"{c['minutes']:.1f}"])
+                         c["zero_var"] if c["zero_var"] is not None else "–",
+                         c["truncated"] if c["truncated"] is not None else "–", c["steps"], f"{c['minutes']:.1f}"])
         for what, key in (("held-out accuracy", "acc"), ("entropy (nats/token)", "entropy")):
             fig = doc.parent / "figures" / f"learning{args.figure_suffix}_{task}_{key}.svg"
             fig.parent.mkdir(parents=True, exist_ok=True)
@@ -90,9 +96,10 @@ def report(results: dict, args) -> None:
         f"Each preset trains from the same start for {args.minutes} minutes of training (evaluations not counted), "
         f"greedy held-out accuracy on {args.heldout} problems every {args.eval_every} steps; no KL term for any "
         f"preset; overrides `{' '.join(args.overrides) or 'none'}`. 'acc @5 min': the first evaluation at or past 5 "
-        "training minutes (in a run of 5 minutes or less, its last); entropy and zero-variance share: means over the last 10 steps.\n\n")
+        "training minutes (in a run of 5 minutes or less, its last); entropy, zero-variance share and truncated share "
+        "(responses that hit rollout.max_new_tokens): means over the last 10 steps.\n\n")
     body += markdown_table(["task", "preset", "acc before", "acc @5 min", "acc after", "entropy end",
-                            "zero-var groups", "steps", "train min"], rows)
+                            "zero-var groups", "truncated", "steps", "train min"], rows)
     body += "\n\n" + "\n".join(figs) + "\n"
     title = "Learning benchmark: presets x tasks at equal wall time"
     write_section(args.section, title if args.section == "learning" else f"{title} ({args.minutes:g} minutes)",
