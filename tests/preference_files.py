@@ -3,7 +3,8 @@ trains on it with the tiny model."""
 
 import pytest
 
-from llmrl.config import PreferenceTrainConfig, load_config
+from llmrl.config import load_config
+from llmrl.config_supervised import PreferenceTrainConfig
 from llmrl.data.pairs import PreferencePair, save_pairs
 
 PAIRS = [PreferencePair(f"What is {i} + {i}?", str(2 * i), str(2 * i + 1)) for i in range(6)]

@@ -5,11 +5,10 @@ import dataclasses
 import pytest
 import yaml
 
-from llmrl.config import (
-    SECTIONS, ConfigError, LoraConfig, PreferenceConfig, PreferenceTrainConfig, PrmConfig, PrmTrainConfig, RewardTerm,
-    SftTrainConfig,
-    RolloutConfig, TrainConfig, config_to_dict, describe, load_config, save_config, sections, validate_names,
-)
+from llmrl.config import (SECTIONS, ConfigError, RewardTerm, RolloutConfig, TrainConfig, config_to_dict, describe,
+                          load_config, save_config, sections, validate_names)
+from llmrl.config_supervised import (LoraConfig, PreferenceConfig, PreferenceTrainConfig, PrmConfig, PrmTrainConfig,
+                                     SftTrainConfig)
 
 
 def write(tmp_path, data, name="cfg.yaml"):

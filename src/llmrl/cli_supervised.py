@@ -68,31 +68,31 @@ def _run_recipe(args, recipe, schema, unit: str = "pairs") -> int:
 
 
 def cmd_dpo(args) -> int:
-    from llmrl.config import PreferenceTrainConfig
+    from llmrl.config_supervised import PreferenceTrainConfig
     from llmrl.train.dpo import train_dpo
     return _run_recipe(args, train_dpo, PreferenceTrainConfig)
 
 
 def cmd_rm(args) -> int:
-    from llmrl.config import PreferenceTrainConfig
+    from llmrl.config_supervised import PreferenceTrainConfig
     from llmrl.train.rm import train_rm
     return _run_recipe(args, train_rm, PreferenceTrainConfig)
 
 
 def cmd_prm(args) -> int:
-    from llmrl.config import PrmTrainConfig
+    from llmrl.config_supervised import PrmTrainConfig
     from llmrl.train.prm import train_prm
     return _run_recipe(args, train_prm, PrmTrainConfig, "examples")
 
 
 def cmd_sft(args) -> int:
-    from llmrl.config import SftTrainConfig
+    from llmrl.config_supervised import SftTrainConfig
     from llmrl.train.sft import train_sft
     return _run_recipe(args, train_sft, SftTrainConfig, "examples")
 
 
 def cmd_rft(args) -> int:
-    from llmrl.config import SftTrainConfig
+    from llmrl.config_supervised import SftTrainConfig
     from llmrl.train.rft import round_table, train_rft
 
     def run(cfg):

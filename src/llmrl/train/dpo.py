@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from llmrl.config import PreferenceTrainConfig
+from llmrl.config_supervised import PreferenceTrainConfig
 from llmrl.models import load_model, load_reference
 from llmrl.models.lora import AdapterDisabledReference, add_lora
 from llmrl.compute.logprobs import response_logprobs

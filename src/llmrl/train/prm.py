@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 
 from llmrl.compute.settings import resolve_autocast
-from llmrl.config import PrmTrainConfig
+from llmrl.config_supervised import PrmTrainConfig
 from llmrl.credit.steps import step_boundaries, step_ids_for_batch
 from llmrl.data.step_labels import load_step_labels, save_step_labels, split_by_prompt
 from llmrl.models import load_model

@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from llmrl.compute.settings import resolve_autocast
-from llmrl.config import SftTrainConfig
+from llmrl.config_supervised import SftTrainConfig
 from llmrl.data.sft import SftExample, read_sft, write_sft
 from llmrl.models import load_model
 from llmrl.rewards import score

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from llmrl.config import PreferenceTrainConfig
+from llmrl.config_supervised import PreferenceTrainConfig
 from llmrl.compute.settings import resolve_autocast
 from llmrl.models import load_model
 from llmrl.models.heads import load_reward_model, sequence_rewards

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from llmrl.config import SftTrainConfig
+from llmrl.config_supervised import SftTrainConfig
 from llmrl.compute.logprobs import response_logprobs
 from llmrl.compute.settings import resolve_autocast
 from llmrl.data.sft import SftExample, read_sft, worked_examples, write_sft
