@@ -118,13 +118,18 @@ def main() -> None:
     p.add_argument("--figure-suffix", default="")
     p.add_argument("--section", default="learning", help="the docs section to write (another keeps this one)")
     p.add_argument("--note", default="", help="a line above the table (e.g. 'SMOKE RUN: ...')")
-    p.add_argument("--report-only", action="store_true", help="rewrite the table from the runs in --out-dir")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite the table from the runs in --out-dir (pairs that did not run are left out)")
     p.add_argument("overrides", nargs="*", help="config overrides applied to every run")
     args = p.parse_args()
     train = (lambda task, preset: Path(args.out_dir) / task / preset) if args.report_only else \
         (lambda task, preset: run(task, preset, args))
-    results = {task: {preset: curves(train(task, preset)) for preset in args.presets.split(",")}
-               for task in args.tasks.split(",")}
+    pairs = [(task, preset) for task in args.tasks.split(",") for preset in args.presets.split(",")]
+    if args.report_only:     # the pairs that ran: a preset may have run on some tasks only
+        pairs = [(t, q) for t, q in pairs if (train(t, q) / "metrics.jsonl").exists()]
+    results: dict[str, dict] = {}
+    for task, preset in pairs:
+        results.setdefault(task, {})[preset] = curves(train(task, preset))
     report(results, args)
 
 
