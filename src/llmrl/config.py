@@ -63,6 +63,12 @@ class TaskConfig:
     options: dict = f({}, "task-specific knobs, e.g. {digits: 2, ops: ['+']}")
 
 
+def check_jsonl_task(task: TaskConfig | None) -> None:
+    """A `jsonl` task needs its file (every schema with a task section runs this in its check)."""
+    if task is not None and task.name == "jsonl" and not task.train_path:
+        raise ConfigError("task.train_path is required when task.name is 'jsonl'")
+
+
 @dataclass
 class RolloutConfig:
     engine: str = f("native", "generation engine: native | vllm", choices=("native", "vllm"))
@@ -274,8 +280,7 @@ class TrainConfig:
         if self.teacher is not None and self.teacher.estimator == "exact" and self.objective.update != "gradient":
             raise ConfigError(f"teacher.estimator=exact is a loss term of the gradient update; objective.update="
                               f"{self.objective.update!r} takes none (use teacher.estimator=sampled)")
-        if self.task.name == "jsonl" and not self.task.train_path:
-            raise ConfigError("task.train_path is required when task.name is 'jsonl'")
+        check_jsonl_task(self.task)
         if not self.reward.terms:
             raise ConfigError("reward.terms must list at least one reward term")
         if len(set(self.rollout.tools)) != len(self.rollout.tools):

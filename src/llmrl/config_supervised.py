@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llmrl.config import ModelConfig, OptimConfig, RunConfig, TaskConfig
+from llmrl.config import ModelConfig, OptimConfig, RunConfig, TaskConfig, check_jsonl_task
 from llmrl.typed import ConfigError, f
 
 
@@ -66,7 +66,7 @@ class PreferenceTrainConfig:
     def check(self) -> None:
         if self.preference.data_path is None and self.task is None:
             raise ConfigError("preference.data_path is required unless `task` names a task to build pairs from")
-        _check_jsonl_task(self.task)
+        check_jsonl_task(self.task)
         if self.preference.kind == "ipo" and self.preference.label_smoothing:
             raise ConfigError("preference.label_smoothing applies to preference.kind 'dpo' only")
 
@@ -103,14 +103,9 @@ class PrmTrainConfig:
     def check(self) -> None:
         if self.prm.data_path is None and self.task is None:
             raise ConfigError("prm.data_path is required unless `task` names a task to build step labels from")
-        _check_jsonl_task(self.task)
+        check_jsonl_task(self.task)
         if self.prm.steps == "regex" and not self.prm.step_pattern:
             raise ConfigError("prm.steps=regex needs prm.step_pattern")
-
-
-def _check_jsonl_task(task: TaskConfig | None) -> None:
-    if task is not None and task.name == "jsonl" and not task.train_path:
-        raise ConfigError("task.train_path is required when task.name is 'jsonl'")
 
 
 # ----------------------------------------------------------------------------- supervised fine-tuning: sft, rft
@@ -156,4 +151,4 @@ class SftTrainConfig:
     def check(self) -> None:
         if self.sft.data_path is None and self.task is None:
             raise ConfigError("sft.data_path is required unless `task` names a task to make worked answers from")
-        _check_jsonl_task(self.task)
+        check_jsonl_task(self.task)
