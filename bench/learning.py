@@ -11,6 +11,7 @@ against training minutes.
     python bench/learning.py --minutes 20                                     # the full benchmark (~7 hours here)
     python bench/learning.py --minutes 0.2 --presets grpo,dapo --tasks arithmetic --heldout 8 \\
         model.name=tiny --doc /tmp/x.md                                        # a smoke run
+    python bench/learning.py --minutes 5 --tasks arithmetic --presets dppo,dppo+objective.minibatches=4   # a variant
 """
 
 from __future__ import annotations
@@ -36,17 +37,23 @@ TASKS: dict[str, list[str]] = {
 PRESETS = ("grpo", "dapo", "gspo", "cispo", "dppo")
 
 
-def run(task: str, preset: str, args) -> Path:
-    """Train one pair in a subprocess; returns its run folder."""
+def run_name(spec: str) -> str:
+    """A preset spec's folder name: 'dppo+rollout.temperature=0.7' -> 'dppo__rollout.temperature-0.7'."""
+    return spec.replace("+", "__").replace("=", "-")
+
+
+def run(task: str, spec: str, args) -> Path:
+    """Train one pair in a subprocess; returns its run folder. `spec`: a preset, or 'PRESET+OVERRIDE+...'."""
     out = Path(args.out_dir) / task
+    preset, *variant = spec.split("+")
     cmd = [sys.executable, "-m", "llmrl", "train", str(ROOT / "examples/arithmetic_base.yaml"), f"preset={preset}",
            "objective.kl_coef=0.0", "reward.terms=[correct]", f"run.time_limit_minutes={args.minutes}",
            "run.steps=100000", f"run.eval_every={args.eval_every}", f"task.heldout_size={args.heldout}",
            "run.progress=false", "run.resume=never", "run.samples_every=0", f"run.output_dir={out}",
-           f"run.name={preset}", *TASKS[task], *args.overrides]
+           f"run.name={run_name(spec)}", *TASKS[task], *args.overrides, *variant]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
-    return out / preset
+    return out / run_name(spec)
 
 
 def curves(run_dir: Path) -> dict:
@@ -108,7 +115,8 @@ def report(results: dict, args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--presets", default=",".join(PRESETS))
+    p.add_argument("--presets", default=",".join(PRESETS),
+                   help="comma-separated; a variant adds overrides with '+': dppo+rollout.temperature=0.7")
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--minutes", type=float, default=20.0)
     p.add_argument("--eval-every", type=int, default=20)
@@ -122,7 +130,7 @@ def main() -> None:
                    help="rewrite the table from the runs in --out-dir (pairs that did not run are left out)")
     p.add_argument("overrides", nargs="*", help="config overrides applied to every run")
     args = p.parse_args()
-    train = (lambda task, preset: Path(args.out_dir) / task / preset) if args.report_only else \
+    train = (lambda task, preset: Path(args.out_dir) / task / run_name(preset)) if args.report_only else \
         (lambda task, preset: run(task, preset, args))
     pairs = [(task, preset) for task in args.tasks.split(",") for preset in args.presets.split(",")]
     if args.report_only:     # the pairs that ran: a preset may have run on some tasks only

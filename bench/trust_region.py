@@ -20,7 +20,7 @@ KL(old || new) <= max_kl per token), by line search.
 from __future__ import annotations
 
 import argparse
-import copy
+import json
 import sys
 import time
 from pathlib import Path
@@ -149,10 +149,16 @@ def main() -> None:
     p.add_argument("--doc", default=str(DOC))
     p.add_argument("--figure-suffix", default="")
     p.add_argument("--note", default="", help="a line above the table (e.g. 'SMOKE RUN: ...')")
+    p.add_argument("--report-only", action="store_true", help="write the table from --out-dir's trust_region.json")
     p.add_argument("overrides", nargs="*", help="config overrides applied to every method")
     args = p.parse_args()
     torch.manual_seed(0)
-    results = {name: run_method(name, args) for name in args.methods.split(",")}
+    saved = Path(args.out_dir) / "trust_region.json"      # each method's record as soon as it ends
+    results = json.loads(saved.read_text()) if args.report_only else {}
+    for name in [] if args.report_only else args.methods.split(","):
+        results[name] = run_method(name, args)
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(results, indent=1))
     report(results, args)
 
 
