@@ -116,8 +116,10 @@ def report(results: dict, args) -> None:
     rows = []
     for name, res in results.items():
         s = res["steps"]
-        rows.append([name, mean([x["kl_mean"] for x in s]), mean([x["kl_p95"] for x in s]),
-                     max(x["kl_max"] for x in s), mean([x["clip_fraction"] for x in s]) if name != "trpo" else "–",
+        moved = [x for x in s if x["kl_max"] > 0]      # a step whose advantages are all 0 makes no update
+        rows.append([name, f"{len(moved)}/{len(s)}", mean([x["kl_mean"] for x in moved]),
+                     mean([x["kl_p95"] for x in moved]), max(x["kl_max"] for x in s),
+                     mean([x["clip_fraction"] for x in moved]) if name != "trpo" else "–",
                      s[0]["reward"], mean([x["reward"] for x in s[-3:]]), res["accuracy"]])
     fig = Path(args.doc).parent / "figures" / f"trust_region{args.figure_suffix}.svg"
     fig.parent.mkdir(parents=True, exist_ok=True)
@@ -128,10 +130,11 @@ def report(results: dict, args) -> None:
         f"{args.steps} steps per method from the same start, {args.minibatches} minibatches per rollout, lr {args.lr} "
         f"(TRPO: max_kl 0.01 instead), KL-only beta {args.kl_beta} (k2 on KL(pi || pi_old)), overrides "
         f"`{' '.join(args.overrides) or 'none'}`. KL columns: the exact KL(pi_old || pi_new) of a step summed over a "
-        "sequence's response tokens (nats), averaged over steps (mean, p95 over sequences) and the largest seen; "
+        "sequence's response tokens (nats), averaged over the steps that updated (mean, p95 over sequences: a step "
+        "whose advantages are all 0 makes no update) and the largest seen; "
         "reward: the batch's mean reward at step 1 and over the last 3 steps; accuracy: greedy held-out after the "
         f"last step.\n\n")
-    body += markdown_table(["method", "KL mean", "KL p95", "KL max", "clip/mask fraction", "reward step 1",
+    body += markdown_table(["method", "steps updated", "KL mean", "KL p95", "KL max", "clip/mask fraction", "reward step 1",
                             "reward last 3", "held-out acc"], rows)
     body += f"\n\n![exact KL per step]({fig.relative_to(Path(args.doc).parent)})\n"
     write_section("trust_region", "Trust-region lab: how far each objective moves the policy", body, doc=Path(args.doc))
