@@ -156,8 +156,8 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="config overrides applied to every method")
     args = p.parse_args()
     torch.manual_seed(0)
-    saved = Path(args.out_dir) / "trust_region.json"      # each method's record as soon as it ends
-    results = json.loads(saved.read_text()) if args.report_only else {}
+    saved = Path(args.out_dir) / "trust_region.json"      # each method's record as soon as it ends; a later
+    results = json.loads(saved.read_text()) if saved.exists() else {}     # call adds or replaces its methods
     for name in [] if args.report_only else args.methods.split(","):
         results[name] = run_method(name, args)
         saved.parent.mkdir(parents=True, exist_ok=True)
