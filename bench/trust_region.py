@@ -134,8 +134,8 @@ def report(results: dict, args) -> None:
         "whose advantages are all 0 makes no update) and the largest seen; "
         "reward: the batch's mean reward at step 1 and over the last 3 steps; accuracy: greedy held-out after the "
         f"last step.\n\n")
-    body += markdown_table(["method", "steps updated", "KL mean", "KL p95", "KL max", "clip/mask fraction", "reward step 1",
-                            "reward last 3", "held-out acc"], rows)
+    body += markdown_table(["method", "steps updated", "KL mean", "KL p95", "KL max", "clip/mask fraction",
+                            "reward step 1", "reward last 3", "held-out acc"], rows)
     body += f"\n\n![exact KL per step]({fig.relative_to(Path(args.doc).parent)})\n"
     write_section("trust_region", "Trust-region lab: how far each objective moves the policy", body, doc=Path(args.doc))
 
@@ -148,7 +148,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--kl-beta", type=float, default=1.0)
     p.add_argument("--heldout", type=int, default=200)
-    p.add_argument("--out-dir", default="runs/bench_trust_region")
+    p.add_argument("--out-dir", default="runs/bench_trust_region",
+                   help="run folders and trust_region.json (a call adds or replaces the methods it runs)")
     p.add_argument("--doc", default=str(DOC))
     p.add_argument("--figure-suffix", default="")
     p.add_argument("--note", default="", help="a line above the table (e.g. 'SMOKE RUN: ...')")
