@@ -152,6 +152,13 @@ def test_trpo_with_lora_takes_a_bounded_step(tmp_path):
                terms, steps=1) == 0
     train = [r for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if r["kind"] == "train"]
     assert train[0]["trpo_accepted"] == 1.0 and train[0]["trpo_kl"] <= 0.005
+    # the same step with Fisher-vector products summed over micro-batches of 1 row (bounded memory)
+    assert run(tmp_path / "mb", "preset=trpo", "model.lora_r=4", "objective.max_kl=0.005", "rollout.temperature=1.5",
+               terms, "optim.micro_batch_size=1", steps=1) == 0
+    split = [r for r in read_metrics(tmp_path / "mb" / "r" / "metrics.jsonl") if r["kind"] == "train"]
+    assert train[0]["trpo_micro_batches"] == 1 and split[0]["trpo_micro_batches"] > 1
+    assert split[0]["trpo_accepted"] == 1.0 and split[0]["trpo_step_fraction"] == train[0]["trpo_step_fraction"]
+    assert split[0]["trpo_kl"] == pytest.approx(train[0]["trpo_kl"], rel=1e-3)
 
 
 def test_time_limit_stops_training_then_evaluates_and_saves(tmp_path):

@@ -45,6 +45,18 @@ def softmax_policy(seed=0, S=6, A=3, D=4, zero_adv=False):
         J = torch.autograd.functional.jacobian(logp_of, policy.weight.detach().reshape(-1))   # [S, A, A*D]
         return torch.einsum("sa,sai,saj->ij", old.exp(), J, J) / S
 
+    def pieces(*parts):                                                         # (surrogate, kl) of state subsets
+        def of(idx):
+            def surrogate_part():
+                lp = torch.log_softmax(policy(X[idx]), -1)[rows[:len(idx)], actions[idx]]
+                return (torch.exp(lp - old[idx, actions[idx]]) * adv[idx]).sum() / S
+
+            def kl_part():
+                return (old[idx].exp() * (old[idx] - torch.log_softmax(policy(X[idx]), -1))).sum() / S
+            return surrogate_part, kl_part
+        return [of(torch.tensor(p)) for p in parts]
+
+    surrogate.pieces = pieces
     return policy, surrogate, kl, fisher, kl_of
 
 
@@ -82,6 +94,26 @@ def test_trpo_step_is_the_scaled_natural_gradient(seed):
     with torch.no_grad():
         assert float(kl()) <= 1e-3 and float(surrogate()) > before
         assert float(kl()) == pytest.approx(out["kl"], abs=1e-15)
+
+
+def test_micro_batched_fisher_products_give_the_same_step():
+    """The gradient and every Fisher-vector product summed over parts of the batch (each part's graph freed in
+    turn) give the same step as the whole batch's kept graph, to float64 rounding, with the same products."""
+    policy, surrogate, kl, _, _ = softmax_policy(seed=3)
+    w0 = policy.weight.detach().clone()
+    whole = trpo_step(policy, [policy.weight], surrogate, kl, max_kl=1e-3, cg_iters=40)
+    step_whole = policy.weight.detach() - w0
+    with torch.no_grad():
+        policy.weight.copy_(w0)
+    parts = surrogate.pieces([0, 1, 2, 3], [4], [5])
+    with torch.no_grad():                                                       # the parts sum to the whole
+        assert sum(float(k()) for _, k in parts) == pytest.approx(float(kl()), abs=1e-15)
+    split = trpo_step(policy, [policy.weight], surrogate, kl, max_kl=1e-3, cg_iters=40, micro_batches=parts)
+    assert split["accepted"] and split["fvp_count"] == whole["fvp_count"]
+    assert torch.allclose(policy.weight.detach() - w0, step_whole, atol=1e-12)
+    assert split["kl"] == pytest.approx(whole["kl"], rel=1e-9)
+    with pytest.raises(ValueError, match="micro_batches is empty"):
+        trpo_step(policy, [policy.weight], surrogate, kl, max_kl=1e-3, micro_batches=[])
 
 
 def test_line_search_needs_enough_of_the_expected_improvement():
@@ -191,6 +223,38 @@ def test_tiny_llama_step_with_sampled_kl_through_response_logprobs():
     assert out["accepted"] and out["improvement"] > 0
     with torch.no_grad():
         assert 0 < float(kl()) <= 0.005
+
+
+def test_tiny_llama_micro_batched_step_matches_the_whole_batch():
+    """The same k3 recipe as above, once over the whole batch and once row group by row group (the denominators
+    stay the whole batch's): the same step to float32 rounding, on a real causal LM with double backward."""
+    model, enc = tiny_lm()
+    ids, attn, T = enc["input_ids"], enc["attention_mask"], 6
+    mask = attn[:, -T:].float()
+    counts, adv = BatchCounts.of(mask), torch.randn(3, T, generator=torch.Generator().manual_seed(2))
+
+    def closures(rows):
+        def logp():
+            return response_logprobs(model, ids[rows], attn[rows], T, with_entropy=False)[0]
+        with torch.no_grad():
+            old = logp()
+        return (lambda: aggregate(torch.exp(logp() - old) * adv[rows], mask[rows], "token-mean", counts),
+                lambda: aggregate(kl_estimate(old, logp(), "k3"), mask[rows], "token-mean", counts))
+
+    start = [p.detach().clone() for p in model.parameters()]
+    whole = trpo_step(model, trainable(model), *closures(torch.arange(3)), max_kl=0.005)
+    step_whole = [p.detach() - s for p, s in zip(model.parameters(), start)]
+    with torch.no_grad():
+        for p, s in zip(model.parameters(), start):
+            p.copy_(s)
+    parts = [closures(torch.tensor(r)) for r in ([0, 1], [2])]
+    split = trpo_step(model, trainable(model), lambda: sum(s() for s, _ in parts), lambda: sum(k() for _, k in parts),
+                      max_kl=0.005, micro_batches=parts)
+    assert whole["accepted"] and split["accepted"] and split["step_fraction"] == whole["step_fraction"]
+    moved = torch.cat([(p.detach() - s).reshape(-1) for p, s in zip(model.parameters(), start)])
+    want = torch.cat([d.reshape(-1) for d in step_whole])
+    assert want.norm() > 0 and (moved - want).norm() <= 1e-3 * want.norm()
+    assert split["kl"] == pytest.approx(whole["kl"], rel=1e-3)
 
 
 def test_lora_step_changes_only_lora_parameters():

@@ -48,7 +48,7 @@ def trpo_rule(r, rollout, credit) -> dict:
     with objective.kl_estimator), then one optimizer step of the critic alone."""
     o = r.cfg.objective
     upd = trpo_update(r.model, rollout, credit.advantages, max_kl=o.max_kl, cg_iters=o.cg_iters,
-                      cg_damping=o.cg_damping, rows=o.trpo_rows, temperature=r.ex.temperature,
+                      cg_damping=o.cg_damping, rows=o.trpo_rows, ex=r.ex,
                       aggregation=o.aggregation, constraint=o.kl_estimator, generator=r.generator)
     critic = r.critic and replace(r.critic, returns=credit.returns)
     if critic is not None:

@@ -233,19 +233,21 @@ def critic_update(critic: CriticTraining, rollout, ex: Execution, max_grad_norm:
 
 
 def trpo_update(model, rollout, advantages: torch.Tensor, *, max_kl: float, cg_iters: int, cg_damping: float,
-                rows: int | None, temperature: float, aggregation: str = "token-mean", constraint: str = "k3",
+                rows: int | None, ex: Execution, aggregation: str = "token-mean", constraint: str = "k3",
                 generator: torch.Generator | None = None) -> dict[str, float]:
     """The policy moved by one TRPO step (objectives/trpo.py) on the surrogate r A aggregated by `aggregation`,
     under KL(old || new) <= max_kl estimated by the `constraint` estimator (objectives/kl.py; k3 is unbiased for
     KL(old || new) on samples of the old policy and never negative).
 
     Runs in fp32 without autocast (the line search compares values across forwards) and with the composite
-    attention kernel, which differentiates twice. `rows` subsamples the sequences the step is computed on.
+    attention kernel, which differentiates twice. `rows` subsamples the sequences the step is computed on. The
+    step's rows split into micro-batches by `ex` (optim.micro_batch_size, micro_batch_tokens) as the gradient
+    update's do: with more than one, each Fisher-vector product is summed micro-batch by micro-batch, so memory is
+    bounded by one micro-batch's double-backward graph instead of the whole batch's.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from llmrl.objectives.kl import kl_estimate
-    from llmrl.objectives.policy import aggregate
     from llmrl.objectives.trpo import trpo_step
 
     N = advantages.shape[0]
@@ -255,26 +257,34 @@ def trpo_update(model, rollout, advantages: torch.Tensor, *, max_kl: float, cg_i
     if len(active) == 0:
         return {"trpo_accepted": 0.0, "update_rows": 0.0}
     part = trim(rollout.select(active))
-    T = part.response_mask.shape[1]
-    A, mask = advantages[active, :T], part.response_mask
-    w = part.is_weight if part.is_weight is not None else torch.ones_like(A)   # TIS weight of the sampling engine
-    counts = BatchCounts.of(mask)
+    counts = BatchCounts.of(part.response_mask)                   # the whole step's denominators, for every piece
+
+    def closures(idx: torch.Tensor):
+        """(surrogate, KL) of rows `idx` of `part`, each the piece's share of the whole step's aggregate."""
+        piece = trim(part.select(idx))
+        T = piece.response_mask.shape[1]
+        A, mask = advantages[active[idx], :T], piece.response_mask
+        w = piece.is_weight if piece.is_weight is not None else torch.ones_like(A)   # TIS weight of the engine
+
+        def logp_now():
+            return response_logprobs(model, piece.input_ids, piece.attention_mask, T, temperature=ex.temperature,
+                                     with_entropy=False)[0].float()
+        with torch.no_grad():
+            logp_old = logp_now()
+        return (lambda: aggregate(torch.exp(logp_now() - logp_old) * A * w, mask, aggregation, counts),
+                lambda: aggregate(kl_estimate(logp_old, logp_now(), constraint), mask, aggregation, counts))
+
     was_training = model.training
     model.eval()
-
-    def logp_now():
-        return response_logprobs(model, part.input_ids, part.attention_mask, T, temperature=temperature,
-                                 with_entropy=False)[0].float()
-
     try:
         with sdpa_kernel(SDPBackend.MATH):
-            with torch.no_grad():
-                logp_old = logp_now()
+            pieces = [closures(idx) for idx in micro_batches_of(torch.arange(len(active)), part, ex)]
             stats = trpo_step(
                 model, [p for p in model.parameters() if p.requires_grad],
-                lambda: aggregate(torch.exp(logp_now() - logp_old) * A * w, mask, aggregation, counts),
-                lambda: aggregate(kl_estimate(logp_old, logp_now(), constraint), mask, aggregation, counts),
-                max_kl=max_kl, cg_iters=cg_iters, cg_damping=cg_damping)
+                lambda: sum(surrogate() for surrogate, _ in pieces), lambda: sum(kl() for _, kl in pieces),
+                max_kl=max_kl, cg_iters=cg_iters, cg_damping=cg_damping,
+                micro_batches=pieces if len(pieces) > 1 else None)
     finally:
         model.train(was_training)
-    return {f"trpo_{k}": float(v) for k, v in stats.items()} | {"update_rows": float(len(active)), "rollout_rows": float(N)}
+    return ({f"trpo_{k}": float(v) for k, v in stats.items()}
+            | {"update_rows": float(len(active)), "rollout_rows": float(N), "trpo_micro_batches": float(len(pieces))})
