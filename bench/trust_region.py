@@ -65,8 +65,10 @@ def exact_kl_per_sequence(old: list[torch.Tensor], new: list[torch.Tensor], mask
     return (per_token * mask).sum(-1)
 
 
-def run_method(name: str, args) -> dict:
-    """`--steps` steps of one method; returns its per-step records and the held-out accuracy after them."""
+def run_method(name: str, args, save=lambda record: None) -> dict:
+    """`--steps` steps of one method; returns its per-step records and the held-out accuracy after them. `save`
+    gets the record so far after every step (accuracy None until the end): a run cut short keeps its steps."""
+    import resource
     from llmrl.config import load_config
     from llmrl.credit import CreditInputs
     from llmrl.objectives.kl import FixedKLController
@@ -98,8 +100,10 @@ def run_method(name: str, args) -> dict:
         kl = exact_kl_per_sequence(old, full_logprobs(r.model, rollout, r.ex.temperature), rollout.response_mask)
         steps.append({"step": step, "reward": float(sampled.rewards.total.mean()), "kl_mean": float(kl.mean()),
                       "kl_p95": float(kl.quantile(0.95)), "kl_max": float(kl.max()),
-                      "clip_fraction": upd.get("clip_fraction"), "seconds": time.perf_counter() - t})
+                      "clip_fraction": upd.get("clip_fraction"), "seconds": time.perf_counter() - t,
+                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})   # the process's
         print(name, steps[-1], flush=True)
+        save({"steps": steps, "accuracy": None})
     ev = evaluate(r.model, r.tokenizer, r.heldout, max_new_tokens=r.eval_tokens, autocast_dtype=r.ex.autocast_dtype,
                   collect=r.collect, **r.prompt_kw)
     r.metrics_log.close()
@@ -122,7 +126,8 @@ def report(results: dict, args) -> None:
         rows.append([name, f"{len(moved)}/{len(s)}", mean([x["kl_mean"] for x in moved]),
                      mean([x["kl_p95"] for x in moved]), max(x["kl_max"] for x in s),
                      mean([x["clip_fraction"] for x in moved]) if name != "trpo" else "–",
-                     s[0]["reward"], mean([x["reward"] for x in s[-3:]]), res["accuracy"]])
+                     s[0]["reward"], mean([x["reward"] for x in s[-3:]]),
+                     "not run: stopped early" if res["accuracy"] is None else res["accuracy"]])
     fig = Path(args.doc).parent / "figures" / f"trust_region{args.figure_suffix}.svg"
     fig.parent.mkdir(parents=True, exist_ok=True)
     fig.write_text(standalone_svg(line_chart("exact KL(pi_old || pi_new) per sequence, mean over the batch",
@@ -161,10 +166,13 @@ def main() -> None:
     torch.manual_seed(0)
     saved = Path(args.out_dir) / "trust_region.json"      # each method's record as soon as it ends; a later
     results = json.loads(saved.read_text()) if saved.exists() else {}     # call adds or replaces its methods
-    for name in [] if args.report_only else args.methods.split(","):
-        results[name] = run_method(name, args)
-        saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(name: str, record: dict) -> None:
+        results[name] = record
         saved.write_text(json.dumps(results, indent=1))
+    for name in [] if args.report_only else args.methods.split(","):
+        save(name, run_method(name, args, lambda record: save(name, record)))
     report(results, args)
 
 

@@ -278,7 +278,7 @@ def trpo_update(model, rollout, advantages: torch.Tensor, *, max_kl: float, cg_i
     model.eval()
     try:
         with sdpa_kernel(SDPBackend.MATH):
-            pieces = [closures(idx) for idx in micro_batches_of(torch.arange(len(active)), part, ex)]
+            pieces = [closures(idx) for idx in micro_batches_of(torch.arange(len(active), device="cpu"), part, ex)]
             stats = trpo_step(
                 model, [p for p in model.parameters() if p.requires_grad],
                 lambda: sum(surrogate() for surrogate, _ in pieces), lambda: sum(kl() for _, kl in pieces),
