@@ -75,11 +75,11 @@ def conjugate_gradient(
             break
         Ap = matvec(p)
         used += 1
-        alpha = r_dot_r / (p @ Ap)
-        x += alpha * p
-        r -= alpha * Ap
+        alpha = float(r_dot_r / (p @ Ap))
+        x.add_(p, alpha=alpha)                       # in place: a [D] vector is the size of the model
+        r.sub_(Ap, alpha=alpha)
         new_r_dot_r = r @ r
-        p = r + (new_r_dot_r / r_dot_r) * p
+        p.mul_(float(new_r_dot_r / r_dot_r)).add_(r)
         r_dot_r = new_r_dot_r
     return x, r_dot_r.sqrt(), used
 
@@ -130,7 +130,7 @@ def trpo_step(
         kl_grad = grad(kl_fn(), create_graph=True)                                                    # [D], 0 at start
 
         def fisher_vector_product(v: torch.Tensor) -> torch.Tensor:                                   # (F + lambda I) v
-            return grad(kl_grad @ v, retain_graph=True) + cg_damping * v
+            return grad(kl_grad @ v, retain_graph=True).add_(v, alpha=cg_damping)
     else:                              # part by part, each part's graph freed before the next
         if not micro_batches:
             raise ValueError("trpo_step: micro_batches is empty; pass None to use the whole batch at once")
@@ -139,7 +139,10 @@ def trpo_step(
             surrogate = surrogate_fn()
 
         def fisher_vector_product(v: torch.Tensor) -> torch.Tensor:                                   # (F + lambda I) v
-            return sum(grad(grad(part_kl(), create_graph=True) @ v) for _, part_kl in micro_batches) + cg_damping * v
+            out = v * cg_damping                        # in place below: one [D] vector live, not one per part
+            for _, part_kl in micro_batches:
+                out.add_(grad(grad(part_kl(), create_graph=True) @ v))
+            return out
 
     try:
         s, residual, fvp_count = conjugate_gradient(fisher_vector_product, g, iters=cg_iters)
