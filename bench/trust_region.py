@@ -101,7 +101,8 @@ def run_method(name: str, args, save=lambda record: None) -> dict:
         steps.append({"step": step, "reward": float(sampled.rewards.total.mean()), "kl_mean": float(kl.mean()),
                       "kl_p95": float(kl.quantile(0.95)), "kl_max": float(kl.max()),
                       "clip_fraction": upd.get("clip_fraction"), "seconds": time.perf_counter() - t,
-                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})   # the process's
+                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,   # the process's
+                      **{k: v for k, v in upd.items() if k.startswith("trpo_") or k == "update_rows"}})
         print(name, steps[-1], flush=True)
         save({"steps": steps, "accuracy": None})
     ev = evaluate(r.model, r.tokenizer, r.heldout, max_new_tokens=r.eval_tokens, autocast_dtype=r.ex.autocast_dtype,
