@@ -40,8 +40,8 @@ METHODS: dict[str, list[str]] = {
     "dppo": ["objective.name=dppo", "objective.options={divergence: tv, delta_low: 0.1, delta_high: 0.1}"],
     "kl_only": ["objective.name=ppo_clip", "objective.clip_low=1.0", "objective.clip_high=1e9",
                 "objective.kl_estimator=k2"],
-    # micro-batches of 8 rows bound the Fisher-vector products' double-backward graph (the whole batch's took
-    # 13-24 GB here); they change memory and time, not the step
+    # micro-batches of 8 rows bound the Fisher-vector products' double-backward graph (the whole batch's grew to
+    # 24 GB here and was killed; 8-row parts peaked at 12.8 GiB); they change memory and time, not the step
     "trpo": ["objective.update=trpo", "objective.max_kl=0.01", "objective.kl_estimator=k3", "optim.micro_batch_size=8"],
 }
 

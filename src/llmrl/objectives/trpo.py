@@ -22,8 +22,9 @@ the fused CUDA kernels are not tested here. Either load the model with `attn_imp
 `torch.nn.attention.sdpa_kernel(SDPBackend.MATH)`, whose composite kernel differentiates twice (both tested).
 A model that cannot double-backward gets an error that says so.
 
-Memory. A Fisher-vector product by double backward keeps the first gradient's graph: for a whole batch of a causal
-LM that graph is several activations' worth per layer (13 GB for 32 sequences of SmolLM2-135M in fp32). Pass
+Memory. A Fisher-vector product by double backward keeps the first gradient's graph, which grows with the batch's
+rows and lengths (on SmolLM2-135M in fp32, bench/trust_region.py's whole-batch TRPO reached 24 GB at 32 rows and
+was killed; in 8-row parts it stayed under 13 GB, much of it the conjugate gradient's model-sized vectors). Pass
 `micro_batches`, the (surrogate, KL) closures of disjoint parts of the batch whose values sum to the whole's, and
 every product is summed part by part, each part's graph built and freed in turn: memory is bounded by one part, at
 the cost of one more forward and backward per part per product. The result is the same up to float rounding.
