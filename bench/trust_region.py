@@ -23,13 +23,14 @@ import argparse
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DOC, markdown_table, write_section  # noqa: E402
+from common import DOC, markdown_table, peak_rss_mib, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS: dict[str, list[str]] = {
@@ -68,7 +69,6 @@ def exact_kl_per_sequence(old: list[torch.Tensor], new: list[torch.Tensor], mask
 def run_method(name: str, args, save=lambda record: None) -> dict:
     """`--steps` steps of one method; returns its per-step records and the held-out accuracy after them. `save`
     gets the record so far after every step (accuracy None until the end): a run cut short keeps its steps."""
-    import resource
     from llmrl.config import load_config
     from llmrl.credit import CreditInputs
     from llmrl.objectives.kl import FixedKLController
@@ -101,7 +101,7 @@ def run_method(name: str, args, save=lambda record: None) -> dict:
         steps.append({"step": step, "reward": float(sampled.rewards.total.mean()), "kl_mean": float(kl.mean()),
                       "kl_p95": float(kl.quantile(0.95)), "kl_max": float(kl.max()),
                       "clip_fraction": upd.get("clip_fraction"), "seconds": time.perf_counter() - t,
-                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,   # the process's
+                      "peak_rss_mib": peak_rss_mib(),   # the process's peak so far
                       **{k: v for k, v in upd.items() if k.startswith("trpo_") or k == "update_rows"}})
         print(name, steps[-1], flush=True)
         save({"steps": steps, "accuracy": None})
@@ -173,7 +173,7 @@ def main() -> None:
         results[name] = record
         saved.write_text(json.dumps(results, indent=1))
     for name in [] if args.report_only else args.methods.split(","):
-        save(name, run_method(name, args, lambda record: save(name, record)))
+        save(name, run_method(name, args, partial(save, name)))
     report(results, args)
 
 
