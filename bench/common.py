@@ -99,7 +99,7 @@ def peak_rss_mib() -> float:
 
 def grpo_config(lr: float, overrides: list[str]):
     """The llmrl config of the shared settings at learning rate `lr`, plus `overrides`. TRL's side reads it too."""
-    from llmrl.config import load_config
+    from llmrl.config_loader import load_config
     from llmrl.presets import PRESETS
 
     root = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import markdown_table, write_section  # noqa: E402
 
-from llmrl.config import load_config  # noqa: E402
+from llmrl.config_loader import load_config  # noqa: E402
 from llmrl.presets import PRESETS, describe_preset  # noqa: E402
 from llmrl.train.rl import train  # noqa: E402
 

@@ -29,7 +29,6 @@ It writes the `gpu-check` section of docs/benchmarks.md (`--doc` another file), 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import sys
@@ -103,7 +102,7 @@ def build_model_dir(shape: dict, out: Path, seed: int = 0) -> Path:
 def recipe(model_dir: Path, device: str, s: Setting, out_dir: Path, extra: tuple[str, ...] = ()):
     """The GRPO recipe (k3 KL, beta 0.04, token-mean) on the model folder, run.device=`device`; micro-batches of
     at most 32 rows (~10k tokens at 256 new tokens: the activations of a 0.6B model stay well inside a GPU)."""
-    from llmrl.config import load_config
+    from llmrl.config_loader import load_config
     from llmrl.presets import PRESETS
     from llmrl.train.build import build
 

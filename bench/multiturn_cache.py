@@ -71,7 +71,7 @@ def rollouts(rounds: int) -> dict:
 
     import torch
 
-    from llmrl.config import load_config
+    from llmrl.config_loader import load_config
     from llmrl.data import make_task
     from llmrl.models import load_model
     from llmrl.rollout.episodes import collect_episodes

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from common import markdown_table, write_section  # noqa: E402
 
-from llmrl.config import load_config  # noqa: E402
+from llmrl.config_loader import load_config  # noqa: E402
 from llmrl.config_supervised import SftTrainConfig  # noqa: E402
 from llmrl.presets import PRESETS  # noqa: E402
 from llmrl.runio.metrics import read_metrics  # noqa: E402

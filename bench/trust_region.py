@@ -69,7 +69,7 @@ def exact_kl_per_sequence(old: list[torch.Tensor], new: list[torch.Tensor], mask
 def run_method(name: str, args, save=lambda record: None) -> dict:
     """`--steps` steps of one method; returns its per-step records and the held-out accuracy after them. `save`
     gets the record so far after every step (accuracy None until the end): a run cut short keeps its steps."""
-    from llmrl.config import load_config
+    from llmrl.config_loader import load_config
     from llmrl.credit import CreditInputs
     from llmrl.objectives.kl import FixedKLController
     from llmrl.presets import PRESETS

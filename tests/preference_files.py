@@ -3,7 +3,7 @@ trains on it with the tiny model."""
 
 import pytest
 
-from llmrl.config import load_config
+from llmrl.config_loader import load_config
 from llmrl.config_supervised import PreferenceTrainConfig
 from llmrl.data.pairs import PreferencePair, save_pairs
 

@@ -2,7 +2,7 @@
 
 The layers, lowest first (a module may import its own layer and the ones below, never above):
 
-    base         registry, typed, cache, config, config_supervised, presets
+    base         registry, typed, cache, config, config_supervised, config_loader, presets
     data         tasks and their data
     compute      forward machinery: log-probs, packing, attention, the chunked head, fused ops, the lean decoder,
                  C kernels, execution settings, the heap
@@ -30,7 +30,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "llmrl"
 LAYERS = [
-    {"registry", "typed", "cache", "config", "config_supervised", "presets", "__init__"},
+    {"registry", "typed", "cache", "config", "config_supervised", "config_loader", "presets", "__init__"},
     {"data"},
     {"compute"},
     {"models"},

@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from llmrl.config import (SECTIONS, ConfigError, RewardTerm, RolloutConfig, TrainConfig, config_to_dict, describe,
-                          load_config, save_config, sections, validate_names)
+                          sections, validate_names)
+from llmrl.config_loader import load_config, save_config
 from llmrl.config_supervised import (LoraConfig, PreferenceConfig, PreferenceTrainConfig, PrmConfig, PrmTrainConfig,
                                      SftTrainConfig)
 

@@ -56,7 +56,8 @@ def cmd_doctor(args) -> int:
 
 def cmd_train(args) -> int:
     from llmrl.cli_supervised import split_config_arg
-    from llmrl.config import ConfigError, load_config, validate_names
+    from llmrl.config import ConfigError, validate_names
+    from llmrl.config_loader import load_config
     from llmrl.credit import CREDIT
     from llmrl.objectives.policy import OBJECTIVES
     from llmrl.presets import PRESETS

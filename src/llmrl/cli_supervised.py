@@ -42,7 +42,8 @@ def summary_table(summary: dict) -> str:
 
 
 def _run_recipe(args, recipe, schema, unit: str = "pairs") -> int:
-    from llmrl.config import ConfigError, load_config
+    from llmrl.config import ConfigError
+    from llmrl.config_loader import load_config
 
     split_config_arg(args)
     if args.resume:

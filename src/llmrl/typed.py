@@ -1,7 +1,8 @@
 """Typed config sections: dataclass fields with a help line and checks (`f`), built from plain data with every
 error naming the full dotted key (`_build`, `_convert`), and turned back into plain data (`config_to_dict`).
 
-`llmrl.config` declares the sections of every command with these, and loads them (`load_config`).
+`llmrl.config` and `llmrl.config_supervised` declare the sections of every command with these; `llmrl.config_loader`
+loads them (`load_config`).
 """
 
 from __future__ import annotations
@@ -133,3 +134,19 @@ def _convert(value: Any, tp: Any, key: str, nullable: bool = False) -> Any:
     else:
         raise TypeError(f"config field {key} has an unsupported type {tp!r}")
     raise ConfigError(f"{key} must be {what}{' or null' if nullable else ''}, got {value!r}")
+
+
+def sections(schema: type) -> dict[str, type]:
+    """{section name: its dataclass} of a config schema (a `X | None` section gives X)."""
+    hints = typing.get_type_hints(schema)
+    out = {}
+    for fd in fields(schema):
+        tp = hints[fd.name]
+        tp = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
+        if dataclasses.is_dataclass(tp):
+            out[fd.name] = tp
+    return out
+
+
+def _nullable(schema: type, section: str) -> bool:
+    return type(None) in typing.get_args(typing.get_type_hints(schema)[section])

@@ -10,7 +10,8 @@ import torch
 
 from llmrl.compute import settings
 from llmrl.compute.settings import Execution, native_bf16, resolve_autocast
-from llmrl.config import ConfigError, load_config
+from llmrl.config import ConfigError
+from llmrl.config_loader import load_config
 from llmrl.presets import PRESETS
 
 

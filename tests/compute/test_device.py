@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from llmrl.compute.settings import DEVICE_CHOICES, Execution, choices, device_generator, resolve_device
-from llmrl.config import ConfigError, load_config
+from llmrl.config import ConfigError
+from llmrl.config_loader import load_config
 from llmrl.presets import PRESETS
 from llmrl.rollout.collect import encode_prompt
 from llmrl.rollout.sampler import generate

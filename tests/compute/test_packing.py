@@ -6,7 +6,8 @@ from functools import partial
 import pytest
 import torch
 
-from llmrl.config import ConfigError, load_config
+from llmrl.config import ConfigError
+from llmrl.config_loader import load_config
 from llmrl.models.lora import AdapterDisabledReference, add_lora
 from llmrl.models.value import Critic
 from llmrl.compute.logprobs import response_logprobs

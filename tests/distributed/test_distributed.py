@@ -10,7 +10,6 @@ advantages. Tolerance: 2e-6 absolute on weights and advantages (the order of flo
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import socket
@@ -328,7 +327,7 @@ def test_torchrun_ddp_run_resumes_from_its_checkpoint(tmp_path):
     (["run.parallel=fsdp", "run.save_every=5"], "writes and reads no resumable checkpoints"),
 ])
 def test_unsupported_compositions_fail_before_training(monkeypatch, overrides, message):
-    from llmrl.config import load_config
+    from llmrl.config_loader import load_config
     from llmrl.distributed.parallel import check_parallel
 
     check_parallel(load_config(None, overrides))                       # one process: all fine

@@ -294,7 +294,8 @@ def test_registered_with_the_shared_signature():
 
 
 def test_objective_options_are_checked_against_the_objective():
-    from llmrl.config import ConfigError, config_from_dict
+    from llmrl.config import ConfigError
+    from llmrl.config_loader import config_from_dict
     from llmrl.train.build import _objective
 
     fn = _objective(config_from_dict({"objective": {"name": "dppo", "options": {"divergence": "kl"}}}).objective)

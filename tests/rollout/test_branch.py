@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from llmrl.config import load_config
+from llmrl.config_loader import load_config
 from llmrl.credit import CREDIT, step_boundaries, step_ids_for_batch
 from llmrl.data import Example
 from llmrl.presets import PRESETS

@@ -201,7 +201,8 @@ def test_tool_efficiency_rewards_solving_with_few_calls():
 # ---------------------------------------------------------------- config
 
 def test_tool_config_fields_are_checked():
-    from llmrl.config import ConfigError, load_config, validate_names
+    from llmrl.config import ConfigError, validate_names
+    from llmrl.config_loader import load_config
 
     cfg = load_config(None, ["rollout.tools=[calculator, python]", "rollout.max_turns=2"])
     assert cfg.rollout.tools == ["calculator", "python"] and cfg.rollout.max_turns == 2

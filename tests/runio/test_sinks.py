@@ -9,7 +9,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from llmrl.cli import main
-from llmrl.config import load_config
+from llmrl.config_loader import load_config
 from llmrl.config_supervised import PreferenceTrainConfig, PrmTrainConfig
 from llmrl.data.pairs import PreferencePair, save_pairs
 from llmrl.train.dpo import train_dpo

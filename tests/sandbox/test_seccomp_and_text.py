@@ -10,7 +10,8 @@ import struct
 
 import pytest
 
-from llmrl.config import ConfigError, load_config
+from llmrl.config import ConfigError
+from llmrl.config_loader import load_config
 from llmrl.sandbox import escape, seccomp
 
 

@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 
 import llmrl.train.dpo as dpo_module
 from llmrl.cli import main
-from llmrl.config import ConfigError, load_config
+from llmrl.config import ConfigError
+from llmrl.config_loader import load_config
 from llmrl.config_supervised import PreferenceTrainConfig
 from llmrl.data.pairs import load_pairs
 from llmrl.models import build_tiny

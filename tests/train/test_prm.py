@@ -14,7 +14,8 @@ from transformers import AutoModelForTokenClassification
 
 import llmrl.train.prm as prm_module
 from llmrl.cli import main
-from llmrl.config import ConfigError, load_config
+from llmrl.config import ConfigError
+from llmrl.config_loader import load_config
 from llmrl.config_supervised import PrmTrainConfig
 from llmrl.data import make_task
 from llmrl.data.step_labels import load_step_labels, save_step_labels

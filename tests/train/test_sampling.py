@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as torch_dist
 
-from llmrl.config import config_from_dict
+from llmrl.config_loader import config_from_dict
 from llmrl.data.tasks import Example
 from llmrl.rewards import REWARDS
 from llmrl.rewards.overlong import overlong_penalty

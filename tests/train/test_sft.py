@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 import llmrl.train.supervised as supervised
-from llmrl.config import ConfigError, load_config
+from llmrl.config import ConfigError
+from llmrl.config_loader import load_config
 from llmrl.config_supervised import SftTrainConfig
 from llmrl.data import make_task
 from llmrl.data.sft import SftExample, parse_sft, read_sft, worked_answer, worked_examples

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llmrl.compute.settings import Execution
-from llmrl.config import load_config
+from llmrl.config_loader import load_config
 from llmrl.data import Example
 from llmrl.objectives.mismatch import Correction
 from llmrl.presets import PRESETS

@@ -10,7 +10,7 @@ import torch
 
 from llmrl.cli import main
 from llmrl.compute.settings import Execution
-from llmrl.config import TrainConfig, load_config
+from llmrl.config_loader import load_config
 from llmrl.data import Example
 from llmrl.models import load_model
 from llmrl.rollout.collect import collect_rollout, encode_prompt
