@@ -11,7 +11,7 @@
     llmrl rft examples/rft_arithmetic.yaml rft.rounds=4
     llmrl prm-data --model smollm2-135m-instruct --task arithmetic --n 64 --out step_labels.jsonl
 
-dpo, rm and prm load their config with the one loader of every command (`llmrl.config.load_config`) and train on
+dpo, rm and prm load their config with the one loader of every command (`llmrl.config_loader.load_config`) and train on
 the shared supervised loop (`llmrl.train.supervised`): run.save_every, --resume / run.resume, run.time_limit_minutes,
 TensorBoard / W&B and the progress bar work as for `llmrl train`.
 """

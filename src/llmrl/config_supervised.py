@@ -1,6 +1,6 @@
 """Typed config of the supervised commands, beside the RL one (config.py): `llmrl dpo` and `llmrl rm`
 (PreferenceTrainConfig), `llmrl prm` (PrmTrainConfig), `llmrl sft` and `llmrl rft` (SftTrainConfig). Their model,
-task, optim and run sections are the RL config's, and they load through the same loader:
+task, optim and run sections are the RL config's, and they load through the same loader (config_loader.py):
 
     cfg = load_config("dpo.yaml", ["preference.beta=0.2", "lora=null"], schema=PreferenceTrainConfig)   # dpo, rm
     cfg = load_config("prm.yaml", ["prm.labels=hard"], schema=PrmTrainConfig)                           # prm
