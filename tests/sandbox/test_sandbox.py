@@ -3,7 +3,8 @@ each case is contained (a non-ok status with a reason) and the machine is unharm
 
 Run as root, every layer of the active mode must be active and each is asserted; some tests run in each mode that
 starts here (bwrap, and the namespaces fallback). Limits are small so the suite stays fast. Escapes (files,
-network, signals) are in test_sandbox_escapes.py, the attack classes of issue 24 in test_attacks.py.
+network, signals) are in test_sandbox_escapes.py, the attack classes of issue 24 in test_attacks.py (processes) and
+test_attacks_reading.py (files, logs, the harness).
 """
 
 import os
