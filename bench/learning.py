@@ -12,14 +12,20 @@ against training minutes.
     python bench/learning.py --minutes 0.2 --presets grpo,dapo --tasks arithmetic --heldout 8 \\
         model.name=tiny --doc /tmp/x.md                                        # a smoke run
     python bench/learning.py --minutes 5 --tasks arithmetic --presets dppo,dppo+objective.minibatches=4   # a variant
+    python bench/learning.py --minutes 20 --tasks syllogism --presets grpo,dapo --jobs 2   # side by side, a core each
+
+With --jobs N, N pairs train at once, each on cpu_count/N torch threads (unless the overrides set run.threads), its
+output in <out-dir>/<task>/<run>.log: the pairs share the machine evenly, so their equal wall times stay comparable.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,13 +52,20 @@ def run(task: str, spec: str, args) -> Path:
     """Train one pair in a subprocess; returns its run folder. `spec`: a preset, or 'PRESET+OVERRIDE+...'."""
     out = Path(args.out_dir) / task
     preset, *variant = spec.split("+")
+    threads = [] if args.jobs == 1 or any(o.startswith("run.threads=") for o in args.overrides) else \
+        [f"run.threads={max(1, (os.cpu_count() or 1) // args.jobs)}"]
     cmd = [sys.executable, "-m", "llmrl", "train", str(ROOT / "examples/arithmetic_base.yaml"), f"preset={preset}",
            "objective.kl_coef=0.0", "reward.terms=[correct]", f"run.time_limit_minutes={args.minutes}",
            "run.steps=100000", f"run.eval_every={args.eval_every}", f"task.heldout_size={args.heldout}",
            "run.progress=false", "run.resume=never", "run.samples_every=0", f"run.output_dir={out}",
-           f"run.name={run_name(spec)}", *TASKS[task], *args.overrides, *variant]
+           f"run.name={run_name(spec)}", *TASKS[task], *threads, *args.overrides, *variant]
     print(" ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    if args.jobs == 1:
+        subprocess.run(cmd, check=True)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / f"{run_name(spec)}.log", "w") as log:
+            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
     return out / run_name(spec)
 
 
@@ -99,12 +112,13 @@ def report(results: dict, args) -> None:
                                                        for p, c in by_preset.items()],
                 width=520, height=280, x_label="training minutes")))
             figs.append(f"![{task} {key}]({fig.relative_to(doc.parent)})")
+    shared = f"{args.jobs} runs at a time, each on an equal share of the cores; " if args.jobs > 1 else ""
     body = (f"{args.note}\n\n" if args.note else "") + (
         f"Each preset trains from the same start for {args.minutes} minutes of training (evaluations not counted), "
-        f"greedy held-out accuracy on {args.heldout} problems every {args.eval_every} steps; no KL term for any "
-        f"preset; overrides `{' '.join(args.overrides) or 'none'}`. 'acc @5 min': the first evaluation at or past 5 "
-        "training minutes (in a run of 5 minutes or less, its last); entropy, zero-variance share and truncated share "
-        "(responses that hit rollout.max_new_tokens): means over the last 10 steps.\n\n")
+        f"greedy held-out accuracy on {args.heldout} problems every {args.eval_every} steps; {shared}no KL term for "
+        f"any preset; overrides `{' '.join(args.overrides) or 'none'}`. 'acc @5 min': the first evaluation at or "
+        "past 5 training minutes (in a run of 5 minutes or less, its last); entropy, zero-variance share and truncated "
+        "share (responses that hit rollout.max_new_tokens): means over the last 10 steps.\n\n")
     body += markdown_table(["task", "preset", "acc before", "acc @5 min", "acc after", "entropy end",
                             "zero-var groups", "truncated", "steps", "train min"], rows)
     body += "\n\n" + "\n".join(figs) + "\n"
@@ -126,18 +140,23 @@ def main() -> None:
     p.add_argument("--figure-suffix", default="")
     p.add_argument("--section", default="learning", help="the docs section to write (another keeps this one)")
     p.add_argument("--note", default="", help="a line above the table (e.g. 'SMOKE RUN: ...')")
+    p.add_argument("--jobs", type=int, default=1, help="pairs trained at once, the cores shared evenly")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite the table from the runs in --out-dir (pairs that did not run are left out)")
     p.add_argument("overrides", nargs="*", help="config overrides applied to every run")
     args = p.parse_args()
-    train = (lambda task, preset: Path(args.out_dir) / task / run_name(preset)) if args.report_only else \
-        (lambda task, preset: run(task, preset, args))
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
     pairs = [(task, preset) for task in args.tasks.split(",") for preset in args.presets.split(",")]
     if args.report_only:     # the pairs that ran: a preset may have run on some tasks only
-        pairs = [(t, q) for t, q in pairs if (train(t, q) / "metrics.jsonl").exists()]
+        ran = {(t, q): Path(args.out_dir) / t / run_name(q) for t, q in pairs}
+        ran = {pair: d for pair, d in ran.items() if (d / "metrics.jsonl").exists()}
+    else:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            ran = dict(zip(pairs, pool.map(lambda pair: run(*pair, args), pairs)))
     results: dict[str, dict] = {}
-    for task, preset in pairs:
-        results.setdefault(task, {})[preset] = curves(train(task, preset))
+    for (task, preset), run_dir in ran.items():
+        results.setdefault(task, {})[preset] = curves(run_dir)
     report(results, args)
 
 

@@ -1,0 +1,32 @@
+"""bench/learning.py end to end on the tiny model: two pairs trained at once (--jobs 2), each on its share of the
+cores with its output in its own log, then the table written from both."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_two_jobs_train_side_by_side_and_report_both(tmp_path):
+    doc, out = tmp_path / "bench.md", tmp_path / "runs"
+    cmd = [sys.executable, str(ROOT / "bench/learning.py"), "--minutes", "0.01", "--tasks", "arithmetic",
+           "--presets", "grpo,dapo", "--heldout", "4", "--eval-every", "1000", "--jobs", "2", "--out-dir", str(out),
+           "--doc", str(doc), "model.name=tiny", "rollout.prompts_per_step=2", "rollout.group_size=2",
+           "rollout.max_new_tokens=4"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    for preset in ("grpo", "dapo"):
+        run_dir = out / "arithmetic" / preset
+        assert (run_dir / "metrics.jsonl").exists()
+        assert "llmrl.train" in (out / "arithmetic" / f"{preset}.log").read_text()   # its own log, not the caller's
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert cfg["run"]["threads"] == threads and cfg["preset"] == preset
+    text = doc.read_text()
+    assert "2 runs at a time" in text
+    rows = [line for line in text.splitlines() if line.startswith("| arithmetic |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["grpo", "dapo"]
