@@ -83,6 +83,7 @@ def curves(run_dir: Path) -> dict:
         elif rec["kind"] == "eval":
             acc.append((minutes.get(rec["step"], t), rec["heldout_accuracy"]))
     at5 = next((a for m, a in acc if m >= min(5.0, t - 1e-9)), None)     # a run of <= 5 minutes: its last
+    last_eval = [rec for rec in recs if rec["kind"] == "eval"][-1]
     tail = [e for _, e in ent[-10:] if e is not None]
     zeros = [z for z in zero[-10:] if z is not None]
     truncs = [z for z in trunc[-10:] if z is not None]
@@ -90,7 +91,9 @@ def curves(run_dir: Path) -> dict:
             "entropy_end": sum(tail) / len(tail) if tail else None,
             "zero_var": sum(zeros) / len(zeros) if zeros else None,
             "truncated": sum(truncs) / len(truncs) if truncs else None,
-            "steps": max(minutes), "minutes": t}
+            "steps": max(minutes), "minutes": t,
+            "top_share": last_eval.get("heldout_top_response_share"),          # older runs: not logged
+            "constant": last_eval.get("heldout_constant_answer_accuracy")}
 
 
 def report(results: dict, args) -> None:
@@ -103,7 +106,9 @@ def report(results: dict, args) -> None:
             rows.append([task, preset, c["before"], c["at5"] if c["at5"] is not None else "–", c["after"],
                          c["entropy_end"] if c["entropy_end"] is not None else "–",
                          c["zero_var"] if c["zero_var"] is not None else "–",
-                         c["truncated"] if c["truncated"] is not None else "–", c["steps"], f"{c['minutes']:.1f}"])
+                         c["truncated"] if c["truncated"] is not None else "–",
+                         c["top_share"] if c["top_share"] is not None else "–",
+                         c["constant"] if c["constant"] is not None else "–", c["steps"], f"{c['minutes']:.1f}"])
         for what, key in (("held-out accuracy", "acc"), ("entropy (nats/token)", "entropy")):
             fig = doc.parent / "figures" / f"learning{args.figure_suffix}_{task}_{key}.svg"
             fig.parent.mkdir(parents=True, exist_ok=True)
@@ -118,9 +123,12 @@ def report(results: dict, args) -> None:
         f"greedy held-out accuracy on {args.heldout} problems every {args.eval_every} steps; {shared}no KL term for "
         f"any preset; overrides `{' '.join(args.overrides) or 'none'}`. 'acc @5 min': the first evaluation at or "
         "past 5 training minutes (in a run of 5 minutes or less, its last); entropy, zero-variance share and truncated "
-        "share (responses that hit rollout.max_new_tokens): means over the last 10 steps.\n\n")
+        "share (responses that hit rollout.max_new_tokens): means over the last 10 steps. 'top response': the share "
+        "of held-out prompts given the commonest greedy response at the last evaluation (1.0: one answer to every "
+        "prompt); 'constant acc': what the commonest reference answer, given to every prompt, would score.\n\n")
     body += markdown_table(["task", "preset", "acc before", "acc @5 min", "acc after", "entropy end",
-                            "zero-var groups", "truncated", "steps", "train min"], rows)
+                            "zero-var groups", "truncated", "top response", "constant acc", "steps", "train min"],
+                           rows)
     body += "\n\n" + "\n".join(figs) + "\n"
     title = "Learning benchmark: presets x tasks at equal wall time"
     write_section(args.section, title if args.section == "learning" else f"{title} ({args.minutes:g} minutes)",

@@ -70,6 +70,7 @@ def write_run(path: Path, *, hacked: bool, seed: int = 0) -> Path:
     rng = random.Random(seed)
     path.mkdir(parents=True, exist_ok=True)
     accs = [0.50, 0.52, 0.44, 0.36, 0.28] if hacked else [0.30, 0.45, 0.55, 0.60, 0.66]
+    tops = [0.05, 0.20, 0.60, 0.95, 1.00] if hacked else [0.05, 0.05, 0.10, 0.05, 0.10]   # one answer to all
     lines, samples, heldout = [], [], []
     for step in range(0, STEPS + 1):
         if step:
@@ -77,7 +78,8 @@ def write_run(path: Path, *, hacked: bool, seed: int = 0) -> Path:
         if step % 10 == 0:
             lines.append({"kind": "eval", "step": step, "heldout_accuracy": accs[step // 10],
                           "heldout_response_length": 12.0, "heldout_kl_to_ref": lines[-1].get("kl_to_ref", 0.0) * 30
-                          if step else 0.0, "time_eval": 30.0})
+                          if step else 0.0, "heldout_top_response_share": tops[step // 10],
+                          "heldout_constant_answer_accuracy": 0.30, "time_eval": 30.0})
             for k in range(4):
                 ok = (k + step // 10) % 3 != 0
                 heldout.append({"step": step, "prompt": f"What is {k} + {k + 40}?", "answer": str(2 * k + 40),

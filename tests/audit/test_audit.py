@@ -43,7 +43,7 @@ def detect(name: str, data: RunData, **kw):
 
 
 def test_every_detector_is_quiet_on_a_clean_run():
-    assert len(DETECTORS.names()) == 8
+    assert len(DETECTORS.names()) == 9
     assert audit_run(run()) == []
 
 
@@ -135,6 +135,33 @@ def test_duplicate_completions_within_groups():
     assert detect("duplicate_completions", run(samples=across)) is None   # the same text in two groups is fine
 
 
+def evals_collapsing(top: list[float], acc: float, const: float) -> list[dict]:
+    return [{"kind": "eval", "step": 10 * i, "heldout_accuracy": acc if i else 0.1, "heldout_top_response_share": t,
+             "heldout_constant_answer_accuracy": const} for i, t in enumerate(top)]
+
+
+def test_constant_answer_collapse_at_the_last_evaluation():
+    collapsed = evals_collapsing([0.05, 0.5, 0.95, 1.0], acc=0.72, const=0.72)      # "Answer: Yes" to every prompt
+    f = detect("constant_answer", run(evals=collapsed))
+    assert f and f.step == 20 and f.value == 1.0 and "0.720 against 0.720" in f.message
+    learned = evals_collapsing([0.05, 0.5, 0.95, 1.0], acc=0.90, const=0.72)        # beats any constant answer
+    assert detect("constant_answer", run(evals=learned)) is None
+    varied = evals_collapsing([0.05, 0.2, 0.3, 0.3], acc=0.72, const=0.72)          # many different responses
+    assert detect("constant_answer", run(evals=varied)) is None
+    assert detect("constant_answer", run(evals=collapsed), max_share=1.01) is None
+    assert detect("constant_answer", run()) is None                                # older runs: no shares logged
+
+
+def test_collapse_stats_from_an_evaluations_counts():
+    from collections import Counter
+
+    from llmrl.train.evaluate import collapse_stats
+
+    ev = {"response_counts": Counter({"Answer: Yes": 3, "Answer: No": 1}), "answer_counts": Counter({"Yes": 1, "No": 3})}
+    assert collapse_stats(ev) == {"top_response_share": 0.75, "constant_answer_accuracy": 0.75}
+    assert collapse_stats({"response_counts": Counter(), "answer_counts": Counter()})["top_response_share"] is None
+
+
 def test_trend_start_is_where_the_series_leaves_its_early_level_for_good():
     steps = list(range(1, 21))
     vals = [0.0] * 10 + [2.0 * (s - 10) for s in range(11, 21)]
@@ -163,9 +190,9 @@ def test_cli_flags_the_planted_hack_passes_the_healthy_run_and_writes_the_report
     for name in DETECTORS.names():
         assert f"[{name}] from step " in out
     page = (hacked / "report.html").read_text()
-    assert "<h2>Audit</h2>" in page and page.count('<tr class="finding">') == 8
+    assert "<h2>Audit</h2>" in page and page.count('<tr class="finding">') == len(DETECTORS.names())
     saved = json.loads((hacked / "audit.json").read_text())
-    assert len(saved["findings"]) == 8 and saved["options"]["length_drift"]["max_ratio"] == 1.5
+    assert len(saved["findings"]) == len(DETECTORS.names()) and saved["options"]["length_drift"]["max_ratio"] == 1.5
     assert main(["audit", str(hacked), "--warn-only", "--no-report"]) == 0
     cfg = tmp_path / "audit.yaml"
     cfg.write_text("\n".join(f"{n}: {{enabled: false}}" for n in DETECTORS.names() if n != "length_drift"))
@@ -188,9 +215,12 @@ def test_a_tiny_training_run_logs_what_the_audit_and_studio_read(tmp_path, capsy
     assert sorted({h["step"] for h in held}) == [0, 1, 2] and all(len([h for h in held if h["step"] == s]) == 3
                                                                   for s in (0, 1, 2))
     assert {"prompt", "answer", "completion", "correct"} <= set(held[0])
+    for ev in data.evals:        # three held-out prompts: shares of 1/3, 2/3 or 1
+        assert ev["heldout_top_response_share"] in (pytest.approx(1 / 3), pytest.approx(2 / 3), 1.0)
+        assert ev["heldout_constant_answer_accuracy"] in (pytest.approx(1 / 3), pytest.approx(2 / 3), 1.0)
     capsys.readouterr()
     assert main(["audit", str(tmp_path / "t"), "--warn-only"]) == 0
-    assert "8 detectors" in capsys.readouterr().out
+    assert f"{len(DETECTORS.names())} detectors" in capsys.readouterr().out
 
 
 def test_the_example_thresholds_are_the_defaults():

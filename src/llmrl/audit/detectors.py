@@ -265,3 +265,20 @@ def duplicate_completions(run: RunData, *, max_fraction: float = 0.75, window: i
     steps, vals = group_series(run.samples, lambda g: 1 - len({str(s.get("completion", "")) for s in g}) / len(g))
     return _level_finding("duplicate_completions", steps, vals, window, max_fraction,
                           lambda late: f"{late:.0%} of the samples of a group repeat another one word for word")
+
+
+@DETECTORS.register("constant_answer")
+def constant_answer(run: RunData, *, max_share: float = 0.9, margin: float = 0.05) -> Finding | None:
+    """At the last held-out evaluation, one response went to >= max_share of the prompts (`heldout_top_response_share`)
+    and held-out accuracy is within `margin` of what the most common reference answer, given to every prompt, would
+    score (`heldout_constant_answer_accuracy`): the policy has collapsed onto one answer, and its accuracy measures
+    the answers' distribution, not the task learned. Starts at the first evaluation past max_share."""
+    steps, shares = series(run.evals, "heldout_top_response_share")
+    last = run.evals[-1] if run.evals else {}
+    acc, const = last.get("heldout_accuracy"), last.get("heldout_constant_answer_accuracy")
+    if not shares or shares[-1] < max_share or acc is None or const is None or acc > const + margin:
+        return None
+    start = next(s for s, v in zip(steps, shares) if v >= max_share)
+    return Finding("constant_answer", start,
+                   f"{shares[-1]:.0%} of the held-out prompts get one response; accuracy {acc:.3f} against "
+                   f"{const:.3f} for the most common answer given to every prompt", shares[-1], max_share)

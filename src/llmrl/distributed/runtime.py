@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections import Counter
 from dataclasses import replace
 
 import torch
@@ -240,7 +241,7 @@ def reduce_metrics(record: dict, *, sums: tuple[str, ...] = (), weights: dict[st
 
 def evaluate_split(evaluate, examples: list) -> dict:
     """`evaluate(examples)` with the examples dealt round-robin over the ranks and the results combined: the
-    means weighted by each rank's n; samples from rank 0 first."""
+    means weighted by each rank's n, the counts summed; samples from rank 0 first."""
     if world() == 1:
         return evaluate(examples)
     mine = examples[rank()::world()]
@@ -250,4 +251,7 @@ def evaluate_split(evaluate, examples: list) -> dict:
     for k in ("accuracy", "response_length", "kl_to_ref", "tool_calls"):
         if all(k in p for p in parts):
             out[k] = sum(p[k] * p["n"] for p in parts) / n
+    for k in ("response_counts", "answer_counts"):     # Counters: summed over the ranks
+        if all(k in p for p in parts):
+            out[k] = sum((p[k] for p in parts), Counter())
     return out

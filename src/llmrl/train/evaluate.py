@@ -6,6 +6,7 @@ multi-turn tool task); both take the same arguments and return a `Rollout`.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Callable
 
 import torch
@@ -31,7 +32,8 @@ def evaluate(
 ) -> dict:
     """Greedy decode each held-out example once. Returns accuracy (mean `correct` reward), mean response length
     (chosen tokens), the exact KL(policy || reference) summed over the greedy responses' tokens when a reference
-    is given, the mean tool calls per episode with tools, and the first few samples.
+    is given, the mean tool calls per episode with tools, the first few samples, and the counts of the distinct
+    responses and reference answers (`collapse_stats` reads them).
     `progress`: a bar over the examples with the accuracy so far."""
     from tqdm.auto import tqdm
 
@@ -39,6 +41,7 @@ def evaluate(
     from llmrl.compute.batches import trim
 
     correct, lengths, kls, calls, samples = [], [], [], [], []
+    responses, answers = Counter(), Counter()
     bar = tqdm(total=len(examples), desc="evaluating", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(examples), batch_size):
         batch = examples[start:start + batch_size]
@@ -54,6 +57,8 @@ def evaluate(
             with torch.autocast(t.input_ids.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
                 kl = response_kl(model, reference, t.input_ids, t.attention_mask, t.response_mask.shape[1])
             kls.append((kl * t.response_mask).sum(-1))                      # [n] exact KL over the chosen tokens
+        responses.update(_normalised(c) for c in r.completions)
+        answers.update(_normalised(str(ex.answer)) for ex in r.examples)
         for c, ex, ok in zip(r.completions, r.examples, result.total.tolist()):
             if len(samples) < 8:
                 samples.append({"prompt": ex.prompt, "answer": ex.answer, "completion": c, "correct": ok})
@@ -65,9 +70,27 @@ def evaluate(
         "response_length": float(torch.cat(lengths).float().mean()),
         "n": len(examples),
         "samples": samples,
+        "response_counts": responses,
+        "answer_counts": answers,
     }
     if kls:
         out["kl_to_ref"] = float(torch.cat(kls).mean())
     if calls:
         out["tool_calls"] = float(torch.cat(calls).mean())
     return out
+
+
+def _normalised(text: str) -> str:
+    return " ".join(text.split())
+
+
+def collapse_stats(ev: dict) -> dict:
+    """Tells a learned task from a collapsed policy, from an evaluation's counts: `top_response_share`, the share of
+    the held-out prompts that got the single most common response (1.0: one response to every prompt), and
+    `constant_answer_accuracy`, the share of the most common reference answer (what answering it to every prompt
+    would score: syllogism's `Yes` scores 0.72). Responses and answers are compared with whitespace collapsed."""
+    n = sum(ev["response_counts"].values())
+    if not n:
+        return {"top_response_share": None, "constant_answer_accuracy": None}
+    return {"top_response_share": max(ev["response_counts"].values()) / n,
+            "constant_answer_accuracy": max(ev["answer_counts"].values()) / n}

@@ -30,7 +30,7 @@ from llmrl.runio import checkpoint
 from llmrl.runio.metrics import sample_records
 from llmrl.runio.runs import save_checkpoint
 from llmrl.train.build import Recipe, build
-from llmrl.train.evaluate import evaluate
+from llmrl.train.evaluate import collapse_stats, evaluate
 from llmrl.train.teacher import token_rewards
 
 log = logging.getLogger("llmrl.train")
@@ -121,7 +121,8 @@ def run_eval(r: Recipe, step: int) -> dict:
             r.model, r.tokenizer, examples, max_new_tokens=r.eval_tokens, autocast_dtype=r.ex.autocast_dtype,
             reference=r.reference, collect=r.collect, **r.prompt_kw), r.heldout)
     rec = {"step": step, "heldout_accuracy": ev["accuracy"], "heldout_response_length": ev["response_length"],
-           "heldout_kl_to_ref": ev.get("kl_to_ref"), "time_eval": time.perf_counter() - t}
+           "heldout_kl_to_ref": ev.get("kl_to_ref"),
+           **{f"heldout_{k}": v for k, v in collapse_stats(ev).items()}, "time_eval": time.perf_counter() - t}
     if "tool_calls" in ev:
         rec["heldout_tool_calls"] = ev["tool_calls"]
     r.metrics_log.write({"kind": "eval", **rec})
