@@ -57,8 +57,8 @@ def evaluate(
             with torch.autocast(t.input_ids.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
                 kl = response_kl(model, reference, t.input_ids, t.attention_mask, t.response_mask.shape[1])
             kls.append((kl * t.response_mask).sum(-1))                      # [n] exact KL over the chosen tokens
-        responses.update(_normalised(c) for c in r.completions)
-        answers.update(_normalised(str(ex.answer)) for ex in r.examples)
+        responses.update(text_counts(r.completions))
+        answers.update(text_counts(str(ex.answer) for ex in r.examples))
         for c, ex, ok in zip(r.completions, r.examples, result.total.tolist()):
             if len(samples) < 8:
                 samples.append({"prompt": ex.prompt, "answer": ex.answer, "completion": c, "correct": ok})
@@ -80,8 +80,9 @@ def evaluate(
     return out
 
 
-def _normalised(text: str) -> str:
-    return " ".join(text.split())
+def text_counts(texts) -> Counter:
+    """How often each text occurs, with white space collapsed (`Answer:  Yes\n` and `Answer: Yes` are one)."""
+    return Counter(" ".join(t.split()) for t in texts)
 
 
 def collapse_stats(ev: dict) -> dict:
