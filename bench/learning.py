@@ -92,7 +92,7 @@ def curves(run_dir: Path) -> dict:
             "zero_var": sum(zeros) / len(zeros) if zeros else None,
             "truncated": sum(truncs) / len(truncs) if truncs else None,
             "steps": max(minutes), "minutes": t,
-            "top_share": last_eval.get("heldout_top_response_share"),          # older runs: not logged
+            "top_share": last_eval.get("heldout_top_answer_share"),          # older runs: not logged
             "constant": last_eval.get("heldout_constant_answer_accuracy")}
 
 
@@ -127,7 +127,7 @@ def report(results: dict, args) -> None:
         "of held-out prompts given the commonest greedy response at the last evaluation (1.0: one answer to every "
         "prompt); 'constant acc': what the commonest reference answer, given to every prompt, would score.\n\n")
     body += markdown_table(["task", "preset", "acc before", "acc @5 min", "acc after", "entropy end",
-                            "zero-var groups", "truncated", "top response", "constant acc", "steps", "train min"],
+                            "zero-var groups", "truncated", "top answer", "constant acc", "steps", "train min"],
                            rows)
     body += "\n\n" + "\n".join(figs) + "\n"
     title = "Learning benchmark: presets x tasks at equal wall time"

@@ -78,7 +78,7 @@ def write_run(path: Path, *, hacked: bool, seed: int = 0) -> Path:
         if step % 10 == 0:
             lines.append({"kind": "eval", "step": step, "heldout_accuracy": accs[step // 10],
                           "heldout_response_length": 12.0, "heldout_kl_to_ref": lines[-1].get("kl_to_ref", 0.0) * 30
-                          if step else 0.0, "heldout_top_response_share": tops[step // 10],
+                          if step else 0.0, "heldout_top_answer_share": tops[step // 10],
                           "heldout_constant_answer_accuracy": 0.30, "time_eval": 30.0})
             for k in range(4):
                 ok = (k + step // 10) % 3 != 0

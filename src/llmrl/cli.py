@@ -26,8 +26,8 @@ def before_after_table(summary: dict) -> str:
         ("held-out accuracy", fmt(b["heldout_accuracy"]), fmt(a["heldout_accuracy"])),
         ("mean response tokens", f"{b['heldout_response_length']:.1f}", f"{a['heldout_response_length']:.1f}"),
         ("KL(policy || reference), nats/seq", fmt(b.get("heldout_kl_to_ref")), fmt(a.get("heldout_kl_to_ref"))),
-        ("share given the commonest response", fmt(b.get("heldout_top_response_share")),
-         fmt(a.get("heldout_top_response_share"))),
+        ("share given the commonest answer", fmt(b.get("heldout_top_answer_share")),
+         fmt(a.get("heldout_top_answer_share"))),
     ])
 
 

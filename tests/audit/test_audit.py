@@ -136,7 +136,7 @@ def test_duplicate_completions_within_groups():
 
 
 def evals_collapsing(top: list[float], acc: float, const: float) -> list[dict]:
-    return [{"kind": "eval", "step": 10 * i, "heldout_accuracy": acc if i else 0.1, "heldout_top_response_share": t,
+    return [{"kind": "eval", "step": 10 * i, "heldout_accuracy": acc if i else 0.1, "heldout_top_answer_share": t,
              "heldout_constant_answer_accuracy": const} for i, t in enumerate(top)]
 
 
@@ -157,9 +157,17 @@ def test_collapse_stats_from_an_evaluations_counts():
 
     from llmrl.train.evaluate import collapse_stats
 
-    ev = {"response_counts": Counter({"Answer: Yes": 3, "Answer: No": 1}), "answer_counts": Counter({"Yes": 1, "No": 3})}
-    assert collapse_stats(ev) == {"top_response_share": 0.75, "constant_answer_accuracy": 0.75}
-    assert collapse_stats({"response_counts": Counter(), "answer_counts": Counter()})["top_response_share"] is None
+    from llmrl.rewards.extract import extract_answer
+    from llmrl.train.evaluate import answer_counts
+
+    said = ["Answer: Yes", "Answer:  yes.", "It appears 1 time. Answer: Yes", "Answer: No", "no answer at all"]
+    ev = {"given_counts": answer_counts(extract_answer(c) for c in said), "answer_counts": answer_counts(
+        ["Yes", "No", "No", "No", "Yes"])}
+    assert ev["given_counts"] == Counter({"yes": 3, "no": 1})           # worded apart, one answer; None not counted
+    assert collapse_stats(ev) == {"top_answer_share": 0.6, "constant_answer_accuracy": 0.6}
+    silent = {"given_counts": Counter(), "answer_counts": Counter({"1": 2})}      # no response gives an answer
+    assert collapse_stats(silent) == {"top_answer_share": 0.0, "constant_answer_accuracy": 1.0}
+    assert collapse_stats({"given_counts": Counter(), "answer_counts": Counter()})["top_answer_share"] is None
 
 
 def test_trend_start_is_where_the_series_leaves_its_early_level_for_good():
@@ -215,8 +223,8 @@ def test_a_tiny_training_run_logs_what_the_audit_and_studio_read(tmp_path, capsy
     assert sorted({h["step"] for h in held}) == [0, 1, 2] and all(len([h for h in held if h["step"] == s]) == 3
                                                                   for s in (0, 1, 2))
     assert {"prompt", "answer", "completion", "correct"} <= set(held[0])
-    for ev in data.evals:        # three held-out prompts: shares of 1/3, 2/3 or 1
-        assert ev["heldout_top_response_share"] in (pytest.approx(1 / 3), pytest.approx(2 / 3), 1.0)
+    for ev in data.evals:        # three held-out prompts: shares of 0, 1/3, 2/3 or 1
+        assert ev["heldout_top_answer_share"] in (0.0, pytest.approx(1 / 3), pytest.approx(2 / 3), 1.0)
         assert ev["heldout_constant_answer_accuracy"] in (pytest.approx(1 / 3), pytest.approx(2 / 3), 1.0)
     capsys.readouterr()
     assert main(["audit", str(tmp_path / "t"), "--warn-only"]) == 0

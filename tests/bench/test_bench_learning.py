@@ -31,7 +31,7 @@ def test_two_jobs_train_side_by_side_and_report_both(tmp_path):
     rows = [line for line in text.splitlines() if line.startswith("| arithmetic |")]
     assert [r.split("|")[2].strip() for r in rows] == ["grpo", "dapo"]
     header = next(line for line in text.splitlines() if line.startswith("| task |")).split("|")
-    top, const = header.index(" top response "), header.index(" constant acc ")
+    top, const = header.index(" top answer "), header.index(" constant acc ")
     for r in rows:                      # 4 held-out prompts: shares of a quarter
         cells = r.split("|")
-        assert float(cells[top]) in (0.25, 0.5, 0.75, 1.0) and float(cells[const]) in (0.25, 0.5, 0.75, 1.0)
+        assert float(cells[top]) in (0.0, 0.25, 0.5, 0.75, 1.0) and float(cells[const]) in (0.25, 0.5, 0.75, 1.0)

@@ -258,7 +258,7 @@ def test_fsdp_samples_evaluates_and_saves_with_the_whole_weights(two_ranks):
         ev = r["fsdp"]["eval"]
         assert ev["n"] == len(HELDOUT)
         assert ev["accuracy"] == pytest.approx(one["accuracy"]) and ev["response_length"] == pytest.approx(one["response_length"])
-        assert ev["response_counts"] == one["response_counts"] and ev["answer_counts"] == one["answer_counts"]
+        assert ev["given_counts"] == one["given_counts"] and ev["answer_counts"] == one["answer_counts"]
     saved = two_ranks["ranks"][0]["fsdp"]["saved"]
     assert two_ranks["ranks"][1]["fsdp"]["saved"] is None                     # rank 0 alone saves
     assert saved.keys() == model.state_dict().keys()

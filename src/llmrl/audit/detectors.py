@@ -269,16 +269,17 @@ def duplicate_completions(run: RunData, *, max_fraction: float = 0.75, window: i
 
 @DETECTORS.register("constant_answer")
 def constant_answer(run: RunData, *, max_share: float = 0.9, margin: float = 0.05) -> Finding | None:
-    """At the last held-out evaluation, one response went to >= max_share of the prompts (`heldout_top_response_share`)
-    and held-out accuracy is within `margin` of what the most common reference answer, given to every prompt, would
-    score (`heldout_constant_answer_accuracy`): the policy has collapsed onto one answer, and its accuracy measures
-    the answers' distribution, not the task learned. Starts at the first evaluation past max_share."""
-    steps, shares = series(run.evals, "heldout_top_response_share")
+    """At the last held-out evaluation, one answer went to >= max_share of the prompts (`heldout_top_answer_share`:
+    the answer the scorer would read, however it is worded) and held-out accuracy is within `margin` of what the
+    commonest reference answer, given to every prompt, would score (`heldout_constant_answer_accuracy`): the policy
+    has collapsed onto one answer, and its accuracy measures the answers' distribution, not the task learned.
+    Starts at the first evaluation past max_share."""
+    steps, shares = series(run.evals, "heldout_top_answer_share")
     last = run.evals[-1] if run.evals else {}
     acc, const = last.get("heldout_accuracy"), last.get("heldout_constant_answer_accuracy")
     if not shares or shares[-1] < max_share or acc is None or const is None or acc > const + margin:
         return None
     start = next(s for s, v in zip(steps, shares) if v >= max_share)
     return Finding("constant_answer", start,
-                   f"{shares[-1]:.0%} of the held-out prompts get one response; accuracy {acc:.3f} against "
-                   f"{const:.3f} for the most common answer given to every prompt", shares[-1], max_share)
+                   f"{shares[-1]:.0%} of the held-out prompts get one answer; accuracy {acc:.3f} against "
+                   f"{const:.3f} for the commonest reference answer given to every prompt", shares[-1], max_share)

@@ -251,7 +251,7 @@ def evaluate_split(evaluate, examples: list) -> dict:
     for k in ("accuracy", "response_length", "kl_to_ref", "tool_calls"):
         if all(k in p for p in parts):
             out[k] = sum(p[k] * p["n"] for p in parts) / n
-    for k in ("response_counts", "answer_counts"):     # Counters: summed over the ranks
+    for k in ("given_counts", "answer_counts"):     # Counters: summed over the ranks
         if all(k in p for p in parts):
             out[k] = sum((p[k] for p in parts), Counter())
     return out

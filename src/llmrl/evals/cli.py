@@ -67,13 +67,13 @@ def _metric_names(r: dict) -> list[str]:
 def table(results: list[dict]) -> str:
     from llmrl.report.text import text_table as _table
 
-    rows = [("suite", "n", "metric", "score", "mean tokens", "seconds", "top response", "constant answer")]
+    rows = [("suite", "n", "metric", "score", "mean tokens", "seconds", "top answer", "constant answer")]
     share = lambda r, k: "-" if r.get(k) is None else f"{r[k]:.3f}"  # noqa: E731  (results from before: none)
     for r in results:
         n = f"{r['n']}" + (f" of {r['of']}" if r.get("of", r["n"]) != r["n"] else "")
         for m in _metric_names(r):
             rows.append((r["suite"], n, m, f"{r[m]:.3f}", f"{r['response_length']:.1f}", f"{r['seconds']:.0f}",
-                         share(r, "top_response_share"), share(r, "constant_answer_accuracy")))
+                         share(r, "top_answer_share"), share(r, "constant_answer_accuracy")))
     return _table(rows)
 
 

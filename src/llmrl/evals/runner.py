@@ -19,7 +19,8 @@ from llmrl.evals.metrics import summarize
 from llmrl.evals.suites import Suite
 from llmrl.rollout.collect import stop_ids
 from llmrl.rollout.sampler import generate
-from llmrl.train.evaluate import collapse_stats, text_counts
+from llmrl.rewards.extract import extract_answer
+from llmrl.train.evaluate import answer_counts, collapse_stats
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def _sample(model, tokenizer, prompts, opts: EvalOptions, max_new: int, temperat
 @torch.no_grad()
 def run_suite(model, tokenizer, suite: Suite, opts: EvalOptions, *, engine=None, progress: bool = True) -> dict:
     """Evaluate; returns {"suite", "n", "k", "temperature", "pass@1", ..., "maj@k", "response_length", "seconds",
-    "top_response_share" and "constant_answer_accuracy" (`collapse_stats`, over each problem's first sample),
+    "top_answer_share" and "constant_answer_accuracy" (`collapse_stats`, over each problem's first sample),
     "samples": the first few (prompt, answer, completion, score)}."""
     from tqdm.auto import tqdm
 
@@ -107,8 +108,8 @@ def run_suite(model, tokenizer, suite: Suite, opts: EvalOptions, *, engine=None,
            "temperature": temperature, "max_new_tokens": max_new,
            **summarize(scores, keys if suite.answer_key else None, ks),
            "response_length": sum(lengths) / max(1, len(lengths)), "seconds": time.perf_counter() - start,
-           **collapse_stats({"response_counts": text_counts(c[0] for c in completions),
-                             "answer_counts": text_counts(str(ex.answer) for ex in examples)}),
+           **collapse_stats({"given_counts": answer_counts(extract_answer(c[0]) for c in completions),
+                             "answer_counts": answer_counts(str(ex.answer) for ex in examples)}),
            "source": suite.source}
     out["samples"] = [{"prompt": examples[i].prompt, "answer": examples[i].answer, "completion": completions[i][0],
                        "score": scores[i][0]} for i in range(min(opts.keep_samples, len(examples)))]

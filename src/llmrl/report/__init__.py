@@ -9,7 +9,7 @@ fields are ignored:
 - `metrics.jsonl` (written by `llmrl.runio.metrics.MetricsLog`): `"kind": "train"` lines with `step`, `reward`,
   `reward/<term>`, `kl_to_ref`, `entropy`, `clip_fraction`, `response_length`, `time_*`, `lr`, `grad_norm`,
   `loss_*`, ...; `"kind": "eval"` lines with `step`, `heldout_accuracy`, `heldout_response_length`,
-  `heldout_kl_to_ref`, `heldout_top_response_share`, `heldout_constant_answer_accuracy`, `time_eval`.
+  `heldout_kl_to_ref`, `heldout_top_answer_share`, `heldout_constant_answer_accuracy`, `time_eval`.
 - `samples.jsonl`: one JSON object per sampled sequence, written every few steps:
 
       {"step": int, "group": int, "prompt": str, "completion": str,

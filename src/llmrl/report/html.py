@@ -215,7 +215,7 @@ def summary_html(text: str) -> str:
     rows = [("held-out accuracy", "heldout_accuracy", ".3f"),
             ("mean response tokens", "heldout_response_length", ".1f"),
             ("KL(policy ‖ reference), nats/seq", "heldout_kl_to_ref", ".3f"),
-            ("share given the commonest response", "heldout_top_response_share", ".3f")]
+            ("share given the commonest answer", "heldout_top_answer_share", ".3f")]
     body = "".join(f'<tr><td>{name}</td><td class="num">{_f(b.get(k), spec)}</td><td class="num">{_f(a.get(k), spec)}'
                    f"</td></tr>" for name, k, spec in rows)
     extra = (f'<p class="note">{escape(str(summary.get("steps", "?")))} steps; checkpoint '

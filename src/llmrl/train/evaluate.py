@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from llmrl.rewards import score
+from llmrl.rewards.extract import extract_answer
 from llmrl.rollout.collect import collect_rollout
 
 
@@ -32,8 +33,8 @@ def evaluate(
 ) -> dict:
     """Greedy decode each held-out example once. Returns accuracy (mean `correct` reward), mean response length
     (chosen tokens), the exact KL(policy || reference) summed over the greedy responses' tokens when a reference
-    is given, the mean tool calls per episode with tools, the first few samples, and the counts of the distinct
-    responses and reference answers (`collapse_stats` reads them).
+    is given, the mean tool calls per episode with tools, the first few samples, and how often each answer was given
+    and each reference answer occurs (`collapse_stats` reads them).
     `progress`: a bar over the examples with the accuracy so far."""
     from tqdm.auto import tqdm
 
@@ -41,7 +42,7 @@ def evaluate(
     from llmrl.compute.batches import trim
 
     correct, lengths, kls, calls, samples = [], [], [], [], []
-    responses, answers = Counter(), Counter()
+    given, answers = Counter(), Counter()
     bar = tqdm(total=len(examples), desc="evaluating", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(examples), batch_size):
         batch = examples[start:start + batch_size]
@@ -57,8 +58,8 @@ def evaluate(
             with torch.autocast(t.input_ids.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
                 kl = response_kl(model, reference, t.input_ids, t.attention_mask, t.response_mask.shape[1])
             kls.append((kl * t.response_mask).sum(-1))                      # [n] exact KL over the chosen tokens
-        responses.update(text_counts(r.completions))
-        answers.update(text_counts(str(ex.answer) for ex in r.examples))
+        given.update(answer_counts(extract_answer(c) for c in r.completions))
+        answers.update(answer_counts(str(ex.answer) for ex in r.examples))
         for c, ex, ok in zip(r.completions, r.examples, result.total.tolist()):
             if len(samples) < 8:
                 samples.append({"prompt": ex.prompt, "answer": ex.answer, "completion": c, "correct": ok})
@@ -70,7 +71,7 @@ def evaluate(
         "response_length": float(torch.cat(lengths).float().mean()),
         "n": len(examples),
         "samples": samples,
-        "response_counts": responses,
+        "given_counts": given,
         "answer_counts": answers,
     }
     if kls:
@@ -80,18 +81,19 @@ def evaluate(
     return out
 
 
-def text_counts(texts) -> Counter:
-    """How often each text occurs, with white space collapsed (`Answer:  Yes\n` and `Answer: Yes` are one)."""
-    return Counter(" ".join(t.split()) for t in texts)
+def answer_counts(answers) -> Counter:
+    """How often each answer occurs, white space collapsed and case folded (`Answer: Yes`, `Answer:  yes` are one);
+    a None (a response that gives no answer) is not counted."""
+    return Counter(" ".join(a.split()).casefold() for a in answers if a is not None)
 
 
 def collapse_stats(ev: dict) -> dict:
-    """Tells a learned task from a collapsed policy, from an evaluation's counts: `top_response_share`, the share of
-    the held-out prompts that got the single most common response (1.0: one response to every prompt), and
-    `constant_answer_accuracy`, the share of the most common reference answer (what answering it to every prompt
-    would score: syllogism's `Yes` scores 0.72). Responses and answers are compared with whitespace collapsed."""
-    n = sum(ev["response_counts"].values())
+    """Tells a learned task from a collapsed policy, from an evaluation's counts: `top_answer_share`, the share of
+    the prompts whose response gives the commonest answer (`extract_answer`: the `Answer:` line, else the last
+    number; 1.0: one answer to every prompt, however it is worded), and `constant_answer_accuracy`, the share of the
+    commonest reference answer (what giving it to every prompt would score: syllogism's `Yes`, 0.72)."""
+    n = sum(ev["answer_counts"].values())                  # every prompt has a reference answer
     if not n:
-        return {"top_response_share": None, "constant_answer_accuracy": None}
-    return {"top_response_share": max(ev["response_counts"].values()) / n,
+        return {"top_answer_share": None, "constant_answer_accuracy": None}
+    return {"top_answer_share": max(ev["given_counts"].values(), default=0) / n,
             "constant_answer_accuracy": max(ev["answer_counts"].values()) / n}
