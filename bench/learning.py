@@ -96,6 +96,21 @@ def curves(run_dir: Path) -> dict:
             "constant": last_eval.get("heldout_constant_answer_accuracy")}
 
 
+def constant_accuracy(run_dir: Path) -> float:
+    """What the commonest reference answer of the run's held-out set, given to every prompt, would score: rebuilt
+    from the run's config.yaml, for runs that did not log it."""
+    import yaml
+
+    from llmrl.data.tasks import make_task
+    from llmrl.train.evaluate import answer_counts, collapse_stats
+
+    task = yaml.safe_load((run_dir / "config.yaml").read_text())["task"]
+    heldout = make_task(task["name"], seed=task["seed"], options=task["options"], train_path=task["train_path"],
+                        heldout_path=task["heldout_path"]).heldout(task["heldout_size"])
+    return collapse_stats({"given_counts": {}, "answer_counts": answer_counts(str(ex.answer) for ex in heldout)}
+                          )["constant_answer_accuracy"]
+
+
 def report(results: dict, args) -> None:
     from llmrl.report.charts import Series, line_chart, standalone_svg
 
@@ -165,7 +180,9 @@ def main() -> None:
             ran = dict(zip(pairs, pool.map(lambda pair: run(*pair, args), pairs)))
     results: dict[str, dict] = {}
     for (task, preset), run_dir in ran.items():
-        results.setdefault(task, {})[preset] = curves(run_dir)
+        results.setdefault(task, {})[preset] = c = curves(run_dir)
+        if c["constant"] is None:
+            c["constant"] = constant_accuracy(run_dir)
     report(results, args)
 
 
