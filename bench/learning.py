@@ -136,12 +136,13 @@ def report(results: dict, args) -> None:
     body = (f"{args.note}\n\n" if args.note else "") + (
         f"Each preset trains from the same start for {args.minutes} minutes of training (evaluations not counted), "
         f"greedy held-out accuracy on {args.heldout} problems every {args.eval_every} steps; {shared}no KL term for "
-        f"any preset (a variant's `+objective.kl_coef=...` adds one); overrides `{' '.join(args.overrides) or 'none'}`. 'acc @5 min': the first evaluation at or "
-        "past 5 training minutes (in a run of 5 minutes or less, its last); entropy, zero-variance share and truncated "
-        "share (responses that hit rollout.max_new_tokens): means over the last 10 steps. 'top answer': the share "
-        "of held-out prompts whose greedy response gives the commonest answer at the last evaluation (the answer the "
-        "scorer reads; 1.0: one answer to every prompt; – where the run predates this column); 'constant acc': what "
-        "the commonest reference answer, given to every prompt, would score.\n\n")
+        f"any preset (a variant's `+objective.kl_coef=...` adds one); overrides "
+        f"`{' '.join(args.overrides) or 'none'}`. 'acc @5 min': the first evaluation at or past 5 training minutes "
+        "(in a run of 5 minutes or less, its last); entropy, zero-variance share and truncated share (responses "
+        "that hit rollout.max_new_tokens): means over the last 10 steps. 'top answer': the share of held-out prompts "
+        "whose greedy response gives the commonest answer at the last evaluation (the answer the scorer reads; 1.0: "
+        "one answer to every prompt; – where the run predates this column); 'constant acc': what the commonest "
+        "reference answer, given to every prompt, would score.\n\n")
     body += markdown_table(["task", "preset", "acc before", "acc @5 min", "acc after", "entropy end",
                             "zero-var groups", "truncated", "top answer", "constant acc", "steps", "train min"],
                            rows)

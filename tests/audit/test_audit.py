@@ -146,7 +146,7 @@ def test_constant_answer_collapse_at_the_last_evaluation():
     assert f and f.step == 20 and f.value == 1.0 and "0.720 against 0.720" in f.message
     learned = evals_collapsing([0.05, 0.5, 0.95, 1.0], acc=0.90, const=0.72)        # beats any constant answer
     assert detect("constant_answer", run(evals=learned)) is None
-    varied = evals_collapsing([0.05, 0.2, 0.3, 0.3], acc=0.72, const=0.72)          # many different responses
+    varied = evals_collapsing([0.05, 0.2, 0.3, 0.3], acc=0.72, const=0.72)          # many different answers  
     assert detect("constant_answer", run(evals=varied)) is None
     assert detect("constant_answer", run(evals=collapsed), max_share=1.01) is None
     assert detect("constant_answer", run()) is None                                # older runs: no shares logged
@@ -155,10 +155,8 @@ def test_constant_answer_collapse_at_the_last_evaluation():
 def test_collapse_stats_from_an_evaluations_counts():
     from collections import Counter
 
-    from llmrl.train.evaluate import collapse_stats
-
     from llmrl.rewards.extract import extract_answer
-    from llmrl.train.evaluate import answer_counts
+    from llmrl.train.evaluate import answer_counts, collapse_stats
 
     said = ["Answer: Yes", "Answer:  yes.", "It appears 1 time. Answer: Yes", "Answer: No", "no answer at all"]
     ev = {"given_counts": answer_counts(extract_answer(c) for c in said), "answer_counts": answer_counts(

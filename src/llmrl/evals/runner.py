@@ -17,9 +17,9 @@ import torch
 
 from llmrl.evals.metrics import summarize
 from llmrl.evals.suites import Suite
+from llmrl.rewards.extract import extract_answer
 from llmrl.rollout.collect import stop_ids
 from llmrl.rollout.sampler import generate
-from llmrl.rewards.extract import extract_answer
 from llmrl.train.evaluate import answer_counts, collapse_stats
 
 
