@@ -72,7 +72,7 @@ def run(task: str, spec: str, args) -> Path:
 def curves(run_dir: Path) -> dict:
     """(training minutes, value) curves of held-out accuracy and entropy, and the run's summary numbers."""
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    minutes, t, acc, ent, zero, trunc = {0: 0.0}, 0.0, [], [], [], []
+    minutes, t, acc, ent, zero, trunc, last_eval = {0: 0.0}, 0.0, [], [], [], [], {}
     for rec in recs:
         if rec["kind"] == "train":
             t += rec.get("time_step", 0.0) / 60
@@ -82,8 +82,8 @@ def curves(run_dir: Path) -> dict:
             trunc.append(rec.get("truncated_fraction"))
         elif rec["kind"] == "eval":
             acc.append((minutes.get(rec["step"], t), rec["heldout_accuracy"]))
+            last_eval = rec
     at5 = next((a for m, a in acc if m >= min(5.0, t - 1e-9)), None)     # a run of <= 5 minutes: its last
-    last_eval = [rec for rec in recs if rec["kind"] == "eval"][-1]
     tail = [e for _, e in ent[-10:] if e is not None]
     zeros = [z for z in zero[-10:] if z is not None]
     truncs = [z for z in trunc[-10:] if z is not None]
