@@ -86,6 +86,8 @@ class RolloutConfig:
     curriculum_pool: int = f(1024, "sampling=curriculum: most prompts whose pass rates are kept", ge=1)
     curriculum_replay: float = f(0.5, "sampling=curriculum: most share of a batch replayed from the pool", ge=0, le=1)
     curriculum_pass: float = f(1.0, "sampling=curriculum: a sample passes when its total reward is at least this")
+    balance_answers: bool = f(False, "draw the training prompts so that each reference answer comes up equally often "
+                                     "(data/balance.py): a guard against the constant-answer collapse")
     overlong_buffer: float = f(0.0, "DAPO soft overlong penalty: over the last this share of max_new_tokens the "
                                     "reward falls linearly to -overlong_weight (0 = off; DAPO: 0.2; "
                                     "rewards/overlong.py)", ge=0, le=1)

@@ -24,6 +24,7 @@ from llmrl.compute.settings import Execution, resolve_autocast, resolve_device
 from llmrl.config import ConfigError, TrainConfig
 from llmrl.credit import CREDIT
 from llmrl.data import make_task
+from llmrl.data.balance import answer_balanced
 from llmrl.distributed import runtime as dist
 from llmrl.distributed.parallel import check_parallel, wrap_policy
 from llmrl.envs.episodes import collect_env_episodes
@@ -161,6 +162,8 @@ def _task(cfg: TrainConfig) -> tuple[list, Iterator[list], list]:
                      train_path=cfg.task.train_path, heldout_path=cfg.task.heldout_path)
     heldout = task.heldout(cfg.task.heldout_size)
     stream = task.train_stream(cfg.run.seed)
+    if cfg.rollout.balance_answers:
+        stream = answer_balanced(stream, seed=cfg.run.seed)
     first = list(itertools.islice(stream, cfg.rollout.prompts_per_step))
     if not heldout or not first:
         raise ValueError(f"task {cfg.task.name!r} produced no examples")

@@ -1,0 +1,62 @@
+"""Answer-balanced training prompts (`task.balance_answers: true`): a guard against the constant-answer collapse.
+
+A group-normalised advantage sums to zero within each group, but its push toward one answer over the others does
+not cancel across groups. A group whose reference answer is `Yes` rewards its `Yes` samples and a `No` group
+penalises them, by the same amount when the two groups' pass rates match; so over a batch, the push toward
+answering `Yes` to everything is proportional to (share of `Yes` prompts - share of `No` prompts). syllogism's
+training stream is 72% `Yes`, and dapo on it ended giving `Answer: Yes` to every prompt (docs/benchmarks.md,
+section learning_rg20). Drawn so that each reference answer comes up equally often, a batch gives a constant
+answer no net advantage: only telling the prompts apart is rewarded.
+
+    stream = answer_balanced(task.train_stream(seed), seed=seed)
+
+Each draw picks a reference answer uniformly among those with a waiting prompt, then that answer's oldest waiting
+prompt. An answer rarer than the others comes up as often as the stream brings it. Memory is bounded: at most
+`per_answer` prompts wait per answer (one read while its answer's bucket is full is skipped; the stream is endless
+and brings more), the stream is read `read` prompts per draw after a first `warmup`, and a stream with more than
+`max_answers` distinct answers is refused (its answers do not repeat, e.g. spelled-out words: nothing to balance).
+The draw is seeded, so a resumed run (which draws its batches again) gets the same prompts.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict, deque
+from typing import Iterator
+
+from llmrl.data.tasks import Example
+
+
+def answer_key(answer) -> str:
+    """A reference answer as buckets compare it: white space collapsed, case folded (as the held-out counts do)."""
+    return " ".join(str(answer).split()).casefold()
+
+
+def answer_balanced(stream: Iterator[Example], *, seed: int, per_answer: int = 64, read: int = 4, warmup: int = 256,
+                    max_answers: int = 256) -> Iterator[Example]:
+    """The examples of `stream`, drawn so that every reference answer comes up equally often (module docstring)."""
+    rng = random.Random(seed)
+    buckets: OrderedDict[str, deque] = OrderedDict()     # answer -> its waiting examples, oldest first
+
+    def take(n: int) -> None:
+        for _ in range(n):
+            ex = next(stream, None)
+            if ex is None:
+                return
+            key = answer_key(ex.answer)
+            if key not in buckets:
+                if len(buckets) >= max_answers:
+                    raise ValueError(f"task.balance_answers: the training stream has more than {max_answers} "
+                                     "distinct reference answers, so its answers do not repeat and there is "
+                                     "nothing to balance; set task.balance_answers: false for this task")
+                buckets[key] = deque()
+            if len(buckets[key]) < per_answer:
+                buckets[key].append(ex)
+
+    take(warmup)
+    while True:
+        take(read)
+        waiting = [q for q in buckets.values() if q]
+        if not waiting:
+            return
+        yield rng.choice(waiting).popleft()
