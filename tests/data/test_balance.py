@@ -85,8 +85,9 @@ def test_the_option_balances_a_run_s_batches():
     from llmrl.train.build import _task
 
     def answers(balance: bool) -> dict[str, float]:
-        cfg = config_from_dict({"task": {"name": "arithmetic", "options": {"digits": 1, "ops": ["+"]}, "heldout_size": 4},
-                                "rollout": {"balance_answers": balance, "prompts_per_step": 8}}, TrainConfig)
+        task = {"name": "arithmetic", "options": {"digits": 1, "ops": ["+"]}, "heldout_size": 4}
+        cfg = config_from_dict({"task": task, "rollout": {"balance_answers": balance, "prompts_per_step": 8}},
+                               TrainConfig)
         _, batches, _ = _task(cfg)
         return shares([ex for batch in itertools.islice(batches, 150) for ex in batch])
 

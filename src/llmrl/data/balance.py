@@ -1,4 +1,4 @@
-"""Answer-balanced training prompts (`task.balance_answers: true`): a guard against the constant-answer collapse.
+"""Answer-balanced training prompts (`rollout.balance_answers: true`): a guard against the constant-answer collapse.
 
 A group-normalised advantage sums to zero within each group, but its push toward one answer over the others does
 not cancel across groups. A group whose reference answer is `Yes` rewards its `Yes` samples and a `No` group
@@ -46,9 +46,9 @@ def answer_balanced(stream: Iterator[Example], *, seed: int, per_answer: int = 6
             key = answer_key(ex.answer)
             if key not in buckets:
                 if len(buckets) >= max_answers:
-                    raise ValueError(f"task.balance_answers: the training stream has more than {max_answers} "
+                    raise ValueError(f"rollout.balance_answers: the training stream has more than {max_answers} "
                                      "distinct reference answers, so its answers do not repeat and there is "
-                                     "nothing to balance; set task.balance_answers: false for this task")
+                                     "nothing to balance; set rollout.balance_answers: false for this task")
                 buckets[key] = deque()
             if len(buckets[key]) < per_answer:
                 buckets[key].append(ex)
