@@ -26,22 +26,17 @@ prompts (0.615 by answer, not one answer to all), where the same run without it 
 from __future__ import annotations
 
 import random
-from collections import OrderedDict, deque
+from collections import deque
 from typing import Iterator
 
-from llmrl.data.tasks import Example
-
-
-def answer_key(answer) -> str:
-    """A reference answer as buckets compare it: white space collapsed, case folded (as the held-out counts do)."""
-    return " ".join(str(answer).split()).casefold()
+from llmrl.data.tasks import Example, answer_key
 
 
 def answer_balanced(stream: Iterator[Example], *, seed: int, per_answer: int = 64, read: int = 4, warmup: int = 256,
                     max_answers: int = 256) -> Iterator[Example]:
     """The examples of `stream`, drawn so that every reference answer comes up equally often (module docstring)."""
     rng = random.Random(seed)
-    buckets: OrderedDict[str, deque] = OrderedDict()     # answer -> its waiting examples, oldest first
+    buckets: dict[str, deque] = {}     # answer_key -> its waiting examples, oldest first (dicts keep order)
 
     def take(n: int) -> None:
         for _ in range(n):

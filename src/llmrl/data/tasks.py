@@ -38,6 +38,12 @@ def _normalise(s: str) -> str:
     return " ".join(s.strip().strip("$").strip().rstrip(".").split()).casefold()
 
 
+def answer_key(answer) -> str:
+    """An answer as the collapse counts and answer balancing compare them: white space collapsed, case folded
+    (`Answer: Yes` and `answer:  yes` are one)."""
+    return " ".join(str(answer).split()).casefold()
+
+
 def _as_math(s: str) -> str:
     """math_verify.parse reads plain numbers, but reads other plain text loosely ("2x+1" -> 2); wrap it in $."""
     s = s.strip()

@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from llmrl.data.tasks import answer_key
 from llmrl.rewards import score
 from llmrl.rewards.extract import extract_answer
 from llmrl.rollout.collect import collect_rollout
@@ -84,7 +85,7 @@ def evaluate(
 def answer_counts(answers) -> Counter:
     """How often each answer occurs, white space collapsed and case folded (`Answer: Yes`, `Answer:  yes` are one);
     a None (a response that gives no answer) is not counted."""
-    return Counter(" ".join(a.split()).casefold() for a in answers if a is not None)
+    return Counter(answer_key(a) for a in answers if a is not None)
 
 
 def collapse_stats(ev: dict) -> dict:
