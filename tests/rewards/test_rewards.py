@@ -83,6 +83,25 @@ def test_correct_uses_the_examples_check():
     assert REWARDS.get("correct")(["Answer: x", "Answer: y", "nothing"], [half] * 3) == [0.5, 0.0, 0.0]
 
 
+def test_correct_without_partial_credit_scores_only_exact_answers():
+    half = Example("q", "x", check=lambda pred, e: {"x": 1.0, "xy": 0.5}.get(pred, 0.0))
+    completions = ["Answer: x", "Answer: xy", "Answer: z"]
+    assert REWARDS.get("correct")(completions, [half] * 3) == [1.0, 0.5, 0.0]
+    assert REWARDS.get("correct")(completions, [half] * 3, partial=False) == [1.0, 0.0, 0.0]
+
+
+def test_correct_without_partial_credit_stops_reasoning_gyms_substring_credit():
+    """reasoning-gym scores an answer that contains the reference by len(ref)/len(answer): `123456` earns 1/6 on a
+    count of 3. That credit is what a letter_counting run learned to game (docs/benchmarks.md, learning_bal)."""
+    from llmrl.data.tasks import make_task
+
+    task = make_task("reasoning_gym:letter_counting", options={})
+    e = next(x for x in task.heldout(50) if x.answer in "123456")
+    gamed, right = "Answer: 123456", f"Answer: {e.answer}"
+    assert REWARDS.get("correct")([gamed, right], [e, e]) == pytest.approx([1 / 6, 1.0])
+    assert REWARDS.get("correct")([gamed, right], [e, e], partial=False) == [0.0, 1.0]
+
+
 def test_format():
     completions = ["work\nAnswer: 42", "**Answer:** 42", "\\boxed{42}", "the answer is 42", "Answer:", "\\boxed{}"]
     assert REWARDS.get("format")(completions, [ex("42")] * 6) == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]

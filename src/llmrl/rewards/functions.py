@@ -33,9 +33,14 @@ def answer_text(completion: str, example) -> str:
 
 
 @REWARDS.register("correct")
-def correct(completions: list[str], examples: list[Example]) -> list[float]:
+def correct(completions: list[str], examples: list[Example], *, partial: bool = True) -> list[float]:
     """The task's check of the extracted answer (1.0 right, 0.0 wrong, partial credit if the task gives it); for an
-    environment episode (llmrl/envs), the environment's own reward."""
+    environment episode (llmrl/envs), the environment's own reward.
+    `partial=False` (`{name: correct, options: {partial: false}}`): exact match only: a check below 1.0 scores 0 (an
+    environment's own reward is kept as it is).
+    reasoning-gym's default scorer gives len(reference)/len(answer) when the reference is inside the answer, so
+    `123456` earns 1/6 on every letter_counting prompt whose count is a digit from 1 to 6, and a run trained on
+    that credit learns such strings (docs/benchmarks.md, `learning_bal`)."""
     scores = []
     for completion, ex in zip(completions, examples, strict=True):
         episode = episode_of(ex)
@@ -43,7 +48,8 @@ def correct(completions: list[str], examples: list[Example]) -> list[float]:
             scores.append(float(episode.reward))
             continue
         pred = extract_answer(answer_text(completion, ex))
-        scores.append(0.0 if pred is None else float(ex.check(pred, ex)))
+        value = 0.0 if pred is None else float(ex.check(pred, ex))
+        scores.append(value if partial or value >= 1.0 else 0.0)
     return scores
 
 
