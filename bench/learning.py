@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -44,8 +45,22 @@ PRESETS = ("grpo", "dapo", "gspo", "cispo", "dppo")
 
 
 def run_name(spec: str) -> str:
-    """A preset spec's folder name: 'dppo+rollout.temperature=0.7' -> 'dppo__rollout.temperature-0.7'."""
-    return spec.replace("+", "__").replace("=", "-")
+    """A preset spec's folder name: 'dppo+rollout.temperature=0.7' -> 'dppo__rollout.temperature-0.7'; a YAML
+    value's brackets, quotes and spaces are dropped, its commas and colons become '-'."""
+    name = spec.replace("+", "__").replace("=", "-")
+    return re.sub(r"[^\w.-]", "", re.sub(r"[,:]", "-", name))
+
+
+def split_specs(text: str) -> list[str]:
+    """--presets' comma-separated specs; a comma inside [...] or {...} (a YAML value) does not split:
+    'grpo,dapo+reward.terms=[{"name":"correct","options":{"partial":false}}]' -> two specs."""
+    specs, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch in "[{") - (ch in "]}")
+        if ch == "," and depth == 0:
+            specs.append(text[start:i])
+            start = i + 1
+    return [*specs, text[start:]]
 
 
 def run(task: str, spec: str, args) -> Path:
@@ -155,7 +170,8 @@ def report(results: dict, args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", default=",".join(PRESETS),
-                   help="comma-separated; a variant adds overrides with '+': dppo+rollout.temperature=0.7")
+                   help="comma-separated; a variant adds overrides with '+': dppo+rollout.temperature=0.7 "
+                        "(a comma inside a YAML [...] or {...} value does not split)")
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--minutes", type=float, default=20.0)
     p.add_argument("--eval-every", type=int, default=20)
@@ -172,7 +188,7 @@ def main() -> None:
     args = p.parse_args()
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
-    pairs = [(task, preset) for task in args.tasks.split(",") for preset in args.presets.split(",")]
+    pairs = [(task, preset) for task in args.tasks.split(",") for preset in split_specs(args.presets)]
     if args.report_only:     # the pairs that ran: a preset may have run on some tasks only
         ran = {(t, q): Path(args.out_dir) / t / run_name(q) for t, q in pairs}
         ran = {pair: d for pair, d in ran.items() if (d / "metrics.jsonl").exists()}

@@ -35,3 +35,14 @@ def test_two_jobs_train_side_by_side_and_report_both(tmp_path):
     for r in rows:                      # 4 held-out prompts: shares of a quarter
         cells = r.split("|")
         assert float(cells[top]) in (0.0, 0.25, 0.5, 0.75, 1.0) and float(cells[const]) in (0.25, 0.5, 0.75, 1.0)
+
+
+def test_a_yaml_value_with_commas_stays_one_spec_and_names_a_plain_folder():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from learning import run_name, split_specs
+
+    exact = 'dapo+reward.terms=[{"name":"correct","options":{"partial":false}}]'
+    assert split_specs(f"grpo,{exact},dppo+objective.kl_coef=0.1") == ["grpo", exact, "dppo+objective.kl_coef=0.1"]
+    assert split_specs("grpo") == ["grpo"]
+    assert run_name(exact) == "dapo__reward.terms-name-correct-options-partial-false"
+    assert run_name("dppo+objective.kl_coef=0.1") == "dppo__objective.kl_coef-0.1"    # the names runs already have
