@@ -96,7 +96,7 @@ def test_correct_without_partial_credit_stops_reasoning_gyms_substring_credit():
     from llmrl.data.tasks import make_task
 
     task = make_task("reasoning_gym:letter_counting", options={})
-    e = next(x for x in task.heldout(50) if x.answer in "123456")
+    e = next(x for x in task.heldout(50) if len(x.answer) == 1 and x.answer in "123456")
     gamed, right = "Answer: 123456", f"Answer: {e.answer}"
     assert REWARDS.get("correct")([gamed, right], [e, e]) == pytest.approx([1 / 6, 1.0])
     assert REWARDS.get("correct")([gamed, right], [e, e], partial=False) == [0.0, 1.0]
