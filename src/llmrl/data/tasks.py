@@ -34,14 +34,15 @@ _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+")
 _TEXT = re.compile(r"[A-Za-z][A-Za-z .,'\-]*")  # a word answer ("Paris", "True", "B"): compared as text
 
 
-def _normalise(s: str) -> str:
-    return " ".join(s.strip().strip("$").strip().rstrip(".").split()).casefold()
-
-
 def answer_key(answer) -> str:
     """An answer as the collapse counts and answer balancing compare them: white space collapsed, case folded
     (`Answer: Yes` and `answer:  yes` are one)."""
     return " ".join(str(answer).split()).casefold()
+
+
+def _normalise(s: str) -> str:
+    """`answer_key` after dropping surrounding `$` and a trailing full stop: how a text answer is checked."""
+    return answer_key(s.strip().strip("$").strip().rstrip("."))
 
 
 def _as_math(s: str) -> str:
