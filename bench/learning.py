@@ -40,6 +40,9 @@ TASKS: dict[str, list[str]] = {
     "letter_counting": ["task.name=reasoning_gym:letter_counting", "task.options={}", "rollout.max_new_tokens=64"],
     "syllogism": ["task.name=reasoning_gym:syllogism", "task.options={}", "rollout.max_new_tokens=64"],
     "spell_backward": ["task.name=reasoning_gym:spell_backward", "task.options={}", "rollout.max_new_tokens=64"],
+    # logic with no majority-answer shortcut (the most common answer is 0.22 of the problems): "N has S sisters
+    # and B brothers. How many sisters does N's brother have?" (S + 1)
+    "aiw": ["task.name=reasoning_gym:aiw", "task.options={}", "rollout.max_new_tokens=64"],
 }
 PRESETS = ("grpo", "dapo", "gspo", "cispo", "dppo")
 
@@ -107,7 +110,8 @@ def curves(run_dir: Path) -> dict:
             "zero_var": sum(zeros) / len(zeros) if zeros else None,
             "truncated": sum(truncs) / len(truncs) if truncs else None,
             "steps": max(minutes), "minutes": t,
-            "top_share": last_eval.get("heldout_top_answer_share"),          # older runs: not logged
+            "exact": last_eval.get("heldout_exact"),                        # older runs: not logged
+            "top_share": last_eval.get("heldout_top_answer_share"),
             "constant": last_eval.get("heldout_constant_answer_accuracy")}
 
 
@@ -134,6 +138,7 @@ def report(results: dict, args) -> None:
     for task, by_preset in results.items():
         for preset, c in by_preset.items():
             rows.append([task, preset, c["before"], c["at5"] if c["at5"] is not None else "–", c["after"],
+                         c["exact"] if c["exact"] is not None else "–",
                          c["entropy_end"] if c["entropy_end"] is not None else "–",
                          c["zero_var"] if c["zero_var"] is not None else "–",
                          c["truncated"] if c["truncated"] is not None else "–",
@@ -153,12 +158,14 @@ def report(results: dict, args) -> None:
         f"greedy held-out accuracy on {args.heldout} problems every {args.eval_every} steps; {shared}no KL term for "
         f"any preset (a variant's `+objective.kl_coef=...` adds one); overrides "
         f"`{' '.join(args.overrides) or 'none'}`. 'acc @5 min': the first evaluation at or past 5 training minutes "
-        "(in a run of 5 minutes or less, its last); entropy, zero-variance share and truncated share (responses "
+        "(in a run of 5 minutes or less, its last); 'exact after': the share of held-out problems given full credit "
+        "at the last evaluation (acc counts a checker's partial credit, such as reasoning-gym's substring credit; – "
+        "where the run predates this column); entropy, zero-variance share and truncated share (responses "
         "that hit rollout.max_new_tokens): means over the last 10 steps. 'top answer': the share of held-out prompts "
         "whose greedy response gives the commonest answer at the last evaluation (the answer the scorer reads; 1.0: "
         "one answer to every prompt; – where the run predates this column); 'constant acc': what the commonest "
         "reference answer, given to every prompt, would score.\n\n")
-    body += markdown_table(["task", "preset", "acc before", "acc @5 min", "acc after", "entropy end",
+    body += markdown_table(["task", "preset", "acc before", "acc @5 min", "acc after", "exact after", "entropy end",
                             "zero-var groups", "truncated", "top answer", "constant acc", "steps", "train min"],
                            rows)
     body += "\n\n" + "\n".join(figs) + "\n"

@@ -24,6 +24,7 @@ def before_after_table(summary: dict) -> str:
     return text_table([
         ("", "before", "after"),
         ("held-out accuracy", fmt(b["heldout_accuracy"]), fmt(a["heldout_accuracy"])),
+        ("share given full credit", fmt(b.get("heldout_exact")), fmt(a.get("heldout_exact"))),
         ("mean response tokens", f"{b['heldout_response_length']:.1f}", f"{a['heldout_response_length']:.1f}"),
         ("KL(policy || reference), nats/seq", fmt(b.get("heldout_kl_to_ref")), fmt(a.get("heldout_kl_to_ref"))),
         ("share given the commonest answer", fmt(b.get("heldout_top_answer_share")),

@@ -248,7 +248,7 @@ def evaluate_split(evaluate, examples: list) -> dict:
     parts = [p for p in gather_objects(evaluate(mine) if mine else None) if p is not None]
     n = sum(p["n"] for p in parts)
     out = {"n": n, "samples": [s for p in parts for s in p["samples"]][:8]}
-    for k in ("accuracy", "response_length", "kl_to_ref", "tool_calls"):
+    for k in ("accuracy", "exact", "response_length", "kl_to_ref", "tool_calls"):
         if all(k in p for p in parts):
             out[k] = sum(p[k] * p["n"] for p in parts) / n
     for k in ("given_counts", "answer_counts"):     # Counters: summed over the ranks

@@ -213,6 +213,7 @@ def summary_html(text: str) -> str:
     if not (isinstance(b, dict) and isinstance(a, dict)):
         return f"<pre>{escape(text)}</pre>"
     rows = [("held-out accuracy", "heldout_accuracy", ".3f"),
+            ("share given full credit", "heldout_exact", ".3f"),
             ("mean response tokens", "heldout_response_length", ".1f"),
             ("KL(policy ‖ reference), nats/seq", "heldout_kl_to_ref", ".3f"),
             ("share given the commonest answer", "heldout_top_answer_share", ".3f")]

@@ -32,7 +32,9 @@ def evaluate(
     collect: Callable = collect_rollout,
     progress: bool = False,
 ) -> dict:
-    """Greedy decode each held-out example once. Returns accuracy (mean `correct` reward), mean response length
+    """Greedy decode each held-out example once. Returns accuracy (mean `correct` reward: a task whose checker gives
+    partial credit, such as reasoning-gym's letter_counting or spell_backward, counts it), `exact` (the share of
+    examples given full credit, which is the accuracy where the checker says only right or wrong), mean response length
     (chosen tokens), the exact KL(policy || reference) summed over the greedy responses' tokens when a reference
     is given, the mean tool calls per episode with tools, the first few samples, and how often each answer was given
     and each reference answer occurs (`collapse_stats` reads them).
@@ -50,7 +52,7 @@ def evaluate(
         r = collect(model, tokenizer, batch, group_size=1, max_new_tokens=max_new_tokens, temperature=0.0,
                     chat_template=chat_template, system_prompt=system_prompt, autocast_dtype=autocast_dtype)
         result = score(r.completions, r.examples, [("correct", 1.0, {})])
-        correct.append(result.total)
+        correct.append(result.total)                                          # [n] in [0, 1]
         lengths.append(r.response_lengths)
         if "tool_calls" in r.extras:
             calls.append(r.extras["tool_calls"].float())
@@ -69,6 +71,7 @@ def evaluate(
     bar.close()
     out = {
         "accuracy": float(torch.cat(correct).mean()),
+        "exact": float((torch.cat(correct) >= 1.0).float().mean()),
         "response_length": float(torch.cat(lengths).float().mean()),
         "n": len(examples),
         "samples": samples,

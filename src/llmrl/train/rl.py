@@ -120,7 +120,8 @@ def run_eval(r: Recipe, step: int) -> dict:
         ev = dist.evaluate_split(lambda examples: evaluate(
             r.model, r.tokenizer, examples, max_new_tokens=r.eval_tokens, autocast_dtype=r.ex.autocast_dtype,
             reference=r.reference, collect=r.collect, **r.prompt_kw), r.heldout)
-    rec = {"step": step, "heldout_accuracy": ev["accuracy"], "heldout_response_length": ev["response_length"],
+    rec = {"step": step, "heldout_accuracy": ev["accuracy"], "heldout_exact": ev["exact"],
+           "heldout_response_length": ev["response_length"],
            "heldout_kl_to_ref": ev.get("kl_to_ref"),
            **{f"heldout_{k}": v for k, v in collapse_stats(ev).items()}, "time_eval": time.perf_counter() - t}
     if "tool_calls" in ev:
