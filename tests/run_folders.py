@@ -77,6 +77,7 @@ def write_run(path: Path, *, hacked: bool, seed: int = 0) -> Path:
             lines.append(train_record(step, hacked, rng))
         if step % 10 == 0:
             lines.append({"kind": "eval", "step": step, "heldout_accuracy": accs[step // 10],
+                          "heldout_exact": accs[step // 10] - 0.05,                # some partial credit
                           "heldout_response_length": 12.0, "heldout_kl_to_ref": lines[-1].get("kl_to_ref", 0.0) * 30
                           if step else 0.0, "heldout_top_answer_share": tops[step // 10],
                           "heldout_constant_answer_accuracy": 0.30, "time_eval": 30.0})

@@ -69,7 +69,7 @@ def run_dir(tmp_path):
         extra = {"kl_to_ref": None} if step == 4 else {}           # a null: a gap in the KL line
         rows.append(train_row(step, weird={"nested": [1]}, note="text", flag=True, **extra))
         if step % 3 == 0:
-            rows.append({"kind": "eval", "step": step, "heldout_accuracy": 0.2 + 0.05 * step,
+            rows.append({"kind": "eval", "step": step, "heldout_accuracy": 0.2 + 0.05 * step, "heldout_exact": 0.2,
                          "heldout_response_length": 30 - step, "heldout_kl_to_ref": 0.02 * step, "time_eval": 5.0})
     del rows[1]["kl_to_ref"]                                       # a missing field
     lines = [json.dumps(r) for r in rows] + ['{"kind": "train", "step": 7, "rew']   # a torn last line
@@ -102,7 +102,7 @@ def test_report_structure(run_dir):
         if tag == "svg" and "chart" in a.get("class", ""):
             assert int(a["data-series"]) == series.count(i)
     assert {k: int(a["data-series"]) for k, a in charts.items()} == {
-        "reward": 3, "held-out accuracy": 1, "KL(policy ‖ reference)": 2, "entropy": 1, "clip fraction": 1,
+        "reward": 3, "held-out accuracy": 2, "KL(policy ‖ reference)": 2, "entropy": 1, "clip fraction": 1,
         "response length (tokens)": 2, "time per phase (s)": 5, "losses": 1, "gradient norm": 1,
         "learning rate": 1, "rollout tokens / s": 1, "reward failures": 1,
         "samples that teach nothing (fraction)": 3}
@@ -172,7 +172,7 @@ def test_report_renders_in_chromium(run_dir, tmp_path):
     body = page.find("body")[0][0]
     n_series = len(page.find("path", "series"))
     assert body.get("data-ready") == "1" and "data-pwned" not in body      # our JS ran, the hostile text did not
-    assert n_series == 23 and int(body["data-drawn"]) == n_series           # every series has a rendered box
+    assert n_series == 24 and int(body["data-drawn"]) == n_series           # every series has a rendered box
     png = tmp_path / "shot.png"
     chromium(tmp_path, f"--screenshot={png}", "--window-size=1200,3000", path.as_uri())
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

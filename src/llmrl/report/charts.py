@@ -21,7 +21,7 @@ PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 # (title, [(record kind, metric key or "prefix*", legend label or None = the key after the prefix), ...])
 CURVES = [
     ("reward", [("train", "reward", "total"), ("train", "reward/*", None)]),
-    ("held-out accuracy", [("eval", "heldout_accuracy", "held-out")]),
+    ("held-out accuracy", [("eval", "heldout_accuracy", "held-out"), ("eval", "heldout_exact", "given full credit")]),
     ("KL(policy ‖ reference)", [("train", "kl_to_ref", "train"), ("eval", "heldout_kl_to_ref", "held-out")]),
     ("entropy", [("train", "entropy", "entropy"), ("train", "sampled_entropy", "-log p of the sampled tokens")]),
     ("clip fraction", [("train", "clip_fraction", "clip fraction")]),
