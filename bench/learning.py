@@ -8,7 +8,7 @@ and the share of truncated responses. One SVG per task plots held-out accuracy a
 (`sampled_entropy`: -log p of the sampled tokens, measured on every step, even one whose advantages are all 0),
 against training minutes.
 
-    python bench/learning.py --minutes 20                                     # the full benchmark (~7 hours here)
+    python bench/learning.py --minutes 20                                     # the full benchmark (~11 hours here)
     python bench/learning.py --minutes 0.2 --presets grpo,dapo --tasks arithmetic --heldout 8 \\
         model.name=tiny --doc /tmp/x.md                                        # a smoke run
     python bench/learning.py --minutes 5 --tasks arithmetic --presets dppo,dppo+objective.minibatches=4   # a variant
@@ -43,6 +43,10 @@ TASKS: dict[str, list[str]] = {
     # logic with no majority-answer shortcut (the most common answer is 0.22 of the problems): "N has S sisters
     # and B brothers. How many sisters does N's brother have?" (S + 1)
     "aiw": ["task.name=reasoning_gym:aiw", "task.options={}", "rollout.max_new_tokens=64"],
+    # counting with no majority-answer shortcut (0.16 at most), 1-2 kinds of animal, at most 3 of each: "how many legs
+    # are there in total if you have 2 dogs, 1 spider?" (reasoning-gym's default lists 5 kinds of up to 15 each)
+    "leg_counting": ["task.name=reasoning_gym:leg_counting", "rollout.max_new_tokens=64",
+                     "task.options={min_animals: 1, max_animals: 2, max_instances: 3}"],
 }
 PRESETS = ("grpo", "dapo", "gspo", "cispo", "dppo")
 
