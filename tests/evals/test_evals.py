@@ -45,6 +45,15 @@ def test_summarize_reports_pass_and_maj():
     assert "maj@1" not in summarize(scores, keys, [1]) and "maj@4" not in summarize(scores, None, [1, 4])
 
 
+def test_partial_credit_never_adds_up_to_a_pass():
+    """Four samples of 1/3 credit each (e.g. reasoning-gym's substring credit) are four failures, not one pass."""
+    partial = [[1 / 3] * 4, [1.0, 0.5, 0.5, 0.0]]
+    keys = [["123", "123", "123", "123"], ["3", "13", "13", "9"]]
+    out = summarize(partial, keys, [1, 4])
+    assert out["pass@1"] == pytest.approx((0 + 1 / 4) / 2) and out["pass@4"] == pytest.approx(0.5)
+    assert out["maj@4"] == 0.0                          # the second problem's majority, `13`, has partial credit
+
+
 def test_unknown_suite_lists_the_valid_ones():
     with pytest.raises(ValueError, match=r"unknown eval suite 'gsm9k'.*arithmetic.*bfcl.*gsm8k.*humaneval.*"
                                          r"reasoning_gym:<dataset>"):

@@ -34,9 +34,12 @@ def majority(keyed: list[tuple[str | None, float]]) -> float:
 
 
 def summarize(scores: list[list[float]], keys: list[list[str | None]] | None, ks: list[int]) -> dict:
-    """scores[p][j]: sample j of problem p (1.0 / 0.0). -> {"pass@k": mean over problems, ..., "maj@k": ...}.
-    maj@k uses each problem's first k samples; it is left out when `keys` is None (no answer to vote on)."""
+    """scores[p][j]: the score of sample j of problem p, in [0, 1]. -> {"pass@k": mean over problems, ...,
+    "maj@k": ...}. A sample passes only with full credit (1.0): a checker's partial credit (reasoning-gym gives
+    1/6 to `123456` on a count of 3) never adds up to a pass. maj@k uses each problem's first k samples; it is
+    left out when `keys` is None (no answer to vote on)."""
     n = len(scores[0])
+    scores = [[1.0 if x >= 1.0 else 0.0 for x in s] for s in scores]       # [P][n] passed or not
     out = {}
     for k in ks:
         out[f"pass@{k}"] = sum(pass_at_k(n, int(sum(s)), k) for s in scores) / len(scores)
