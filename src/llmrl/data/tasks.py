@@ -93,6 +93,12 @@ class Example:
     check: Callable[[str, "Example"], float] = math_check  # scores an *extracted* answer: 1.0 right, 0.0 wrong
 
 
+def full_credit(score: float) -> float:
+    """1.0 for a check's full credit, 0.0 for anything less: a check may give partial credit (reasoning-gym's
+    len(reference)/len(answer) for an answer that contains the reference), which never counts as a pass."""
+    return 1.0 if score >= 1.0 else 0.0
+
+
 class Task(Protocol):
     name: str
 

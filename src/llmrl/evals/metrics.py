@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+from llmrl.data.tasks import full_credit
+
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """P(at least one of k samples drawn without replacement from n, c of them correct, is correct).
@@ -39,7 +41,7 @@ def summarize(scores: list[list[float]], keys: list[list[str | None]] | None, ks
     1/6 to `123456` on a count of 3) never adds up to a pass. maj@k uses each problem's first k samples; it is
     left out when `keys` is None (no answer to vote on)."""
     n = len(scores[0])
-    scores = [[1.0 if x >= 1.0 else 0.0 for x in s] for s in scores]       # [P][n] passed or not
+    scores = [[full_credit(x) for x in s] for s in scores]                 # [P][n] passed or not
     out = {}
     for k in ks:
         out[f"pass@{k}"] = sum(pass_at_k(n, int(sum(s)), k) for s in scores) / len(scores)

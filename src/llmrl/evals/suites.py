@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from llmrl.data.tasks import Example
+from llmrl.data.tasks import Example, full_credit
 from llmrl.registry import Registry
 
 SUITES = Registry("eval suite")
@@ -120,7 +120,7 @@ def score_code(completions: list[str], examples: list[Example]) -> list[float]:
     """1.0 when the completion's code passes every test of its problem (the `code_tests` reward, sandboxed)."""
     from llmrl.rewards.code import code_tests
 
-    return [1.0 if s >= 1.0 else 0.0 for s in code_tests(completions, examples, timeout_s=10.0)]
+    return [full_credit(s) for s in code_tests(completions, examples, timeout_s=10.0)]
 
 
 @SUITES.register("humaneval")

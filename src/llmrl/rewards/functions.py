@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from llmrl.data.tasks import Example
+from llmrl.data.tasks import Example, full_credit
 from llmrl.registry import Registry
 from llmrl.rewards.extract import extract_answer, last_boxed
 from llmrl.rollout.types import episode_of
@@ -49,7 +49,7 @@ def correct(completions: list[str], examples: list[Example], *, partial: bool = 
             continue
         pred = extract_answer(answer_text(completion, ex))
         value = 0.0 if pred is None else float(ex.check(pred, ex))
-        scores.append(value if partial or value >= 1.0 else 0.0)
+        scores.append(value if partial else full_credit(value))
     return scores
 
 

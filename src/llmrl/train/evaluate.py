@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from llmrl.data.tasks import answer_key
+from llmrl.data.tasks import answer_key, full_credit
 from llmrl.rewards import score
 from llmrl.rewards.extract import extract_answer
 from llmrl.rollout.collect import collect_rollout
@@ -52,7 +52,7 @@ def evaluate(
         r = collect(model, tokenizer, batch, group_size=1, max_new_tokens=max_new_tokens, temperature=0.0,
                     chat_template=chat_template, system_prompt=system_prompt, autocast_dtype=autocast_dtype)
         result = score(r.completions, r.examples, [("correct", 1.0, {})])
-        correct.append(result.total)                                          # [n] in [0, 1]
+        correct.append(result.total)
         lengths.append(r.response_lengths)
         if "tool_calls" in r.extras:
             calls.append(r.extras["tool_calls"].float())
@@ -69,9 +69,10 @@ def evaluate(
         bar.set_postfix(acc=f"{float(torch.cat(correct).mean()):.3f}")
         bar.update(len(batch))
     bar.close()
+    scores = torch.cat(correct)                                                # [n] in [0, 1]
     out = {
-        "accuracy": float(torch.cat(correct).mean()),
-        "exact": float((torch.cat(correct) >= 1.0).float().mean()),
+        "accuracy": float(scores.mean()),
+        "exact": float(torch.tensor([full_credit(x) for x in scores.tolist()]).mean()),
         "response_length": float(torch.cat(lengths).float().mean()),
         "n": len(examples),
         "samples": samples,
