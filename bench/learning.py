@@ -47,6 +47,13 @@ TASKS: dict[str, list[str]] = {
     # are there in total if you have 2 dogs, 1 spider?" (reasoning-gym's default lists 5 kinds of up to 15 each)
     "leg_counting": ["task.name=reasoning_gym:leg_counting", "rollout.max_new_tokens=64",
                      "task.options={min_animals: 1, max_animals: 2, max_instances: 3}"],
+    # algebra with no majority-answer shortcut, one unknown and two terms up to 20: "Solve for z: 13 - z = 3" (10)
+    "simple_equations": ["task.name=reasoning_gym:simple_equations", "rollout.max_new_tokens=64",
+                         "task.options={min_terms: 2, max_terms: 2, max_value: 20, operators: ['+', '-'], "
+                         "operators_weights: [0.5, 0.5]}"],
+    # pattern induction (reasoning-gym's "cognition"), 4-6 terms of one rule: "4, 8, 16, 32, ?" (64)
+    "number_sequence": ["task.name=reasoning_gym:number_sequence", "rollout.max_new_tokens=64",
+                        "task.options={min_terms: 4, max_terms: 6, max_complexity: 1}"],
 }
 PRESETS = ("grpo", "dapo", "gspo", "cispo", "dppo")
 

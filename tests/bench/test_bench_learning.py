@@ -46,3 +46,22 @@ def test_a_yaml_value_with_commas_stays_one_spec_and_names_a_plain_folder():
     assert split_specs("grpo") == ["grpo"]
     assert run_name(exact) == "dapo__reward.terms-name-correct-options-partial-false"
     assert run_name("dppo+objective.kl_coef=0.1") == "dppo__objective.kl_coef-0.1"    # the names runs already have
+
+
+def test_every_task_loads_and_has_the_heldout_problems_the_benchmark_asks_for():
+    """A task's overrides (a YAML value in a key=value string) parse into a valid config, and its generator gives
+    200 distinct held-out problems (a small task.options can have fewer: `make_task` then refuses)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from learning import TASKS
+
+    from llmrl.config_loader import load_config
+    from llmrl.data import make_task
+    from llmrl.presets import PRESETS
+
+    for name, overrides in TASKS.items():
+        cfg = load_config(ROOT / "examples/arithmetic_base.yaml", ["preset=grpo", *overrides], presets=PRESETS)
+        task = make_task(cfg.task.name, options=cfg.task.options)
+        held = task.heldout(200)
+        assert len({ex.prompt for ex in held}) == 200, name
+        if name != "arithmetic":
+            assert cfg.rollout.max_new_tokens == 64 and cfg.task.name == f"reasoning_gym:{name}", name
