@@ -50,7 +50,7 @@ def test_a_yaml_value_with_commas_stays_one_spec_and_names_a_plain_folder():
 
 def test_every_task_loads_and_has_the_heldout_problems_the_benchmark_asks_for():
     """A task's overrides (a YAML value in a key=value string) parse into a valid config, and its generator gives
-    200 distinct held-out problems (a small task.options can have fewer: `make_task` then refuses)."""
+    200 distinct held-out problems (a small task.options can have fewer, and `heldout` then raises)."""
     sys.path.insert(0, str(ROOT / "bench"))
     from learning import TASKS
 
