@@ -8,7 +8,7 @@ and the share of truncated responses. One SVG per task plots held-out accuracy a
 (`sampled_entropy`: -log p of the sampled tokens, measured on every step, even one whose advantages are all 0),
 against training minutes.
 
-    python bench/learning.py --minutes 20                                     # the full benchmark (~11 hours here)
+    python bench/learning.py --minutes 20                                     # the full benchmark (~15 hours here)
     python bench/learning.py --minutes 0.2 --presets grpo,dapo --tasks arithmetic --heldout 8 \\
         model.name=tiny --doc /tmp/x.md                                        # a smoke run
     python bench/learning.py --minutes 5 --tasks arithmetic --presets dppo,dppo+objective.minibatches=4   # a variant
