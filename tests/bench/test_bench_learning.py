@@ -9,6 +9,9 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from learning import TASKS, run_name, split_specs  # noqa: E402
 
 
 def test_two_jobs_train_side_by_side_and_report_both(tmp_path):
@@ -38,9 +41,6 @@ def test_two_jobs_train_side_by_side_and_report_both(tmp_path):
 
 
 def test_a_yaml_value_with_commas_stays_one_spec_and_names_a_plain_folder():
-    sys.path.insert(0, str(ROOT / "bench"))
-    from learning import run_name, split_specs
-
     exact = 'dapo+reward.terms=[{"name":"correct","options":{"partial":false}}]'
     assert split_specs(f"grpo,{exact},dppo+objective.kl_coef=0.1") == ["grpo", exact, "dppo+objective.kl_coef=0.1"]
     assert split_specs("grpo") == ["grpo"]
@@ -51,9 +51,6 @@ def test_a_yaml_value_with_commas_stays_one_spec_and_names_a_plain_folder():
 def test_every_task_loads_and_has_the_heldout_problems_the_benchmark_asks_for():
     """A task's overrides (a YAML value in a key=value string) parse into a valid config, and its generator gives
     200 distinct held-out problems (a small task.options can have fewer, and `heldout` then raises)."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    from learning import TASKS
-
     from llmrl.config_loader import load_config
     from llmrl.data import make_task
     from llmrl.presets import PRESETS
