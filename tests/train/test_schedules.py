@@ -1,10 +1,12 @@
 """Learning-rate schedules: hand values at given steps, and `count` as an iterative running mean."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
+from llmrl.config import OptimConfig
 from llmrl.train.schedules import SCHEDULES, lr_multiplier
 
 
@@ -47,4 +49,9 @@ def test_errors_name_the_problem():
         lr_multiplier(0, schedule="step", warmup=0, total=10)
     with pytest.raises(ValueError, match="warm-up"):
         lr_multiplier(0, schedule="count", warmup=3, total=10)
-    assert SCHEDULES == ("constant", "linear", "cosine", "count")
+
+
+def test_config_offers_exactly_the_registered_schedules():
+    """optim.schedule's choices (checked when a config loads) and the table lr_multiplier reads name the same ones."""
+    choices = {f.name: f.metadata for f in dataclasses.fields(OptimConfig)}["schedule"]["choices"]
+    assert tuple(choices) == tuple(SCHEDULES) == ("constant", "linear", "cosine", "count")

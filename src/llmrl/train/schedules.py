@@ -20,23 +20,25 @@ other than 1 scales it. A warm-up would break the running mean, so `count` refus
 from __future__ import annotations
 
 import math
+from typing import Callable
 
-SCHEDULES = ("constant", "linear", "cosine", "count")
+# name -> the multiplier after warm-up, from (step, progress): step 0-based, progress in [0, 1] (module docstring)
+SCHEDULES: dict[str, Callable[[int, float], float]] = {
+    "constant": lambda step, progress: 1.0,
+    "linear": lambda step, progress: 1.0 - progress,
+    "cosine": lambda step, progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
+    "count": lambda step, progress: 1.0 / (step + 1),
+}
+NO_WARMUP = ("count",)        # a warm-up would break the running mean
 
 
 def lr_multiplier(step: int, *, schedule: str, warmup: int, total: int) -> float:
     """Multiplier of the base learning rate at update `step` (0-based): linear warm-up, then the schedule."""
-    if schedule == "count":
-        if warmup:
-            raise ValueError(f"schedule 'count' is a running mean and takes no warm-up; got warmup={warmup}")
-        return 1.0 / (step + 1)
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown learning-rate schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+    if warmup and schedule in NO_WARMUP:
+        raise ValueError(f"schedule {schedule!r} is a running mean and takes no warm-up; got warmup={warmup}")
     if warmup and step < warmup:
         return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    if schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return 1.0
+    progress = min(1.0, max(0.0, (step - warmup) / max(1, total - warmup)))
+    return SCHEDULES[schedule](step, progress)
